@@ -1,0 +1,18 @@
+//! collm-model: causal language models on candle that can both act (fast batched sampling with a
+//! KV cache) and learn (teacher-forced log-probs whose gradients reach every trainable weight).
+
+pub mod config;
+pub mod fetch;
+pub mod generate;
+pub mod loader;
+pub mod model;
+pub mod ops;
+pub mod score;
+pub mod tokenizer;
+
+pub use config::{Arch, ModelConfig};
+pub use generate::{generate, Generation, SamplingParams};
+pub use loader::{load, LoadedModel};
+pub use model::{KvCache, LoraConfig, Transformer};
+pub use score::{score, Scores};
+pub use tokenizer::{Message, Tokenizer};

@@ -1,0 +1,221 @@
+//! Loading weights and tokenizer: GGUF files (dequantized to f32) and Hugging Face directories.
+
+use crate::config::{Arch, ModelConfig};
+use crate::fetch;
+use crate::model::Transformer;
+use crate::tokenizer::Tokenizer;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A model with its tokenizer.
+pub struct LoadedModel {
+    pub model: Transformer,
+    pub tokenizer: Tokenizer,
+    pub source: String,
+}
+
+/// Resolves a model argument: a built-in name (fetched on first use), a `.gguf` file, or a
+/// Hugging Face directory.
+pub fn resolve(spec: &str) -> Result<PathBuf> {
+    if fetch::known(spec).is_some() {
+        return fetch::fetch(spec);
+    }
+    let p = PathBuf::from(spec);
+    if !p.exists() {
+        let names: Vec<_> = fetch::KNOWN.iter().map(|k| k.name).collect();
+        bail!("model '{spec}' not found: not a file, a directory or a built-in name ({})", names.join(", "));
+    }
+    Ok(p)
+}
+
+pub fn load(spec: &str) -> Result<LoadedModel> {
+    let path = resolve(spec)?;
+    if path.is_dir() {
+        load_hf_dir(&path)
+    } else {
+        load_gguf(&path)
+    }
+}
+
+fn md_usize(md: &std::collections::HashMap<String, gguf_file::Value>, key: &str, source: &str) -> Result<usize> {
+    let v = md.get(key).with_context(|| format!("{source}: GGUF metadata has no '{key}'"))?;
+    Ok(v.to_u64().or_else(|_| v.to_u32().map(|x| x as u64)).or_else(|_| v.to_i32().map(|x| x as u64))? as usize)
+}
+
+fn md_f64(md: &std::collections::HashMap<String, gguf_file::Value>, key: &str) -> Option<f64> {
+    md.get(key).and_then(|v| v.to_f32().map(|x| x as f64).or_else(|_| v.to_f64()).ok())
+}
+
+/// Reads the GGUF header's model config.
+pub fn gguf_config(content: &gguf_file::Content, source: &str) -> Result<ModelConfig> {
+    let md = &content.metadata;
+    let arch_name = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok().cloned())
+        .with_context(|| format!("{source}: GGUF metadata has no 'general.architecture'"))?;
+    let arch = ModelConfig::parse_arch(&arch_name).with_context(|| format!("{source}: general.architecture"))?;
+    let a = arch_name.as_str();
+    let hidden = md_usize(md, &format!("{a}.embedding_length"), source)?;
+    let heads = md_usize(md, &format!("{a}.attention.head_count"), source)?;
+    let kv = md_usize(md, &format!("{a}.attention.head_count_kv"), source).unwrap_or(heads);
+    let head_dim = md_usize(md, &format!("{a}.attention.key_length"), source).unwrap_or(hidden / heads);
+    let emb = content.tensor_infos.get("token_embd.weight").with_context(|| format!("{source}: missing tensor 'token_embd.weight'"))?;
+    let vocab = emb.shape.dims()[0];
+    if md.contains_key(&format!("{a}.rope.scaling.type")) || content.tensor_infos.contains_key("rope_freqs.weight") {
+        bail!("{source}: RoPE scaling is not supported");
+    }
+    Ok(ModelConfig {
+        arch,
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: md_usize(md, &format!("{a}.feed_forward_length"), source)?,
+        num_layers: md_usize(md, &format!("{a}.block_count"), source)?,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim,
+        rope_theta: md_f64(md, &format!("{a}.rope.freq_base")).unwrap_or(10000.0),
+        rms_norm_eps: md_f64(md, &format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        qk_norm: content.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
+        max_position_embeddings: md_usize(md, &format!("{a}.context_length"), source).unwrap_or(4096),
+    })
+}
+
+/// GGUF tensor name → Hugging Face name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let simple = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(s) = simple {
+        return Some(s.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let m = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{m}.{kind}"))
+}
+
+/// Undoes llama.cpp's Q/K row permutation (made for interleaved RoPE) so the rows are in the
+/// Hugging Face "rotate half" order.
+fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    let hd = rows / heads;
+    Ok(t.reshape((heads, hd / 2, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
+    let source = path.display().to_string();
+    let file = std::fs::File::open(path).with_context(|| format!("opening {source}"))?;
+    // SAFETY: the file is opened read-only and not modified while mapped.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {source}"))?;
+    let mut reader = std::io::Cursor::new(&mmap[..]);
+    let content = gguf_file::Content::read(&mut reader).map_err(|e| anyhow!("{source}: not a readable GGUF file: {e}"))?;
+    let cfg = gguf_config(&content, &source)?;
+    let tokenizer = Tokenizer::from_gguf_metadata(&content.metadata, &source)?;
+    let mut tensors = BTreeMap::new();
+    for (name, info) in &content.tensor_infos {
+        let Some(hf) = hf_name(name) else { continue };
+        let end = content.tensor_data_offset + info.offset + (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
+        if end > mmap.len() as u64 {
+            bail!("{source}: tensor '{name}' runs past the end of the file (truncated download?)");
+        }
+        let q = content.tensor(&mut reader, name, &Device::Cpu).map_err(|e| anyhow!("{source}: tensor '{name}': {e}"))?;
+        let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
+        if cfg.arch == Arch::Llama {
+            if name.starts_with("blk.") && name.contains(".attn_q.") {
+                t = unpermute_rows(&t, cfg.num_heads)?;
+            } else if name.starts_with("blk.") && name.contains(".attn_k.") {
+                t = unpermute_rows(&t, cfg.num_kv_heads)?;
+            }
+        }
+        tensors.insert(hf, t);
+    }
+    if tokenizer.vocab_size() > cfg.vocab_size {
+        bail!("{source}: tokenizer has {} tokens but the embedding only {}", tokenizer.vocab_size(), cfg.vocab_size);
+    }
+    let model = Transformer::from_tensors(cfg, tensors, &source)?;
+    Ok(LoadedModel { model, tokenizer, source })
+}
+
+pub fn load_hf_dir(dir: &Path) -> Result<LoadedModel> {
+    let source = dir.display().to_string();
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?;
+    let cfg = ModelConfig::from_hf_json(&v, &cfg_path.display().to_string())?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{source}: no *.safetensors file");
+    }
+    let mut tensors = BTreeMap::new();
+    for f in &files {
+        for (name, t) in read_safetensors(f)? {
+            tensors.insert(name, t);
+        }
+    }
+    if cfg.tie_word_embeddings {
+        tensors.remove("lm_head.weight");
+    }
+    let tokenizer = Tokenizer::from_hf_dir(dir)?;
+    let model = Transformer::from_tensors(cfg, tensors, &source)?;
+    Ok(LoadedModel { model, tokenizer, source })
+}
+
+/// Reads every tensor of a safetensors file (memory-mapped) as f32 on the CPU.
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let source = path.display().to_string();
+    let file = std::fs::File::open(path).with_context(|| format!("opening {source}"))?;
+    // SAFETY: read-only mapping of a file we do not modify.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {source}"))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| anyhow!("{source}: not a readable safetensors file: {e}"))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let shape: Vec<usize> = view.shape().to_vec();
+        let data = view.data();
+        let t = match view.dtype() {
+            safetensors::Dtype::F32 => Tensor::from_raw_buffer(data, DType::F32, &shape, &Device::Cpu)?,
+            safetensors::Dtype::F16 => Tensor::from_raw_buffer(data, DType::F16, &shape, &Device::Cpu)?.to_dtype(DType::F32)?,
+            safetensors::Dtype::BF16 => Tensor::from_raw_buffer(data, DType::BF16, &shape, &Device::Cpu)?.to_dtype(DType::F32)?,
+            d => bail!("{source}: tensor '{name}' has unsupported dtype {d:?}"),
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Writes named tensors to a safetensors file, atomically (temporary file, then rename).
+pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    let map: std::collections::HashMap<String, Tensor> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    candle_core::safetensors::save(&map, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}

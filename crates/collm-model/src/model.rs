@@ -1,0 +1,358 @@
+//! The decoder-only transformer shared by the Llama, Qwen2 and Qwen3 families.
+//!
+//! One forward serves both sampling and training: with `grad = false` every weight is read
+//! detached (no graph is built), with `grad = true` trainable weights are read as variables and
+//! frozen ones through [`ops::frozen_linear`], so backward never computes their gradient.
+//! Weights use Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...).
+
+use crate::config::ModelConfig;
+use crate::ops::{self, AttnMask, RopeTable};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::collections::BTreeMap;
+
+/// A weight and whether the optimizer updates it.
+pub struct Param {
+    pub var: Var,
+    pub trainable: bool,
+}
+
+/// LoRA adapter settings: `W x + (alpha / rank) B A x` on the target modules.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Module names such as `q_proj`, `v_proj`, `gate_proj`.
+    pub targets: Vec<String>,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
+
+pub struct Transformer {
+    pub cfg: ModelConfig,
+    pub params: BTreeMap<String, Param>,
+    pub lora: Option<LoraConfig>,
+    pub device: Device,
+}
+
+/// Keys and values of the tokens seen so far, per layer, for a batch of sequences.
+#[derive(Clone)]
+pub struct KvCache {
+    /// Per layer: keys and values, each [batch, kv_heads, slots, head_dim].
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Per row: which slots hold real tokens (false = padding).
+    pub valid: Vec<Vec<bool>>,
+    /// Per row: the position the next real token takes.
+    pub next_pos: Vec<u32>,
+}
+
+impl KvCache {
+    pub fn new(batch: usize, num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers], valid: vec![Vec::new(); batch], next_pos: vec![0; batch] }
+    }
+    pub fn batch(&self) -> usize {
+        self.valid.len()
+    }
+    pub fn slots(&self) -> usize {
+        self.valid.first().map_or(0, |v| v.len())
+    }
+    /// A cache holding the rows `rows` of this one (rows may repeat: K samples share a prompt).
+    pub fn select_rows(&self, rows: &[usize]) -> Result<Self> {
+        let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &Device::Cpu)?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some((k, v)) => {
+                    let idx = idx.to_device(k.device())?;
+                    Ok(Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)))
+                }
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            valid: rows.iter().map(|&r| self.valid[r].clone()).collect(),
+            next_pos: rows.iter().map(|&r| self.next_pos[r]).collect(),
+        })
+    }
+}
+
+/// Names and shapes of every tensor a model of this config has.
+pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let (qd, kvd) = (cfg.num_heads * d, cfg.num_kv_heads * d);
+    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        v.push((format!("{p}.self_attn.q_proj.weight"), vec![qd, h]));
+        v.push((format!("{p}.self_attn.k_proj.weight"), vec![kvd, h]));
+        v.push((format!("{p}.self_attn.v_proj.weight"), vec![kvd, h]));
+        v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, qd]));
+        if cfg.qkv_bias {
+            v.push((format!("{p}.self_attn.q_proj.bias"), vec![qd]));
+            v.push((format!("{p}.self_attn.k_proj.bias"), vec![kvd]));
+            v.push((format!("{p}.self_attn.v_proj.bias"), vec![kvd]));
+        }
+        if cfg.qk_norm {
+            v.push((format!("{p}.self_attn.q_norm.weight"), vec![d]));
+            v.push((format!("{p}.self_attn.k_norm.weight"), vec![d]));
+        }
+        v.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+        v.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+        v.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+    }
+    v.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        v.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
+    }
+    v
+}
+
+/// Shape of the LoRA A and B matrices for a target module of layer `l`.
+fn lora_shapes(cfg: &ModelConfig, module: &str, rank: usize) -> Result<(String, usize, usize)> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let _ = rank;
+    Ok(match module {
+        "q_proj" => ("self_attn".into(), h, qd),
+        "k_proj" => ("self_attn".into(), h, kvd),
+        "v_proj" => ("self_attn".into(), h, kvd),
+        "o_proj" => ("self_attn".into(), qd, h),
+        "gate_proj" => ("mlp".into(), h, i),
+        "up_proj" => ("mlp".into(), h, i),
+        "down_proj" => ("mlp".into(), i, h),
+        other => bail!("unknown LoRA target module '{other}' (use q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"),
+    })
+}
+
+impl Transformer {
+    /// Builds a model from named tensors, checking that every tensor is there with its shape.
+    pub fn from_tensors(cfg: ModelConfig, mut tensors: BTreeMap<String, Tensor>, source: &str) -> Result<Self> {
+        cfg.validate().with_context(|| format!("{source}: invalid model config"))?;
+        let mut params = BTreeMap::new();
+        let device = tensors.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+        for (name, shape) in expected_tensors(&cfg) {
+            let t = tensors.remove(&name).with_context(|| format!("{source}: missing tensor '{name}'"))?;
+            if t.dims() != shape.as_slice() {
+                bail!("{source}: tensor '{name}' has shape {:?}, expected {:?}", t.dims(), shape);
+            }
+            let t = t.to_dtype(DType::F32)?;
+            params.insert(name, Param { var: Var::from_tensor(&t)?, trainable: true });
+        }
+        Ok(Self { cfg, params, lora: None, device })
+    }
+
+    /// A randomly initialised model: N(0, 0.02) matrices, unit norms, zero biases.
+    pub fn random(cfg: ModelConfig, seed: u64) -> Result<Self> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut tensors = BTreeMap::new();
+        for (name, shape) in expected_tensors(&cfg) {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                (0..n).map(|_| rng.random_range(-0.02..0.02)).collect()
+            } else {
+                (0..n).map(|_| normal(&mut rng) * 0.02).collect()
+            };
+            tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+        }
+        Self::from_tensors(cfg, tensors, "random init")
+    }
+
+    /// Adds LoRA adapters (A ~ N(0, 0.02), B = 0) and freezes every other weight.
+    pub fn add_lora(&mut self, lora: LoraConfig, seed: u64) -> Result<()> {
+        if self.lora.is_some() {
+            bail!("the model already has LoRA adapters");
+        }
+        if lora.rank == 0 {
+            bail!("LoRA rank must be at least 1");
+        }
+        let mut rng = StdRng::seed_from_u64(seed);
+        for p in self.params.values_mut() {
+            p.trainable = false;
+        }
+        for l in 0..self.cfg.num_layers {
+            for m in &lora.targets {
+                let (block, fan_in, fan_out) = lora_shapes(&self.cfg, m, lora.rank)?;
+                let p = format!("model.layers.{l}.{block}.{m}");
+                let a: Vec<f32> = (0..lora.rank * fan_in).map(|_| normal(&mut rng) * 0.02).collect();
+                let a = Tensor::from_vec(a, (lora.rank, fan_in), &self.device)?;
+                let b = Tensor::zeros((fan_out, lora.rank), DType::F32, &self.device)?;
+                self.params.insert(format!("{p}.lora_A.weight"), Param { var: Var::from_tensor(&a)?, trainable: true });
+                self.params.insert(format!("{p}.lora_B.weight"), Param { var: Var::from_tensor(&b)?, trainable: true });
+            }
+        }
+        self.lora = Some(lora);
+        Ok(())
+    }
+
+    /// Folds the LoRA adapters into the base weights (W += scale · B A) and removes them.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        let Some(lora) = self.lora.take() else { return Ok(()) };
+        let names: Vec<String> = self.params.keys().filter(|k| k.ends_with(".lora_A.weight")).cloned().collect();
+        for a_name in names {
+            let prefix = a_name.trim_end_matches(".lora_A.weight").to_string();
+            let a = self.params.remove(&a_name).unwrap().var.as_detached_tensor();
+            let b = self.params.remove(&format!("{prefix}.lora_B.weight")).unwrap().var.as_detached_tensor();
+            let w = &self.params[&format!("{prefix}.weight")].var;
+            let merged = (w.as_detached_tensor() + (b.matmul(&a)? * lora.scale())?)?;
+            w.set(&merged)?;
+        }
+        for p in self.params.values_mut() {
+            p.trainable = true;
+        }
+        Ok(())
+    }
+
+    pub fn trainable(&self) -> impl Iterator<Item = (&String, &Var)> {
+        self.params.iter().filter(|(_, p)| p.trainable).map(|(n, p)| (n, &p.var))
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.params.values().map(|p| p.var.elem_count()).sum()
+    }
+
+    /// The weight `name`, as a graph variable when training and it is trainable, else detached.
+    fn w(&self, name: &str, grad: bool) -> Result<Tensor> {
+        let p = self.params.get(name).with_context(|| format!("model has no tensor '{name}'"))?;
+        Ok(if grad && p.trainable { p.var.as_tensor().clone() } else { p.var.as_detached_tensor() })
+    }
+
+    fn linear(&self, x: &Tensor, prefix: &str, grad: bool) -> Result<Tensor> {
+        let wname = format!("{prefix}.weight");
+        let p = self.params.get(&wname).with_context(|| format!("model has no tensor '{wname}'"))?;
+        let mut y = if grad && p.trainable {
+            ops::linear_nt(x, p.var.as_tensor())?
+        } else if grad {
+            ops::frozen_linear(x, p.var.as_tensor())?
+        } else {
+            ops::linear_nt(x, &p.var.as_detached_tensor())?
+        };
+        let bname = format!("{prefix}.bias");
+        if self.params.contains_key(&bname) {
+            y = y.broadcast_add(&self.w(&bname, grad)?)?;
+        }
+        if let Some(lora) = &self.lora {
+            let aname = format!("{prefix}.lora_A.weight");
+            if self.params.contains_key(&aname) {
+                let a = self.w(&aname, grad)?;
+                let b = self.w(&format!("{prefix}.lora_B.weight"), grad)?;
+                let delta = ops::linear_nt(&ops::linear_nt(x, &a)?, &b)?;
+                y = (y + (delta * lora.scale())?)?;
+            }
+        }
+        Ok(y)
+    }
+
+    /// Runs `tokens` ([batch][new]) through the model after what `cache` holds, appending their
+    /// keys and values. `valid[b][t]` is false for padding. Returns hidden states [batch, new, hidden]
+    /// after the final norm.
+    pub fn forward(&self, tokens: &[Vec<u32>], valid: &[Vec<bool>], cache: &mut KvCache, grad: bool) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let b = tokens.len();
+        if b == 0 || b != cache.batch() || valid.len() != b {
+            bail!("forward: batch of {b} rows, cache of {}, mask of {}", cache.batch(), valid.len());
+        }
+        let t = tokens[0].len();
+        if tokens.iter().any(|r| r.len() != t) || valid.iter().any(|r| r.len() != t) {
+            bail!("forward: rows must be padded to one length");
+        }
+        let past = cache.slots();
+        let mut flat = Vec::with_capacity(b * t);
+        let mut positions = Vec::with_capacity(b * t);
+        for r in 0..b {
+            for j in 0..t {
+                let id = tokens[r][j];
+                if id as usize >= cfg.vocab_size {
+                    bail!("token id {id} is outside the vocabulary ({} tokens)", cfg.vocab_size);
+                }
+                flat.push(id);
+                positions.push(cache.next_pos[r]);
+                if valid[r][j] {
+                    cache.next_pos[r] += 1;
+                }
+            }
+            cache.valid[r].extend_from_slice(&valid[r]);
+        }
+        let mask = AttnMask::causal(&cache.valid, past, t);
+        let rope = RopeTable::new(&positions, cfg.head_dim, cfg.rope_theta);
+        let ids = Tensor::from_vec(flat, b * t, &self.device)?;
+        let mut x = self.w("model.embed_tokens.weight", grad)?.index_select(&ids, 0)?.reshape((b, t, cfg.hidden_size))?;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let n_rep = nh / nkv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let h = ops::rms_norm(&x, &self.w(&format!("{p}.input_layernorm.weight"), grad)?, cfg.rms_norm_eps)?;
+            let mut q = self.linear(&h, &format!("{p}.self_attn.q_proj"), grad)?.reshape((b, t, nh, hd))?;
+            let mut k = self.linear(&h, &format!("{p}.self_attn.k_proj"), grad)?.reshape((b, t, nkv, hd))?;
+            let v = self.linear(&h, &format!("{p}.self_attn.v_proj"), grad)?.reshape((b, t, nkv, hd))?;
+            if cfg.qk_norm {
+                q = ops::rms_norm(&q, &self.w(&format!("{p}.self_attn.q_norm.weight"), grad)?, cfg.rms_norm_eps)?;
+                k = ops::rms_norm(&k, &self.w(&format!("{p}.self_attn.k_norm.weight"), grad)?, cfg.rms_norm_eps)?;
+            }
+            let q = ops::rope(&q, &rope)?.transpose(1, 2)?.contiguous()?; // [b, nh, t, hd]
+            let k = ops::rope(&k, &rope)?.transpose(1, 2)?.contiguous()?; // [b, nkv, t, hd]
+            let v = v.transpose(1, 2)?.contiguous()?;
+            let (k, v) = match &cache.layers[l] {
+                Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                None => (k, v),
+            };
+            cache.layers[l] = Some((k.clone(), v.clone()));
+            // Group the query heads that share a key/value head: [b, nkv, n_rep * t, hd].
+            let qg = q.reshape((b, nkv, n_rep * t, hd))?;
+            let scores = qg.matmul(&k.t()?)?;
+            let probs = ops::attn_softmax(&scores, &mask, scale)?;
+            let o = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            x = (x + self.linear(&o, &format!("{p}.self_attn.o_proj"), grad)?)?;
+            let h = ops::rms_norm(&x, &self.w(&format!("{p}.post_attention_layernorm.weight"), grad)?, cfg.rms_norm_eps)?;
+            let gate = self.linear(&h, &format!("{p}.mlp.gate_proj"), grad)?.silu()?;
+            let up = self.linear(&h, &format!("{p}.mlp.up_proj"), grad)?;
+            x = (x + self.linear(&(gate * up)?, &format!("{p}.mlp.down_proj"), grad)?)?;
+        }
+        Ok(ops::rms_norm(&x, &self.w("model.norm.weight", grad)?, cfg.rms_norm_eps)?)
+    }
+
+    /// Output logits for hidden rows [n, hidden] → [n, vocab].
+    pub fn logits(&self, hidden: &Tensor, grad: bool) -> Result<Tensor> {
+        let name = if self.cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        let p = &self.params[name];
+        Ok(if grad && p.trainable {
+            ops::linear_nt(hidden, p.var.as_tensor())?
+        } else if grad {
+            ops::frozen_linear(hidden, p.var.as_tensor())?
+        } else {
+            ops::linear_nt(hidden, &p.var.as_detached_tensor())?
+        })
+    }
+
+    /// Every weight, detached, by name (LoRA tensors included).
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.params.iter().map(|(n, p)| (n.clone(), p.var.as_detached_tensor())).collect()
+    }
+
+    /// A deep copy (own storage) of this model, e.g. to keep a reference policy.
+    pub fn deep_clone(&self) -> Result<Self> {
+        let mut params = BTreeMap::new();
+        for (n, p) in &self.params {
+            params.insert(n.clone(), Param { var: Var::from_tensor(&p.var.as_detached_tensor().copy()?)?, trainable: p.trainable });
+        }
+        Ok(Self { cfg: self.cfg.clone(), params, lora: self.lora.clone(), device: self.device.clone() })
+    }
+}
+
+/// A standard normal sample (Box–Muller), so results do not depend on a distributions crate.
+pub fn normal(rng: &mut StdRng) -> f32 {
+    let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+    let u2: f64 = rng.random();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}

@@ -1,0 +1,484 @@
+//! Fused CPU ops that candle lacks a backward for: attention softmax, RMSNorm, RoPE, token
+//! log-probabilities (log-softmax + gather) and a linear layer whose weight is frozen.
+//!
+//! Each op has a fast single-pass forward and an explicit backward, so the same model code serves
+//! sampling (detached weights, no graph) and training (gradients reach every trainable weight).
+//! On non-CPU devices every op falls back to a composition of differentiable candle ops.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, D};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("collm op: expected a contiguous f32 tensor"),
+    }
+}
+
+/// Runs `f` over the contiguous f32 data of `t` (CPU only).
+pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => Ok(f(slice(c, l)?)),
+        _ => bail!("collm op: expected a CPU tensor"),
+    }
+}
+
+fn last_dim(l: &Layout) -> usize {
+    *l.dims().last().unwrap_or(&1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention softmax: softmax(scale * x + mask) over the last dim, mask shared across heads.
+
+/// Additive attention mask of shape [batch, q_len, k_len] (0 or -inf), broadcast over heads.
+#[derive(Clone)]
+pub struct AttnMask {
+    pub data: Arc<Vec<f32>>,
+    pub batch: usize,
+    pub q_len: usize,
+    pub k_len: usize,
+}
+
+impl AttnMask {
+    /// Query slot `past + i` may see key slot `j` when `j <= past + i` and the key is valid
+    /// (not padding); a query always sees itself, so no row is ever fully masked.
+    pub fn causal(valid: &[Vec<bool>], past: usize, q_len: usize) -> Self {
+        let batch = valid.len();
+        let k_len = past + q_len;
+        let mut data = vec![f32::NEG_INFINITY; batch * q_len * k_len];
+        for (b, v) in valid.iter().enumerate() {
+            for i in 0..q_len {
+                let row = &mut data[(b * q_len + i) * k_len..(b * q_len + i + 1) * k_len];
+                for (j, r) in row.iter_mut().enumerate().take(past + i + 1) {
+                    if v[j] || j == past + i {
+                        *r = 0.0;
+                    }
+                }
+            }
+        }
+        Self { data: Arc::new(data), batch, q_len, k_len }
+    }
+
+    fn tensor(&self, device: &candle_core::Device) -> Result<Tensor> {
+        Tensor::from_slice(&self.data[..], (self.batch, 1, self.q_len, self.k_len), device)
+    }
+}
+
+struct AttnSoftmax {
+    mask: AttnMask,
+    scale: f32,
+}
+
+impl AttnSoftmax {
+    fn mask_row(&self, row: usize, rows_per_batch: usize) -> &[f32] {
+        let b = row / rows_per_batch;
+        let q = row % self.mask.q_len;
+        let k = self.mask.k_len;
+        &self.mask.data[(b * self.mask.q_len + q) * k..(b * self.mask.q_len + q + 1) * k]
+    }
+}
+
+impl CustomOp1 for AttnSoftmax {
+    fn name(&self) -> &'static str {
+        "collm-attn-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let k = last_dim(l);
+        if k != self.mask.k_len {
+            bail!("attn softmax: key length {k} != mask {}", self.mask.k_len);
+        }
+        let rows_per_batch = x.len() / k / self.mask.batch;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(k)
+            .zip(x.par_chunks(k))
+            .enumerate()
+            .with_min_len(16)
+            .for_each(|(r, (o, xi))| {
+                let m = self.mask_row(r, rows_per_batch);
+                let mut max = f32::NEG_INFINITY;
+                for j in 0..k {
+                    let v = xi[j] * self.scale + m[j];
+                    o[j] = v;
+                    max = max.max(v);
+                }
+                let mut sum = 0f32;
+                for v in o.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                o.iter_mut().for_each(|v| *v *= inv);
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let k = self.mask.k_len;
+        let scale = self.scale;
+        let out = with_f32(res, |y| {
+            with_f32(grad, |g| {
+                let mut dx = vec![0f32; y.len()];
+                dx.par_chunks_mut(k)
+                    .zip(y.par_chunks(k).zip(g.par_chunks(k)))
+                    .with_min_len(16)
+                    .for_each(|(d, (y, g))| {
+                        let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                        for j in 0..k {
+                            d[j] = scale * y[j] * (g[j] - dot);
+                        }
+                    });
+                dx
+            })
+        })??;
+        Ok(Some(Tensor::from_vec(out, res.shape(), res.device())?))
+    }
+}
+
+/// softmax(scale * scores + mask) over the last dim. `scores` is [batch, ..., q_len, k_len].
+pub fn attn_softmax(scores: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
+    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+        return scores.apply_op1(AttnSoftmax { mask: mask.clone(), scale });
+    }
+    let dims = scores.dims().to_vec();
+    let m = mask.tensor(scores.device())?.to_dtype(scores.dtype())?;
+    let (b, rest) = (dims[0], dims[1..dims.len() - 2].iter().product::<usize>());
+    let s = (scores.reshape((b, rest, mask.q_len, mask.k_len))? * scale as f64)?.broadcast_add(&m)?;
+    let max = s.max_keepdim(D::Minus1)?.detach();
+    let e = s.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.reshape(dims)
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: y = x / sqrt(mean(x^2) + eps) * w
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "collm-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1)?;
+        let w = slice(s2, l2)?;
+        let d = w.len();
+        if last_dim(l1) != d {
+            bail!("rms_norm: hidden size {} != weight size {d}", last_dim(l1));
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, x)| {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + self.eps).sqrt();
+            for j in 0..d {
+                o[j] = x[j] * r * w[j];
+            }
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = w.elem_count();
+        let eps = self.eps;
+        let want_w = w.track_op();
+        let (dx, dw) = with_f32(x, |x| {
+            with_f32(w, |w| {
+                with_f32(grad, |g| {
+                    let mut dx = vec![0f32; x.len()];
+                    let dw = dx
+                        .par_chunks_mut(d)
+                        .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+                        .fold(
+                            || if want_w { vec![0f32; d] } else { Vec::new() },
+                            |mut acc, (dx, (x, g))| {
+                                let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                                let r = 1.0 / (ms + eps).sqrt();
+                                let mut dot = 0f32;
+                                for j in 0..d {
+                                    dot += g[j] * w[j] * x[j];
+                                }
+                                let c = dot * r * r / d as f32;
+                                for j in 0..d {
+                                    dx[j] = r * (g[j] * w[j] - x[j] * c);
+                                }
+                                if want_w {
+                                    for j in 0..d {
+                                        acc[j] += g[j] * x[j] * r;
+                                    }
+                                }
+                                acc
+                            },
+                        )
+                        .reduce(
+                            || if want_w { vec![0f32; d] } else { Vec::new() },
+                            |mut a, b| {
+                                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                                a
+                            },
+                        );
+                    (dx, dw)
+                })
+            })
+        })???;
+        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+        let dw = if want_w { Some(Tensor::from_vec(dw, w.shape(), w.device())?) } else { None };
+        Ok((Some(dx), dw))
+    }
+}
+
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.apply_op2(w, RmsNorm { eps: eps as f32 });
+    }
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE (the "rotate half" form used by Hugging Face checkpoints), per-row positions.
+
+/// cos/sin tables for a batch: [batch * seq, head_dim / 2], one row per token.
+#[derive(Clone)]
+pub struct RopeTable {
+    pub cos: Arc<Vec<f32>>,
+    pub sin: Arc<Vec<f32>>,
+    pub half: usize,
+}
+
+impl RopeTable {
+    pub fn new(positions: &[u32], head_dim: usize, theta: f64) -> Self {
+        let half = head_dim / 2;
+        let inv: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for f in &inv {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Self { cos: Arc::new(cos), sin: Arc::new(sin), half }
+    }
+}
+
+struct Rope {
+    table: RopeTable,
+    heads: usize,
+    inverse: bool,
+}
+
+fn rope_apply(x: &[f32], t: &RopeTable, heads: usize, inverse: bool) -> Vec<f32> {
+    let half = t.half;
+    let hd = 2 * half;
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(heads * hd).zip(x.par_chunks(heads * hd)).enumerate().for_each(|(tok, (o, x))| {
+        let c = &t.cos[tok * half..(tok + 1) * half];
+        let s = &t.sin[tok * half..(tok + 1) * half];
+        for h in 0..heads {
+            let (o, x) = (&mut o[h * hd..(h + 1) * hd], &x[h * hd..(h + 1) * hd]);
+            for i in 0..half {
+                let (a, b) = (x[i], x[i + half]);
+                let sn = if inverse { -s[i] } else { s[i] };
+                o[i] = a * c[i] - b * sn;
+                o[i + half] = b * c[i] + a * sn;
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "collm-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        if x.len() != self.table.cos.len() * 2 * self.heads {
+            bail!("rope: tensor of {} values does not match the table", x.len());
+        }
+        Ok((CpuStorage::F32(rope_apply(x, &self.table, self.heads, self.inverse)), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = with_f32(grad, |g| rope_apply(g, &self.table, self.heads, !self.inverse))?;
+        Ok(Some(Tensor::from_vec(g, res.shape(), res.device())?))
+    }
+}
+
+/// Rotates `x` of shape [batch, seq, heads, head_dim] by the table's per-token angles.
+pub fn rope(x: &Tensor, table: &RopeTable) -> Result<Tensor> {
+    let (b, t, h, d) = x.dims4()?;
+    let x = x.contiguous()?;
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.apply_op1(Rope { table: table.clone(), heads: h, inverse: false });
+    }
+    let half = d / 2;
+    let cos = Tensor::from_slice(&table.cos[..], (b, t, 1, half), x.device())?.to_dtype(x.dtype())?;
+    let sin = Tensor::from_slice(&table.sin[..], (b, t, 1, half), x.device())?.to_dtype(x.dtype())?;
+    let x1 = x.narrow(3, 0, half)?;
+    let x2 = x.narrow(3, half, half)?;
+    let o1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let o2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Tensor::cat(&[o1, o2], 3)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token log-probabilities: log_softmax(logits)[target], fused, with backward.
+
+struct TokenLogprobs {
+    targets: Arc<Vec<u32>>,
+}
+
+impl CustomOp1 for TokenLogprobs {
+    fn name(&self) -> &'static str {
+        "collm-token-logprobs"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let v = last_dim(l);
+        let n = x.len() / v;
+        if n != self.targets.len() {
+            bail!("token_logprobs: {} rows but {} targets", n, self.targets.len());
+        }
+        let out: Vec<f32> = x
+            .par_chunks(v)
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| {
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+                row[t as usize] - max - sum.ln()
+            })
+            .collect();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let v = arg.dim(D::Minus1)?;
+        let g = grad.to_vec1::<f32>()?;
+        let out = with_f32(arg, |x| {
+            let mut d = vec![0f32; x.len()];
+            d.par_chunks_mut(v).zip(x.par_chunks(v)).enumerate().for_each(|(n, (d, row))| {
+                let gn = g[n];
+                if gn == 0.0 {
+                    return;
+                }
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+                let inv = 1.0 / sum;
+                for j in 0..v {
+                    d[j] = -gn * (row[j] - max).exp() * inv;
+                }
+                d[self.targets[n] as usize] += gn;
+            });
+            d
+        })?;
+        Ok(Some(Tensor::from_vec(out, arg.shape(), arg.device())?))
+    }
+}
+
+/// log p(target) for each row of `logits` [n, vocab]; returns [n].
+pub fn token_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let logits = logits.contiguous()?;
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        return logits.apply_op1(TokenLogprobs { targets: Arc::new(targets.to_vec()) });
+    }
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let ids = Tensor::from_slice(targets, (targets.len(), 1), logits.device())?;
+    shifted.gather(&ids, 1)?.sub(&lse)?.squeeze(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear with a frozen weight: y = x W^T (+ b); the backward computes dx only, never dW.
+
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "collm-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let (out_f, in_f) = self.w.dims2()?;
+        let n = x.len() / in_f;
+        let y = with_f32(&self.w, |w| matmul_nt(x, n, in_f, w, out_f))?;
+        let mut dims = l.dims().to_vec();
+        *dims.last_mut().unwrap() = out_f;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (out_f, in_f) = self.w.dims2()?;
+        let g2 = grad.reshape(((), out_f))?;
+        let dx = g2.matmul(&self.w)?;
+        let _ = in_f;
+        Ok(Some(dx.reshape(arg.shape())?))
+    }
+}
+
+/// C[m, n] = A[m, k] · B[n, k]^T on row-major slices.
+pub fn matmul_nt(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32> {
+    let mut c = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return c;
+    }
+    let threads = rayon::current_num_threads();
+    // SAFETY: the pointers cover m*k, n*k and m*n f32 values with the strides given.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None },
+        );
+    }
+    c
+}
+
+/// y = x W^T where W receives no gradient (and costs no backward work); x keeps its gradient.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && x.track_op() {
+        return x.contiguous()?.apply_op1(FrozenLinear { w: w.detach().contiguous()? });
+    }
+    linear_nt(x, &w.detach())
+}
+
+/// y = x W^T for x of any rank (the weight is shared across the leading dims).
+pub fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (out_f, in_f) = w.dims2()?;
+    let mut dims = x.dims().to_vec();
+    let x2 = x.reshape(((), in_f))?;
+    let y = x2.matmul(&w.t()?)?;
+    *dims.last_mut().unwrap() = out_f;
+    y.reshape(dims)
+}
