@@ -1,1 +1,170 @@
-fn main(){}
+//! `collm`: train teams of LLM agents with multi-agent RL. Subcommands: generate, score, fetch, bench.
+
+mod bench;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use collm_model::{loader, score, Message, SamplingParams};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "collm", version, about = "Train teams of LLM agents to collaborate with multi-agent RL")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate a response from a model.
+    Generate(GenerateArgs),
+    /// Per-token log-probs of a response given a prompt (teacher-forced).
+    Score(ScoreArgs),
+    /// Download a built-in model into $COLLM_HOME (default ~/.cache/collm).
+    Fetch { name: String },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCmd,
+    },
+}
+
+#[derive(Args)]
+struct PromptArgs {
+    /// Model: `smollm2-135m`, a .gguf file, or a Hugging Face directory.
+    #[arg(long, default_value = "smollm2-135m")]
+    model: String,
+    /// Prompt text (used as is, no chat template).
+    #[arg(long, group = "input")]
+    prompt: Option<String>,
+    /// File holding the prompt text (used as is).
+    #[arg(long, group = "input")]
+    prompt_file: Option<PathBuf>,
+    /// JSON list of {"role", "content"} messages, rendered with the chat template.
+    #[arg(long, group = "input")]
+    messages: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    input: PromptArgs,
+    #[arg(long)]
+    greedy: bool,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print {"token_ids": [...], "text": "..."} for the generated tokens.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    #[command(flatten)]
+    input: PromptArgs,
+    /// File holding the response text; it is tokenized on its own and appended to the prompt.
+    #[arg(long)]
+    response_file: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Reads a `--messages` file: a JSON list of {role, content}.
+pub fn read_messages(path: &PathBuf) -> Result<Vec<Message>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let msgs: Vec<Message> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: expected a JSON list of {{\"role\": ..., \"content\": ...}} messages", path.display()))?;
+    if msgs.is_empty() {
+        bail!("{}: the message list is empty", path.display());
+    }
+    Ok(msgs)
+}
+
+fn prompt_ids(a: &PromptArgs, lm: &loader::LoadedModel) -> Result<Vec<u32>> {
+    let text = if let Some(p) = &a.prompt {
+        p.clone()
+    } else if let Some(f) = &a.prompt_file {
+        std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+    } else if let Some(m) = &a.messages {
+        let msgs = read_messages(m)?;
+        lm.tokenizer.apply_chat_template(&msgs, true).with_context(|| format!("{}: rendering the chat template", m.display()))?
+    } else {
+        bail!("give one of --prompt, --prompt-file or --messages");
+    };
+    let ids = lm.tokenizer.encode(&text, a.messages.is_none())?;
+    if ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    Ok(ids)
+}
+
+fn load_model(spec: &str) -> Result<loader::LoadedModel> {
+    loader::load(spec).with_context(|| format!("loading model '{spec}'"))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Generate(a) => {
+            let lm = load_model(&a.input.model)?;
+            let ids = prompt_ids(&a.input, &lm)?;
+            let params = SamplingParams {
+                max_new_tokens: a.max_new_tokens,
+                temperature: a.temperature,
+                top_p: a.top_p,
+                top_k: a.top_k,
+                greedy: a.greedy,
+            };
+            let g = collm_model::generate(&lm.model, &[ids], &params, &lm.tokenizer.stop_ids, a.seed, lm.tokenizer.pad_id())?;
+            let toks = &g[0].tokens;
+            let shown: Vec<u32> = toks.iter().cloned().filter(|t| !(g[0].stopped && lm.tokenizer.stop_ids.contains(t))).collect();
+            let text = lm.tokenizer.decode(&shown, false)?;
+            if a.json {
+                println!("{}", serde_json::json!({"token_ids": toks, "text": text}));
+            } else {
+                println!("{text}");
+            }
+        }
+        Cmd::Score(a) => {
+            let lm = load_model(&a.input.model)?;
+            let prompt = prompt_ids(&a.input, &lm)?;
+            let resp_text = std::fs::read_to_string(&a.response_file).with_context(|| format!("reading {}", a.response_file.display()))?;
+            let response = lm.tokenizer.encode(&resp_text, false)?;
+            let s = score(&lm.model, &[(prompt.clone(), response.clone())], lm.tokenizer.pad_id(), false)?;
+            let lps = s.per_response()?.remove(0);
+            let sum: f64 = lps.iter().map(|&x| x as f64).sum();
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"prompt_ids": prompt, "response_ids": response, "token_logprobs": lps, "logprob_sum": sum})
+                );
+            } else {
+                for (t, lp) in response.iter().zip(&lps) {
+                    println!("{:>8} {:>10.5} {:?}", t, lp, lm.tokenizer.decode(&[*t], false)?);
+                }
+                println!("sum {sum:.5}");
+            }
+        }
+        Cmd::Fetch { name } => {
+            let p = collm_model::fetch::fetch(&name)?;
+            println!("{}", p.display());
+        }
+        Cmd::Bench { what } => bench::run(what)?,
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("collm: error: {e:#}");
+        std::process::exit(1);
+    }
+}

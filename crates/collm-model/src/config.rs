@@ -79,9 +79,7 @@ impl ModelConfig {
             "llama" | "LlamaForCausalLM" | "mistral" | "MistralForCausalLM" => Arch::Llama,
             "qwen2" | "Qwen2ForCausalLM" => Arch::Qwen2,
             "qwen3" | "Qwen3ForCausalLM" => Arch::Qwen3,
-            other => bail!(
-                "unsupported model architecture '{other}' (collm supports Llama/SmolLM2, Qwen2/Qwen2.5 and Qwen3)"
-            ),
+            other => bail!("unsupported model architecture '{other}' (collm supports Llama/SmolLM2, Qwen2/Qwen2.5 and Qwen3)"),
         })
     }
 
@@ -95,10 +93,7 @@ impl ModelConfig {
             .with_context(|| format!("{path}: neither 'architectures' nor 'model_type' is set"))?;
         let arch = Self::parse_arch(arch_name).with_context(|| format!("{path}: field 'architectures'"))?;
         let get = |k: &str| -> Result<usize> {
-            v.get(k)
-                .and_then(|x| x.as_u64())
-                .map(|x| x as usize)
-                .with_context(|| format!("{path}: missing or non-integer field '{k}'"))
+            v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).with_context(|| format!("{path}: missing or non-integer field '{k}'"))
         };
         let getf = |k: &str, d: f64| v.get(k).and_then(|x| x.as_f64()).unwrap_or(d);
         if let Some(rs) = v.get("rope_scaling") {

@@ -1,18 +1,23 @@
 //! collm-model: causal language models on candle that can both act (fast batched sampling with a
 //! KV cache) and learn (teacher-forced log-probs whose gradients reach every trainable weight).
 
+pub mod checkpoint;
 pub mod config;
 pub mod fetch;
 pub mod generate;
 pub mod loader;
 pub mod model;
 pub mod ops;
+pub mod optim;
 pub mod score;
 pub mod tokenizer;
+pub mod value_head;
 
 pub use config::{Arch, ModelConfig};
 pub use generate::{generate, Generation, SamplingParams};
 pub use loader::{load, LoadedModel};
 pub use model::{KvCache, LoraConfig, Transformer};
+pub use optim::{AdamW, AdamWConfig, Grads};
 pub use score::{score, Scores};
 pub use tokenizer::{Message, Tokenizer};
+pub use value_head::{ValueHead, ValueHeadKind};

@@ -47,7 +47,9 @@ fn md_usize(md: &std::collections::HashMap<String, gguf_file::Value>, key: &str,
 }
 
 fn md_f64(md: &std::collections::HashMap<String, gguf_file::Value>, key: &str) -> Option<f64> {
-    md.get(key).and_then(|v| v.to_f32().map(|x| x as f64).or_else(|_| v.to_f64()).ok())
+    // GGUF stores these as f32; going through the shortest decimal form keeps 1e-5 as 1e-5 (as in
+    // the model's config.json) instead of 9.9999997e-6.
+    md.get(key).and_then(|v| v.to_f32().map(|x| x.to_string().parse::<f64>().unwrap_or(x as f64)).or_else(|_| v.to_f64()).ok())
 }
 
 /// Reads the GGUF header's model config.
@@ -139,7 +141,9 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let mut tensors = BTreeMap::new();
     for (name, info) in &content.tensor_infos {
         let Some(hf) = hf_name(name) else { continue };
-        let end = content.tensor_data_offset + info.offset + (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
+        let end = content.tensor_data_offset
+            + info.offset
+            + (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
         if end > mmap.len() as u64 {
             bail!("{source}: tensor '{name}' runs past the end of the file (truncated download?)");
         }

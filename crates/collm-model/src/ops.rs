@@ -95,26 +95,22 @@ impl CustomOp1 for AttnSoftmax {
         }
         let rows_per_batch = x.len() / k / self.mask.batch;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(k)
-            .zip(x.par_chunks(k))
-            .enumerate()
-            .with_min_len(16)
-            .for_each(|(r, (o, xi))| {
-                let m = self.mask_row(r, rows_per_batch);
-                let mut max = f32::NEG_INFINITY;
-                for j in 0..k {
-                    let v = xi[j] * self.scale + m[j];
-                    o[j] = v;
-                    max = max.max(v);
-                }
-                let mut sum = 0f32;
-                for v in o.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|v| *v *= inv);
-            });
+        out.par_chunks_mut(k).zip(x.par_chunks(k)).enumerate().with_min_len(16).for_each(|(r, (o, xi))| {
+            let m = self.mask_row(r, rows_per_batch);
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..k {
+                let v = xi[j] * self.scale + m[j];
+                o[j] = v;
+                max = max.max(v);
+            }
+            let mut sum = 0f32;
+            for v in o.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|v| *v *= inv);
+        });
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -124,15 +120,12 @@ impl CustomOp1 for AttnSoftmax {
         let out = with_f32(res, |y| {
             with_f32(grad, |g| {
                 let mut dx = vec![0f32; y.len()];
-                dx.par_chunks_mut(k)
-                    .zip(y.par_chunks(k).zip(g.par_chunks(k)))
-                    .with_min_len(16)
-                    .for_each(|(d, (y, g))| {
-                        let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                        for j in 0..k {
-                            d[j] = scale * y[j] * (g[j] - dot);
-                        }
-                    });
+                dx.par_chunks_mut(k).zip(y.par_chunks(k).zip(g.par_chunks(k))).with_min_len(16).for_each(|(d, (y, g))| {
+                    let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                    for j in 0..k {
+                        d[j] = scale * y[j] * (g[j] - dot);
+                    }
+                });
                 dx
             })
         })??;

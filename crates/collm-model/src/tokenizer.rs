@@ -74,7 +74,10 @@ impl Tokenizer {
     }
 
     /// Builds the tokenizer a GGUF header describes (`tokenizer.ggml.*`).
-    pub fn from_gguf_metadata(md: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>, source: &str) -> Result<Self> {
+    pub fn from_gguf_metadata(
+        md: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+        source: &str,
+    ) -> Result<Self> {
         use candle_core::quantized::gguf_file::Value as V;
         let get = |k: &str| md.get(k).with_context(|| format!("{source}: GGUF metadata has no '{k}'"));
         let model = get("tokenizer.ggml.model")?.to_string().map_err(|e| anyhow!("{source}: {e}"))?.clone();
@@ -127,6 +130,37 @@ impl Tokenizer {
         Ok(tok)
     }
 
+    /// A byte-level tokenizer with no merges: ids 0..n_specials are the special tokens given
+    /// (the first is EOS and padding), then one id per byte. For tiny models and synthetic tasks.
+    pub fn byte_level(specials: &[&str]) -> Result<Self> {
+        use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+        let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+        alphabet.sort_unstable();
+        let mut vocab = serde_json::Map::new();
+        let mut added = vec![];
+        for (i, s) in specials.iter().enumerate() {
+            vocab.insert(s.to_string(), json!(i));
+            added.push(json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
+        }
+        for (j, c) in alphabet.iter().enumerate() {
+            vocab.insert(c.to_string(), json!(specials.len() + j));
+        }
+        let spec = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": []}
+        });
+        let inner = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&spec)?).map_err(|e| anyhow!("byte tokenizer: {e}"))?;
+        let eos = specials.first().map(|s| (0u32, s.to_string()));
+        let mut tok = Self { inner, bos: None, eos: eos.clone(), pad: eos, stop_ids: vec![], add_bos: false, chat_template: None };
+        tok.stop_ids = tok.default_stop_ids(&[]);
+        Ok(tok)
+    }
+
     /// Reads `tokenizer.json`, `tokenizer_config.json` (and `generation_config.json` if present).
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
@@ -165,7 +199,8 @@ impl Tokenizer {
         let mut extra = vec![];
         let gc = dir.join("generation_config.json");
         if gc.exists() {
-            let v: Value = serde_json::from_str(&std::fs::read_to_string(&gc)?).with_context(|| format!("{}: invalid JSON", gc.display()))?;
+            let v: Value =
+                serde_json::from_str(&std::fs::read_to_string(&gc)?).with_context(|| format!("{}: invalid JSON", gc.display()))?;
             match v.get("eos_token_id") {
                 Some(Value::Number(n)) => extra.extend(n.as_u64().map(|x| x as u32)),
                 Some(Value::Array(a)) => extra.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32)),
@@ -179,10 +214,9 @@ impl Tokenizer {
 
     fn default_stop_ids(&self, extra: &[u32]) -> Vec<u32> {
         let mut ids: Vec<u32> = self.eos.iter().map(|e| e.0).collect();
+        // End-of-turn and end-of-text tokens end a response too (as Qwen's and SmolLM2's
+        // generation configs list them), whichever of them the model has as EOS.
         for t in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
-            if t == "<|endoftext|>" && !ids.is_empty() {
-                continue;
-            }
             if let Some(i) = self.inner.token_to_id(t) {
                 ids.push(i);
             }
@@ -221,11 +255,13 @@ impl Tokenizer {
 }
 
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The pre-tokenizer llama.cpp's `tokenizer.ggml.pre` names, in tokenizer.json form.
 fn pre_tokenizer(pre: &str) -> Result<Value> {
-    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let byte_level =
+        |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
     Ok(match pre {
         "smollm" | "starcoder" | "refact" => json!({"type": "Sequence", "pretokenizers": [

@@ -6,9 +6,7 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 fn shared() -> PathBuf {
-    std::env::var_os("COLLM_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
+    std::env::var_os("COLLM_SHARED").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
 }
 
 fn ids(v: &Value) -> Vec<u32> {

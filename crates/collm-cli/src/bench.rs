@@ -1,0 +1,136 @@
+//! `collm bench model`: decode speed and train-step time of one model on this machine.
+
+use anyhow::Result;
+use clap::Subcommand;
+use collm_model::{generate, loader, score, AdamW, AdamWConfig, Grads, LoraConfig, SamplingParams};
+use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Decode tokens/s (batch 1 and 8) and teacher-forced train-step time (full and LoRA).
+    Model {
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        /// Sequences × tokens of the train step.
+        #[arg(long, default_value_t = 4)]
+        train_batch: usize,
+        #[arg(long, default_value_t = 256)]
+        train_tokens: usize,
+        /// Timed repetitions of each train step (after one warm-up).
+        #[arg(long, default_value_t = 2)]
+        repeats: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Peak resident memory of this process, MB (VmHWM).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Deterministic pseudo-text token ids (skipping the first 100 ids, where special tokens live).
+fn tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (100 + (x >> 33) as usize % (vocab.min(20000) - 100)) as u32
+        })
+        .collect()
+}
+
+fn train_step_s(model: &collm_model::Transformer, b: usize, t: usize, repeats: usize, pad: u32) -> Result<f64> {
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = (0..b)
+        .map(|i| {
+            let s = tokens(t, 1000 + i as u64, model.cfg.vocab_size);
+            (s[..1].to_vec(), s[1..].to_vec())
+        })
+        .collect();
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-6, ..Default::default() });
+    let mut times = vec![];
+    for r in 0..=repeats {
+        let t0 = Instant::now();
+        let s = score(model, &pairs, pad, true)?;
+        let loss = s.token_logprobs.mean_all()?.neg()?;
+        let store = loss.backward()?;
+        let mut grads = Grads::new();
+        grads.accumulate(&store, model.trainable())?;
+        grads.clip_norm(1.0)?;
+        opt.step(model.trainable(), &grads)?;
+        if r > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(times.iter().sum::<f64>() / times.len() as f64)
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    let BenchCmd::Model { model, prompt_tokens, new_tokens, train_batch, train_tokens, repeats, json } = cmd;
+    let t0 = Instant::now();
+    let lm = loader::load(&model)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let pad = lm.tokenizer.pad_id();
+    let vocab = lm.model.cfg.vocab_size;
+    let params = SamplingParams { max_new_tokens: new_tokens, temperature: 0.7, top_p: 0.9, ..Default::default() };
+    let mut decode = vec![];
+    for batch in [1usize, 8] {
+        let prompts: Vec<Vec<u32>> = (0..batch).map(|i| tokens(prompt_tokens, i as u64, vocab)).collect();
+        let t0 = Instant::now();
+        let (mut cache, logits) = collm_model::generate::prefill(&lm.model, &prompts, pad)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let mut rngs = collm_model::generate::row_rngs(7, batch);
+        // No stop tokens: every row decodes exactly new_tokens tokens.
+        let t1 = Instant::now();
+        let g = collm_model::generate::decode(&lm.model, &mut cache, logits, &params, &[], &mut rngs, pad)?;
+        let decode_s = t1.elapsed().as_secs_f64();
+        let n: usize = g.iter().map(|g| g.tokens.len()).sum();
+        decode.push(serde_json::json!({"batch": batch, "prefill_s": prefill_s, "decode_s": decode_s, "tokens": n, "tokens_per_s": n as f64 / decode_s}));
+    }
+    let _ = generate; // the CLI's generate path is the same prefill + decode
+    let full_s = train_step_s(&lm.model, train_batch, train_tokens, repeats, pad)?;
+    let mut lora_model = lm.model.deep_clone()?;
+    drop(lm.model);
+    lora_model.add_lora(
+        LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec(),
+        },
+        0,
+    )?;
+    let lora_s = train_step_s(&lora_model, train_batch, train_tokens, repeats, pad)?;
+    let out = serde_json::json!({
+        "model": model,
+        "load_s": load_s,
+        "prompt_tokens": prompt_tokens,
+        "decode": decode,
+        "train_step": {"batch": train_batch, "tokens": train_tokens, "full_s": full_s, "lora_r8_s": lora_s},
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": rayon::current_num_threads(),
+    });
+    if json {
+        println!("{out}");
+    } else {
+        println!("model {model} (loaded in {load_s:.2} s), prompt {prompt_tokens} tokens, {} threads", rayon::current_num_threads());
+        for d in &decode {
+            println!(
+                "decode batch {:>2}: {:>7.1} tokens/s  (prefill {:.2} s)",
+                d["batch"],
+                d["tokens_per_s"].as_f64().unwrap(),
+                d["prefill_s"].as_f64().unwrap()
+            );
+        }
+        println!("train step {train_batch}x{train_tokens} tokens: full {full_s:.2} s, LoRA r=8 {lora_s:.2} s");
+        println!("peak RSS {:.0} MB", peak_rss_mb());
+    }
+    Ok(())
+}

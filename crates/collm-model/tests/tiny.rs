@@ -1,0 +1,457 @@
+//! Behaviour of the model core on tiny random models built here: KV-cache decoding, gradients,
+//! LoRA, AdamW, padding invariance, checkpoints, HF export, GGUF loading, malformed inputs.
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use collm_model::checkpoint;
+use collm_model::generate::{extend, prefill};
+use collm_model::loader;
+use collm_model::*;
+use std::collections::BTreeMap;
+
+const SPECIALS: [&str; 4] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"];
+
+fn tiny(arch: Arch, vocab: usize, seed: u64) -> Transformer {
+    Transformer::random(ModelConfig::tiny(arch, vocab), seed).unwrap()
+}
+
+fn all_archs() -> Vec<Transformer> {
+    let mut untied = ModelConfig::tiny(Arch::Llama, 64);
+    untied.tie_word_embeddings = false;
+    vec![tiny(Arch::Llama, 64, 1), tiny(Arch::Qwen2, 64, 2), tiny(Arch::Qwen3, 64, 3), Transformer::random(untied, 4).unwrap()]
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Logits at every position of one unpadded sequence, from a fresh full forward.
+fn full_logits(m: &Transformer, seq: &[u32]) -> Tensor {
+    let mut cache = KvCache::new(1, m.cfg.num_layers);
+    let h = m.forward(&[seq.to_vec()], &[vec![true; seq.len()]], &mut cache, false).unwrap();
+    m.logits(&h.squeeze(0).unwrap(), false).unwrap()
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_forward() {
+    for m in all_archs() {
+        let seqs: Vec<Vec<u32>> = vec![vec![5, 9, 17, 3, 44, 2, 8, 31, 12], vec![7, 1, 60, 22, 13, 9, 40, 33, 21]];
+        let prompt_lens = [3usize, 6];
+        let prompts: Vec<Vec<u32>> = seqs.iter().zip(prompt_lens).map(|(s, n)| s[..n].to_vec()).collect();
+        let (mut cache, mut logits) = prefill(&m, &prompts, 0).unwrap();
+        let full: Vec<Tensor> = seqs.iter().map(|s| full_logits(&m, s)).collect();
+        for step in 0..3 {
+            for r in 0..2 {
+                let pos = prompt_lens[r] - 1 + step;
+                let want = full[r].get(pos).unwrap();
+                let d = max_diff(&logits.get(r).unwrap(), &want);
+                assert!(d <= 1e-4, "{:?}: row {r} step {step}: cached logits differ by {d}", m.cfg.arch);
+            }
+            let next: Vec<Vec<u32>> = (0..2).map(|r| vec![seqs[r][prompt_lens[r] + step]]).collect();
+            logits = extend(&m, &mut cache, &next, 0).unwrap();
+        }
+    }
+}
+
+fn nll_loss(m: &Transformer, pairs: &[(Vec<u32>, Vec<u32>)]) -> Tensor {
+    score(m, pairs, 0, true).unwrap().token_logprobs.mean_all().unwrap().neg().unwrap()
+}
+
+fn pairs() -> Vec<(Vec<u32>, Vec<u32>)> {
+    vec![(vec![1, 2, 3], vec![4, 5, 6, 7]), (vec![9, 8], vec![7, 6, 5, 4, 3, 2])]
+}
+
+#[test]
+fn every_trainable_weight_gets_a_gradient() {
+    for m in all_archs() {
+        let store = nll_loss(&m, &pairs()).backward().unwrap();
+        let mut n = 0;
+        for (name, var) in m.trainable() {
+            let g = store.get(var.as_tensor()).unwrap_or_else(|| panic!("{:?}: no gradient for {name}", m.cfg.arch));
+            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(norm > 0.0, "{:?}: zero gradient for {name}", m.cfg.arch);
+            n += 1;
+        }
+        assert_eq!(n, m.params.len());
+    }
+}
+
+#[test]
+fn lora_trains_adapters_only() {
+    for mut m in all_archs() {
+        let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec();
+        m.add_lora(LoraConfig { rank: 4, alpha: 8.0, targets }, 0).unwrap();
+        let frozen: Vec<_> = m.params.iter().filter(|(_, p)| !p.trainable).map(|(n, p)| (n.clone(), p.var.clone())).collect();
+        assert!(frozen.iter().all(|(n, _)| !n.contains("lora_")));
+        let mut opt = AdamW::new(AdamWConfig { lr: 1e-2, ..Default::default() });
+        for step in 0..2 {
+            let store = nll_loss(&m, &pairs()).backward().unwrap();
+            for (n, v) in &frozen {
+                assert!(store.get(v.as_tensor()).is_none(), "frozen {n} received a gradient");
+            }
+            let mut grads = Grads::new();
+            grads.accumulate(&store, m.trainable()).unwrap();
+            for (name, _) in m.trainable() {
+                let g = grads.map.get(name).unwrap_or_else(|| panic!("no gradient for adapter {name}"));
+                let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                // B starts at zero, so A's gradient is zero until B has moved once.
+                if step == 1 || name.contains("lora_B") {
+                    assert!(norm > 0.0, "step {step}: zero gradient for {name}");
+                }
+            }
+            opt.step(m.trainable(), &grads).unwrap();
+        }
+    }
+}
+
+#[test]
+fn adamw_lowers_the_nll_of_a_fixed_sequence() {
+    let m = tiny(Arch::Llama, 64, 11);
+    let p = pairs();
+    let before = nll_loss(&m, &p).to_scalar::<f32>().unwrap();
+    let mut opt = AdamW::new(AdamWConfig { lr: 3e-3, weight_decay: 0.01, ..Default::default() });
+    for _ in 0..30 {
+        let store = nll_loss(&m, &p).backward().unwrap();
+        let mut g = Grads::new();
+        g.accumulate(&store, m.trainable()).unwrap();
+        g.clip_norm(1.0).unwrap();
+        opt.step(m.trainable(), &g).unwrap();
+    }
+    let after = nll_loss(&m, &p).to_scalar::<f32>().unwrap();
+    assert!(after < before * 0.5, "NLL {before} -> {after}");
+}
+
+#[test]
+fn adamw_matches_the_reference_formula() {
+    // One parameter, two steps, against AdamW written out by hand (PyTorch's algorithm).
+    let var = candle_core::Var::from_slice(&[0.5f32, -1.0, 2.0], 3, &Device::Cpu).unwrap();
+    let name = "w".to_string();
+    let cfg = AdamWConfig { lr: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+    let mut opt = AdamW::new(cfg.clone());
+    let mut p = [0.5f64, -1.0, 2.0];
+    let (mut m, mut v) = ([0f64; 3], [0f64; 3]);
+    let gs = [[0.1f64, -0.2, 0.3], [0.05, 0.4, -0.1]];
+    for (t, g) in gs.iter().enumerate() {
+        let mut grads = Grads::new();
+        grads.map.insert(name.clone(), Tensor::new(&[g[0] as f32, g[1] as f32, g[2] as f32], &Device::Cpu).unwrap());
+        opt.step([(&name, &var)], &grads).unwrap();
+        let t = (t + 1) as i32;
+        for i in 0..3 {
+            p[i] *= 1.0 - cfg.lr * cfg.weight_decay;
+            m[i] = cfg.beta1 * m[i] + (1.0 - cfg.beta1) * g[i];
+            v[i] = cfg.beta2 * v[i] + (1.0 - cfg.beta2) * g[i] * g[i];
+            let mh = m[i] / (1.0 - cfg.beta1.powi(t));
+            let vh = v[i] / (1.0 - cfg.beta2.powi(t));
+            p[i] -= cfg.lr * mh / (vh.sqrt() + cfg.eps);
+        }
+    }
+    let got = var.as_tensor().to_vec1::<f32>().unwrap();
+    for i in 0..3 {
+        assert!((got[i] as f64 - p[i]).abs() < 1e-6, "{got:?} vs {p:?}");
+    }
+}
+
+#[test]
+fn gradient_accumulation_equals_one_big_batch_and_clipping_bounds_the_norm() {
+    let m = tiny(Arch::Qwen2, 64, 5);
+    let p = pairs();
+    // Sum of per-response log-prob sums: additive over micro-batches.
+    let loss = |ps: &[(Vec<u32>, Vec<u32>)]| score(&m, ps, 0, true).unwrap().sums().unwrap().sum_all().unwrap().neg().unwrap();
+    let mut whole = Grads::new();
+    whole.accumulate(&loss(&p).backward().unwrap(), m.trainable()).unwrap();
+    let mut acc = Grads::new();
+    acc.accumulate(&loss(&p[..1]).backward().unwrap(), m.trainable()).unwrap();
+    acc.accumulate(&loss(&p[1..]).backward().unwrap(), m.trainable()).unwrap();
+    assert_eq!(acc.micro_batches, 2);
+    for (name, g) in &whole.map {
+        let d = max_diff(g, &acc.map[name]);
+        assert!(d < 1e-4, "{name}: accumulated gradient differs by {d}");
+    }
+    let before = acc.clip_norm(0.5).unwrap();
+    assert!(before > 0.5);
+    let after = acc.global_norm().unwrap() * acc.scale;
+    assert!((after - 0.5).abs() < 1e-3, "clipped norm {after}");
+}
+
+#[test]
+fn padding_does_not_change_scores() {
+    for m in all_archs() {
+        let alone = score(&m, &pairs()[..1], 0, false).unwrap().per_response().unwrap();
+        let mut batch = pairs();
+        batch.push((vec![3; 12], vec![4; 9]));
+        let together = score(&m, &batch, 0, false).unwrap().per_response().unwrap();
+        let also_pad = score(&m, &batch, 33, false).unwrap().per_response().unwrap();
+        for (a, b) in alone[0].iter().zip(&together[0]) {
+            assert!((a - b).abs() < 1e-5, "{:?}: padded batch changed a log-prob: {a} vs {b}", m.cfg.arch);
+        }
+        assert_eq!(together, also_pad, "the pad id changed a score");
+        // Teacher-forced scores agree with the sampling path's KV-cached logits.
+        let full = full_logits(&m, &[1, 2, 3, 4, 5, 6, 7]);
+        let lp = full.log_sum_exp(candle_core::D::Minus1).unwrap();
+        let want = (full.get(2).unwrap().get(4).unwrap() - lp.get(2).unwrap()).unwrap().to_scalar::<f32>().unwrap();
+        assert!((alone[0][0] - want).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn greedy_generation_is_batch_independent_and_seeded_sampling_reproducible() {
+    let m = tiny(Arch::Qwen3, 64, 8);
+    let prompts = vec![vec![1, 2, 3, 4, 5], vec![6, 7], vec![9, 10, 11]];
+    let greedy = SamplingParams { max_new_tokens: 6, greedy: true, ..Default::default() };
+    let batch = generate(&m, &prompts, &greedy, &[], 0, 0).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let one = generate(&m, &[p.clone()], &greedy, &[], 0, 0).unwrap();
+        assert_eq!(one[0].tokens, batch[i].tokens, "row {i}");
+        let s = score(&m, &[(p.clone(), one[0].tokens.clone())], 0, false).unwrap().per_response().unwrap();
+        for (a, b) in s[0].iter().zip(&one[0].logprobs) {
+            assert!((a - b).abs() < 1e-4, "sampling log-prob {b} vs teacher-forced {a}");
+        }
+    }
+    let sp = SamplingParams { max_new_tokens: 8, temperature: 1.0, top_p: 0.9, top_k: 20, greedy: false };
+    let a = generate(&m, &prompts, &sp, &[], 42, 0).unwrap();
+    let b = generate(&m, &prompts, &sp, &[], 42, 0).unwrap();
+    let c = generate(&m, &prompts, &sp, &[], 43, 0).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>(), c.iter().map(|g| g.tokens.clone()).collect::<Vec<_>>());
+    // Stop tokens end a row; the others go on.
+    let stop = batch[0].tokens[2];
+    let s = generate(&m, &prompts[..1], &greedy, &[stop], 0, 0).unwrap();
+    assert_eq!(s[0].tokens, batch[0].tokens[..3].to_vec());
+    assert!(s[0].stopped);
+}
+
+#[test]
+fn value_head_outputs_scalars_and_trains() {
+    for kind in [ValueHeadKind::Linear, ValueHeadKind::Mlp] {
+        let m = tiny(Arch::Llama, 64, 3);
+        let vh = ValueHead::new(kind, 32, 0, &Device::Cpu).unwrap();
+        let mut cache = KvCache::new(2, m.cfg.num_layers);
+        let h = m.forward(&[vec![1, 2, 3], vec![4, 5, 6]], &[vec![true; 3], vec![true; 3]], &mut cache, true).unwrap();
+        let last = h.narrow(1, 2, 1).unwrap().squeeze(1).unwrap();
+        let v = vh.forward(&last, true).unwrap();
+        assert_eq!(v.dims(), &[2]);
+        let target = Tensor::new(&[1.0f32, -1.0], &Device::Cpu).unwrap();
+        let loss = (v - &target).unwrap().sqr().unwrap().mean_all().unwrap();
+        let store = loss.backward().unwrap();
+        for (n, var) in vh.trainable().chain(m.trainable()) {
+            assert!(store.get(var.as_tensor()).is_some(), "{kind:?}: no gradient for {n}");
+        }
+    }
+}
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("collm-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn checkpoints_round_trip_full_and_lora_only() {
+    let dir = tmpdir("ckpt");
+    let m = tiny(Arch::Qwen3, 64, 21);
+    checkpoint::save(&m, &dir.join("full"), false).unwrap();
+    let mut back = tiny(Arch::Qwen3, 64, 99);
+    checkpoint::load_into(&mut back, &dir.join("full")).unwrap();
+    assert_eq!(max_diff(&full_logits(&m, &[1, 2, 3]), &full_logits(&back, &[1, 2, 3])), 0.0);
+
+    let mut l = tiny(Arch::Llama, 64, 5);
+    l.add_lora(LoraConfig { rank: 2, alpha: 4.0, targets: vec!["q_proj".into(), "down_proj".into()] }, 1).unwrap();
+    // Move B away from zero so the adapters matter.
+    for (n, p) in &l.params {
+        if n.contains("lora_B") {
+            p.var.set(&Tensor::ones(p.var.dims(), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    checkpoint::save(&l, &dir.join("lora"), true).unwrap();
+    let saved = loader::read_safetensors(&dir.join("lora/model.safetensors")).unwrap();
+    assert!(saved.keys().all(|k| k.contains("lora_")));
+    let mut back = tiny(Arch::Llama, 64, 5);
+    checkpoint::load_into(&mut back, &dir.join("lora")).unwrap();
+    assert_eq!(max_diff(&full_logits(&l, &[1, 2, 3]), &full_logits(&back, &[1, 2, 3])), 0.0);
+    // A checkpoint of another shape is refused with the reason.
+    let mut other = tiny(Arch::Qwen2, 64, 5);
+    let err = checkpoint::load_into(&mut other, &dir.join("full")).unwrap_err();
+    assert!(format!("{err:#}").contains("different model config"), "{err:#}");
+}
+
+#[test]
+fn hf_export_loads_back_with_identical_logits() {
+    let dir = tmpdir("hf");
+    let tok = Tokenizer::byte_level(&SPECIALS).unwrap();
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
+        let mut m = tiny(arch, 260, 7);
+        m.add_lora(LoraConfig { rank: 2, alpha: 4.0, targets: vec!["v_proj".into()] }, 3).unwrap();
+        for (n, p) in &m.params {
+            if n.contains("lora_B") {
+                p.var.set(&(Tensor::ones(p.var.dims(), candle_core::DType::F32, &Device::Cpu).unwrap() * 0.1).unwrap()).unwrap();
+            }
+        }
+        let out = dir.join(format!("{arch:?}"));
+        checkpoint::export_hf(&m, &tok, &out).unwrap();
+        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+            assert!(out.join(f).exists(), "{f} missing");
+        }
+        let back = loader::load(out.to_str().unwrap()).unwrap();
+        assert!(back.model.lora.is_none());
+        let seq = back.tokenizer.encode("hello team", false).unwrap();
+        let d = max_diff(&full_logits(&m, &seq), &full_logits(&back.model, &seq));
+        assert!(d < 1e-5, "{arch:?}: exported logits differ by {d}");
+        assert_eq!(back.tokenizer.decode(&seq, false).unwrap(), "hello team");
+    }
+}
+
+/// llama.cpp's Q/K row permutation (the inverse of what the loader undoes).
+fn permute(t: &Tensor, heads: usize) -> Tensor {
+    let (rows, cols) = t.dims2().unwrap();
+    t.reshape((heads, 2, rows / heads / 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((rows, cols)).unwrap()
+}
+
+fn gguf_name(hf: &str) -> String {
+    let map = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    let rest = hf.strip_prefix("model.layers.").unwrap();
+    let (l, rest) = rest.split_once('.').unwrap();
+    let rest = rest
+        .replace("input_layernorm", "attn_norm")
+        .replace("post_attention_layernorm", "ffn_norm")
+        .replace("self_attn.q_proj", "attn_q")
+        .replace("self_attn.k_proj", "attn_k")
+        .replace("self_attn.v_proj", "attn_v")
+        .replace("self_attn.o_proj", "attn_output")
+        .replace("self_attn.q_norm", "attn_q_norm")
+        .replace("self_attn.k_norm", "attn_k_norm")
+        .replace("mlp.gate_proj", "ffn_gate")
+        .replace("mlp.up_proj", "ffn_up")
+        .replace("mlp.down_proj", "ffn_down");
+    format!("blk.{l}.{rest}")
+}
+
+/// Writes `m` as a GGUF file the way llama.cpp's converter would (matrices in `dtype`).
+fn write_gguf(m: &Transformer, path: &std::path::Path, dtype: GgmlDType, skip: Option<&str>) {
+    use gguf_file::Value as V;
+    let a = m.cfg.arch.model_type();
+    let tok = Tokenizer::byte_level(&SPECIALS).unwrap();
+    let mut vocab: Vec<(String, u32)> = tok.inner.get_vocab(true).into_iter().collect();
+    vocab.sort_by_key(|x| x.1);
+    vocab.push(("he".into(), vocab.len() as u32)); // the one merge's result
+    let tokens: Vec<V> = vocab.iter().map(|(s, _)| V::String(s.clone())).collect();
+    let types: Vec<V> = vocab.iter().map(|(_, i)| V::I32(if (*i as usize) < SPECIALS.len() { 3 } else { 1 })).collect();
+    let md: Vec<(String, V)> = vec![
+        ("general.architecture".into(), V::String(a.into())),
+        (format!("{a}.embedding_length"), V::U32(m.cfg.hidden_size as u32)),
+        (format!("{a}.feed_forward_length"), V::U32(m.cfg.intermediate_size as u32)),
+        (format!("{a}.block_count"), V::U32(m.cfg.num_layers as u32)),
+        (format!("{a}.attention.head_count"), V::U32(m.cfg.num_heads as u32)),
+        (format!("{a}.attention.head_count_kv"), V::U32(m.cfg.num_kv_heads as u32)),
+        (format!("{a}.attention.key_length"), V::U32(m.cfg.head_dim as u32)),
+        (format!("{a}.rope.freq_base"), V::F32(m.cfg.rope_theta as f32)),
+        (format!("{a}.attention.layer_norm_rms_epsilon"), V::F32(m.cfg.rms_norm_eps as f32)),
+        (format!("{a}.context_length"), V::U32(2048)),
+        ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), V::String("smollm".into())),
+        ("tokenizer.ggml.tokens".into(), V::Array(tokens)),
+        ("tokenizer.ggml.token_type".into(), V::Array(types)),
+        ("tokenizer.ggml.merges".into(), V::Array(vec![V::String("h e".into())])),
+        ("tokenizer.ggml.eos_token_id".into(), V::U32(2)),
+        ("tokenizer.chat_template".into(), V::String("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into())),
+    ];
+    let mut qts = vec![];
+    for (name, t) in m.tensors() {
+        if Some(name.as_str()) == skip {
+            continue;
+        }
+        let mut t = t;
+        if m.cfg.arch == Arch::Llama && name.ends_with("q_proj.weight") {
+            t = permute(&t, m.cfg.num_heads);
+        } else if m.cfg.arch == Arch::Llama && name.ends_with("k_proj.weight") {
+            t = permute(&t, m.cfg.num_kv_heads);
+        }
+        let dt = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
+        qts.push((gguf_name(&name), QTensor::quantize(&t, dt).unwrap()));
+    }
+    let mut f = std::fs::File::create(path).unwrap();
+    let mdr: Vec<(&str, &V)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tr: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut f, &mdr, &tr).unwrap();
+}
+
+#[test]
+fn gguf_loading_undoes_the_qk_permutation_and_dequantizes() {
+    let dir = tmpdir("gguf");
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
+        let m = tiny(arch, 264, 13);
+        let seq = [5u32, 100, 7, 200, 9, 42];
+        for (dt, tol) in
+            [(GgmlDType::F32, 1e-5), (GgmlDType::F16, 1e-2), (GgmlDType::Q8_0, 5e-2), (GgmlDType::Q4_0, 0.3), (GgmlDType::Q4_1, 0.3)]
+        {
+            let path = dir.join(format!("{arch:?}-{dt:?}.gguf"));
+            write_gguf(&m, &path, dt, None);
+            let back = loader::load(path.to_str().unwrap()).unwrap();
+            assert_eq!(back.model.cfg, m.cfg, "{arch:?} {dt:?}: config");
+            let d = max_diff(&full_logits(&m, &seq), &full_logits(&back.model, &seq));
+            assert!(d < tol, "{arch:?} {dt:?}: logits differ by {d}");
+        }
+        let back = loader::load(dir.join(format!("{arch:?}-F32.gguf")).to_str().unwrap()).unwrap();
+        assert_eq!(back.tokenizer.stop_ids, vec![0, 2]);
+        let msgs = [Message { role: "user".into(), content: "hi".into() }];
+        assert_eq!(back.tokenizer.apply_chat_template(&msgs, true).unwrap(), "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        let ids = back.tokenizer.encode("<|im_start|>hi he", false).unwrap();
+        assert_eq!(ids[0], 1, "special tokens are recognised in text");
+        assert_eq!(*ids.last().unwrap(), 260, "the GGUF merges are applied");
+    }
+}
+
+#[test]
+fn malformed_inputs_give_clear_errors() {
+    let dir = tmpdir("bad");
+    let m = tiny(Arch::Llama, 264, 1);
+    let good = dir.join("good.gguf");
+    write_gguf(&m, &good, GgmlDType::F32, None);
+    // Truncated GGUF.
+    let bytes = std::fs::read(&good).unwrap();
+    let cut = dir.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let e = format!("{:#}", loader::load(cut.to_str().unwrap()).err().unwrap());
+    assert!(e.contains("cut.gguf") && (e.contains("truncated") || e.contains("not a readable GGUF")), "{e}");
+    std::fs::write(&cut, &bytes[..100]).unwrap();
+    let e = format!("{:#}", loader::load(cut.to_str().unwrap()).err().unwrap());
+    assert!(e.contains("cut.gguf"), "{e}");
+    // Missing tensor.
+    let missing = dir.join("missing.gguf");
+    write_gguf(&m, &missing, GgmlDType::F32, Some("model.layers.1.mlp.up_proj.weight"));
+    let e = format!("{:#}", loader::load(missing.to_str().unwrap()).err().unwrap());
+    assert!(e.contains("missing tensor 'model.layers.1.mlp.up_proj.weight'"), "{e}");
+    // Wrong shape in a Hugging Face directory.
+    let tok = Tokenizer::byte_level(&SPECIALS).unwrap();
+    let hf = dir.join("hf");
+    checkpoint::export_hf(&m, &tok, &hf).unwrap();
+    let mut ts = loader::read_safetensors(&hf.join("model.safetensors")).unwrap();
+    ts.insert("model.norm.weight".into(), Tensor::ones(7, candle_core::DType::F32, &Device::Cpu).unwrap());
+    loader::write_safetensors(&ts, &hf.join("model.safetensors")).unwrap();
+    let e = format!("{:#}", loader::load(hf.to_str().unwrap()).err().unwrap());
+    assert!(e.contains("'model.norm.weight' has shape [7], expected [32]"), "{e}");
+    // Unknown architecture and broken config.json.
+    let cfg_path = hf.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = format!("{:#}", loader::load(hf.to_str().unwrap()).err().unwrap());
+    assert!(e.contains("GPTNeoXForCausalLM"), "{e}");
+    std::fs::write(&cfg_path, "{ not json").unwrap();
+    let e = format!("{:#}", loader::load(hf.to_str().unwrap()).err().unwrap());
+    assert!(e.contains("config.json") && e.contains("invalid JSON"), "{e}");
+    // A path that does not exist.
+    let e = format!("{:#}", loader::load("/nonexistent/model.gguf").err().unwrap());
+    assert!(e.contains("not found"), "{e}");
+    // Out-of-vocabulary token ids are refused, not a panic.
+    let mut cache = KvCache::new(1, m.cfg.num_layers);
+    let e = m.forward(&[vec![5000]], &[vec![true]], &mut cache, false).unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+}
