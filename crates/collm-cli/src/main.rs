@@ -1,10 +1,12 @@
-//! `collm`: train teams of LLM agents with multi-agent RL. Subcommands: generate, score, fetch, bench.
+//! `collm`: train teams of LLM agents with multi-agent RL. Subcommands: train, eval, generate, score,
+//! fetch, bench.
 
 mod bench;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use collm_model::{loader, score, Message, SamplingParams};
+use collm_rl::{Config, Trainer};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -22,6 +24,10 @@ enum Cmd {
     Score(ScoreArgs),
     /// Download a built-in model into $COLLM_HOME (default ~/.cache/collm).
     Fetch { name: String },
+    /// Train a team (or continue a killed run with --resume).
+    Train(TrainArgs),
+    /// Evaluate a checkpoint on the task's eval split.
+    Eval(EvalArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -75,6 +81,40 @@ struct ScoreArgs {
     response_file: PathBuf,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The experiment's TOML config.
+    #[arg(long, required_unless_present = "resume")]
+    config: Option<PathBuf>,
+    /// Override a config key: --set key=value (dotted keys for tables, e.g. task.turns=2).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// The run directory (config, metrics.jsonl, checkpoints).
+    #[arg(long, default_value = "runs/latest")]
+    out: PathBuf,
+    /// Continue the run in this directory from its latest checkpoint.
+    #[arg(long, conflicts_with = "config")]
+    resume: Option<PathBuf>,
+    /// No per-step progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A checkpoint directory (runs/X/checkpoints/step-N) or a run directory (its latest).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Episodes (0: the whole split).
+    #[arg(long, default_value_t = 0)]
+    items: usize,
+    #[arg(long, value_parser = ["train", "eval"], default_value = "eval")]
+    split: String,
+    /// Sample (with the config's temperature and top-p) instead of greedy decoding.
+    #[arg(long)]
+    sampled: bool,
 }
 
 /// Reads a `--messages` file: a JSON list of {role, content}.
@@ -157,7 +197,55 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", p.display());
         }
         Cmd::Bench { what } => bench::run(what)?,
+        Cmd::Train(a) => train(a)?,
+        Cmd::Eval(a) => eval(a)?,
     }
+    Ok(())
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let mut t = match (&a.resume, &a.config) {
+        (Some(dir), _) => {
+            let t = Trainer::resume(dir)?;
+            eprintln!("collm: resuming {} at step {}", dir.display(), t.step);
+            t
+        }
+        (None, Some(cfg)) => Trainer::new(Config::load(cfg, &a.set)?, &a.out)?,
+        (None, None) => bail!("give --config FILE or --resume DIR"),
+    };
+    eprintln!(
+        "collm: training {} agent(s) with {} on {} for {} steps -> {}",
+        t.team.agents.len(),
+        t.cfg.algo.name(),
+        t.env.name(),
+        t.cfg.steps,
+        t.out.display()
+    );
+    let lines = t.run(!a.quiet)?;
+    let first = lines.iter().take(3).filter_map(|l| l["reward_mean"].as_f64()).collect::<Vec<_>>();
+    let last = lines.iter().rev().take(3).filter_map(|l| l["reward_mean"].as_f64()).collect::<Vec<_>>();
+    let avg = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    println!(
+        "{}",
+        serde_json::json!({"out": t.out, "steps": t.step, "reward_first3": avg(&first), "reward_last3": avg(&last), "metrics": t.out.join("metrics.jsonl")})
+    );
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let dir = if a.checkpoint.join("trainer.json").exists() {
+        a.checkpoint.clone()
+    } else {
+        collm_rl::trainer::latest_checkpoint(&a.checkpoint)?.with_context(|| format!("{}: no checkpoint found", a.checkpoint.display()))?
+    };
+    let cfg = Config::load(&dir.join("config.toml"), &[])?;
+    let env = collm_rl::trainer::make_env(&cfg)?;
+    let mut team = collm_rl::team::Team::load(&cfg, env.num_agents())?;
+    let step = collm_rl::trainer::load_checkpoint(&mut team, &dir)?;
+    let t = Trainer { cfg, env, team, out: dir.clone(), step };
+    let split = if a.split == "train" { collm_envs::Split::Train } else { collm_envs::Split::Eval };
+    let e = t.evaluate(split, a.items, !a.sampled)?;
+    println!("{}", serde_json::json!({"checkpoint": dir, "step": step, "split": a.split, "episodes": e.episodes, "reward_mean": e.reward_mean, "reward_per_turn": e.reward_per_turn}));
     Ok(())
 }
 

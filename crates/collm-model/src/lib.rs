@@ -18,6 +18,6 @@ pub use generate::{generate, Generation, SamplingParams};
 pub use loader::{load, LoadedModel};
 pub use model::{KvCache, LoraConfig, Transformer};
 pub use optim::{AdamW, AdamWConfig, Grads};
-pub use score::{score, Scores};
+pub use score::{score, score_spans, Scores, SpanScores};
 pub use tokenizer::{Message, Tokenizer};
 pub use value_head::{ValueHead, ValueHeadKind};

@@ -21,12 +21,19 @@ pub struct Tokenizer {
     pub stop_ids: Vec<u32>,
     pub add_bos: bool,
     pub chat_template: Option<String>,
+    /// For character-level tokenizers: the characters text may hold.
+    pub alphabet: Option<std::collections::HashSet<char>>,
 }
 
 impl Tokenizer {
     /// Tokenizes `text`; special-token strings in it become their ids. A BOS token is prepended
     /// only when the model asks for one and `add_special` is set.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        if let Some(a) = &self.alphabet {
+            if let Some(c) = text.chars().find(|c| !a.contains(c)) {
+                bail!("tokenizer: character {c:?} is not in this character-level vocabulary");
+            }
+        }
         let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizer: {e}"))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_special && self.add_bos {
@@ -125,7 +132,7 @@ impl Tokenizer {
         let pad = named(id_of("tokenizer.ggml.padding_token_id"));
         let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
         let chat_template = md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok().cloned());
-        let mut tok = Self { inner, bos, eos, pad, stop_ids: vec![], add_bos, chat_template };
+        let mut tok = Self { inner, bos, eos, pad, stop_ids: vec![], add_bos, chat_template, alphabet: None };
         tok.stop_ids = tok.default_stop_ids(&[]);
         Ok(tok)
     }
@@ -156,8 +163,41 @@ impl Tokenizer {
         });
         let inner = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&spec)?).map_err(|e| anyhow!("byte tokenizer: {e}"))?;
         let eos = specials.first().map(|s| (0u32, s.to_string()));
-        let mut tok = Self { inner, bos: None, eos: eos.clone(), pad: eos, stop_ids: vec![], add_bos: false, chat_template: None };
+        let mut tok = Self { inner, bos: None, eos: eos.clone(), pad: eos, stop_ids: vec![], add_bos: false, chat_template: None, alphabet: None };
         tok.stop_ids = tok.default_stop_ids(&[]);
+        Ok(tok)
+    }
+
+    /// A character-level tokenizer over a small alphabet: ids 0..n_specials are the special tokens
+    /// (the first is EOS and padding), then one id per character of `alphabet`, in order. Text
+    /// with a character outside the alphabet is an error. For tiny models on synthetic tasks.
+    pub fn char_level(specials: &[&str], alphabet: &str) -> Result<Self> {
+        let mut vocab = serde_json::Map::new();
+        let mut added = vec![];
+        for (i, s) in specials.iter().enumerate() {
+            vocab.insert(s.to_string(), json!(i));
+            added.push(json!({"id": i, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
+        }
+        for c in alphabet.chars() {
+            if vocab.contains_key(&c.to_string()) {
+                bail!("char_level: '{c}' appears twice in the alphabet");
+            }
+            let id = vocab.len();
+            vocab.insert(c.to_string(), json!(id));
+        }
+        let spec = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+            "pre_tokenizer": null, "post_processor": null, "decoder": {"type": "Fuse"},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": []}
+        });
+        let inner = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&spec)?).map_err(|e| anyhow!("char tokenizer: {e}"))?;
+        let eos = specials.first().map(|s| (0u32, s.to_string()));
+        let alphabet: std::collections::HashSet<char> = alphabet.chars().collect();
+        let mut tok = Self { inner, bos: None, eos: eos.clone(), pad: eos, stop_ids: vec![], add_bos: false, chat_template: None, alphabet: None };
+        tok.stop_ids = tok.default_stop_ids(&[]);
+        tok.alphabet = Some(alphabet);
         Ok(tok)
     }
 
@@ -207,7 +247,7 @@ impl Tokenizer {
                 _ => {}
             }
         }
-        let mut tok = Self { inner, bos, eos, pad, stop_ids: vec![], add_bos, chat_template };
+        let mut tok = Self { inner, bos, eos, pad, stop_ids: vec![], add_bos, chat_template, alphabet: None };
         tok.stop_ids = tok.default_stop_ids(&extra);
         Ok(tok)
     }

@@ -1,0 +1,54 @@
+//! collm-envs: the tasks a team of agents acts in. An [`Env`] gives each agent its first
+//! observation for a dataset item, and turns a joint action (one response per agent) into one
+//! shared reward and each agent's next observation (the external transition between turns).
+//!
+//! Envs are stateless: everything a step needs (the item, the turn, the joint actions so far) is
+//! passed in, so a rollout can branch a node into K children (MAGRPO's tree) without copying state.
+
+pub mod summary;
+pub mod synthetic;
+
+use anyhow::{bail, Result};
+
+/// Which part of the task's data an episode draws from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+/// What a joint action at one turn leads to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    /// The shared reward r_t.
+    pub reward: f64,
+    /// Each agent's next observation (the text appended to its history before the next turn).
+    pub next_observations: Vec<String>,
+}
+
+pub trait Env: Send + Sync {
+    fn name(&self) -> &str;
+    fn num_agents(&self) -> usize;
+    /// Number of items in a split.
+    fn len(&self, split: Split) -> usize;
+    /// Each agent's first observation for `item`.
+    fn reset(&self, split: Split, item: usize) -> Result<Vec<String>>;
+    /// The outcome of the joint action `joint_actions.last()` at `turn` (0-based); earlier entries
+    /// are the joint actions of the turns before it on this branch of the episode.
+    fn step(&self, split: Split, item: usize, turn: usize, joint_actions: &[Vec<String>]) -> Result<Outcome>;
+}
+
+/// Checks the shape of a step's input, so every env reports the same clear error.
+pub fn check_step(env: &dyn Env, split: Split, item: usize, turn: usize, joint_actions: &[Vec<String>]) -> Result<()> {
+    if item >= env.len(split) {
+        bail!("{}: item {item} is outside the {split:?} split ({} items)", env.name(), env.len(split));
+    }
+    if joint_actions.len() != turn + 1 {
+        bail!("{}: turn {turn} needs {} joint actions, got {}", env.name(), turn + 1, joint_actions.len());
+    }
+    if let Some(a) = joint_actions.iter().find(|a| a.len() != env.num_agents()) {
+        bail!("{}: a joint action has {} responses for {} agents", env.name(), a.len(), env.num_agents());
+    }
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! CoLLM-CC: one centralized critic V_φ(h_t) over the joint history (or Q_φ(h_t, a_t)).
+//!
+//!   y_t  = r_t + γ·V_old(h_{t+1})          (y_T = r_T at the last executed turn)
+//!   A_t  = y_t − V_old(h_t)                (the advantage of every agent)
+//!   Â_t  = A_t normalized per agent and per turn within the rollout buffer
+//!   L_actor_i  = −Σ log π_i(a_i,t | h_i,t) · Â_t   (mean over the buffer)
+//!   L_critic   = c_v · (y_t − V_φ(h_t))²          (mean over the buffer)
+//!
+//! The critic reads the joint history as `[Agent i] …` blocks, turn by turn: every agent's
+//! observation, then (for Q) every agent's response. One pass over an episode's whole joint
+//! history gives V at every turn, since attention is causal.
+
+use super::{actor_step, critic_step, UpdateStats};
+use crate::config::{Config, CriticKind};
+use crate::returns::{normalize_by, td_targets};
+use crate::rollout::Rollout;
+use crate::team::Team;
+use anyhow::{bail, Result};
+use collm_model::Tokenizer;
+
+/// The joint history of one episode chain as critic tokens, and the position whose hidden state
+/// gives V(h_t) (end of turn t's observations) or Q(h_t, a_t) (end of its responses).
+pub fn joint_sequence(tok: &Tokenizer, rollout: &Rollout, chain: &[usize], kind: CriticKind) -> Result<(Vec<u32>, Vec<usize>)> {
+    let mut tokens = Vec::new();
+    let mut positions = Vec::new();
+    for &x in chain {
+        let nd = &rollout.nodes[x];
+        let obs: String = nd.observations.iter().enumerate().map(|(i, o)| format!("[Agent {}] {o}\n", i + 1)).collect();
+        tokens.extend(tok.encode(&obs, tokens.is_empty())?);
+        if kind == CriticKind::V {
+            positions.push(tokens.len() - 1);
+        }
+        let acts: String = nd.responses.iter().enumerate().map(|(i, r)| format!("[Agent {}] {}\n", i + 1, r[0].text)).collect();
+        tokens.extend(tok.encode(&acts, false)?);
+        if kind == CriticKind::Q {
+            positions.push(tokens.len() - 1);
+        }
+    }
+    Ok((tokens, positions))
+}
+
+pub fn update(team: &mut Team, rollout: &Rollout, cfg: &Config) -> Result<UpdateStats> {
+    if team.critics.len() != 1 {
+        bail!("CoLLM-CC needs exactly one critic, the team has {}", team.critics.len());
+    }
+    let chains = rollout.chains();
+    let critic = &mut team.critics[0];
+    let seqs: Vec<(Vec<u32>, Vec<usize>)> =
+        chains.iter().map(|c| joint_sequence(&critic.tokenizer, rollout, c, cfg.critic.kind)).collect::<Result<_>>()?;
+    let rewards: Vec<Vec<f64>> = chains.iter().map(|c| c.iter().map(|&x| rollout.nodes[x].joints[0].reward).collect()).collect();
+    let gamma = cfg.gamma;
+    let targets = |j: usize, v_old: &[f64]| td_targets(&rewards[j], v_old, gamma);
+    let (vy, value_loss) = critic_step(critic, &seqs, &targets, cfg.critic.value_coef, cfg.micro_batch, cfg.max_grad_norm)?;
+
+    // A_t = y_t − V_old(h_t), per node.
+    let mut adv_of = vec![0.0; rollout.nodes.len()];
+    let (mut vs, mut ys, mut raw) = (vec![], vec![], vec![]);
+    for (c, pairs) in chains.iter().zip(&vy) {
+        for (&x, &(v, y)) in c.iter().zip(pairs) {
+            adv_of[x] = y - v;
+            vs.push(v);
+            ys.push(y);
+            raw.push(y - v);
+        }
+    }
+    let mut stats = UpdateStats {
+        value_loss: Some(value_loss),
+        value_mean: Some(mean(&vs)),
+        target_mean: Some(mean(&ys)),
+        advantage_mean: mean(&raw),
+        ..Default::default()
+    };
+    for (i, p) in team.agents.iter_mut().enumerate() {
+        let seqs = rollout.agent_sequences(i);
+        let ids: Vec<(usize, usize)> = seqs.iter().flat_map(|s| s.2.clone()).collect();
+        let mut adv: Vec<f64> = ids.iter().map(|&(x, _)| adv_of[x]).collect();
+        let turns: Vec<usize> = ids.iter().map(|&(x, _)| rollout.nodes[x].turn).collect();
+        normalize_by(&mut adv, &turns);
+        let s: Vec<_> = seqs.into_iter().map(|(t, sp, _)| (t, sp)).collect();
+        let (loss, norm) = actor_step(p, &s, &adv, cfg.micro_batch, cfg.max_grad_norm)?;
+        stats.policy_loss.push(loss);
+        stats.grad_norm.push(norm);
+    }
+    Ok(stats)
+}
+
+pub(crate) fn mean(x: &[f64]) -> f64 {
+    x.iter().sum::<f64>() / x.len().max(1) as f64
+}

@@ -1,0 +1,408 @@
+//! The experiment config: one TOML file per experiment, `--set key=value` overrides, validated
+//! with errors that name the key.
+
+use anyhow::{bail, Context, Result};
+use collm_envs::synthetic::Density;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::returns::AdvantageMode;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algo {
+    /// CoLLM-CC: one centralized critic over the joint history.
+    Cc,
+    /// CoLLM-DC: a critic per agent over its own history.
+    Dc,
+    /// MAGRPO: K samples per agent per node, group-relative advantages.
+    Magrpo,
+    /// GRPO: MAGRPO with one agent.
+    Grpo,
+    /// MA-REINFORCE: MAGRPO's tree with raw returns.
+    Reinforce,
+    /// MA-RLOO: leave-one-out baseline.
+    Rloo,
+    /// MA-ReMax: max baseline.
+    Remax,
+}
+
+impl Algo {
+    pub fn is_actor_critic(self) -> bool {
+        matches!(self, Algo::Cc | Algo::Dc)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Algo::Cc => "cc",
+            Algo::Dc => "dc",
+            Algo::Magrpo => "magrpo",
+            Algo::Grpo => "grpo",
+            Algo::Reinforce => "reinforce",
+            Algo::Rloo => "rloo",
+            Algo::Remax => "remax",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryMode {
+    /// Each agent keeps its history's KV cache across turns (a turn encodes only its new tokens).
+    Kv,
+    /// Every turn re-encodes the whole history (as CoMLRL does).
+    Text,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptFormat {
+    /// Observations are fed to the model as they are.
+    Raw,
+    /// Observations become user messages rendered with the model's chat template.
+    Chat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CriticKind {
+    /// V(h_t).
+    V,
+    /// Q(h_t, a_t).
+    Q,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DcCritic {
+    /// A separate critic model per agent.
+    Separate,
+    /// A value head on each actor's backbone, trained jointly with the clipped value loss.
+    Head,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JointMode {
+    /// The k-th samples of every agent form the k-th joint action (K joint actions).
+    Aligned,
+    /// Every combination of samples is a joint action (K^n); one turn only.
+    Cross,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TinyModel {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate: usize,
+}
+
+impl Default for TinyModel {
+    fn default() -> Self {
+        Self { hidden: 32, layers: 2, heads: 4, kv_heads: 2, intermediate: 64 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSpec {
+    /// `smollm2-135m`, a .gguf file, a Hugging Face directory, or `tiny` (random init with a
+    /// character vocabulary; for synthetic tasks).
+    pub model: String,
+    pub tiny: TinyModel,
+    pub format: PromptFormat,
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// LoRA rank (0: full fine-tuning).
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_targets: Vec<String>,
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        Self {
+            model: "smollm2-135m".into(),
+            tiny: TinyModel::default(),
+            format: PromptFormat::Chat,
+            lr: 5e-6,
+            weight_decay: 0.0,
+            lora_rank: 0,
+            lora_alpha: 16.0,
+            lora_targets: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self { max_new_tokens: 64, temperature: 0.7, top_p: 0.9, top_k: 0 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskConfig {
+    /// `synthetic` or `summary`.
+    pub name: String,
+    pub turns: usize,
+    /// synthetic: reward every turn (`dense`) or at the end (`sparse`).
+    pub density: Density,
+    /// synthetic: number of symbols.
+    pub symbols: usize,
+    /// synthetic: number of agents.
+    pub agents: usize,
+    /// summary: a JSON / JSONL file of texts (default: the built-in texts).
+    pub data: Option<PathBuf>,
+    /// summary: an eval file (default: the last two rows of `data` are held out).
+    pub eval_data: Option<PathBuf>,
+    pub text_field: String,
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        Self {
+            name: "summary".into(),
+            turns: 1,
+            density: Density::Dense,
+            symbols: 4,
+            agents: 2,
+            data: None,
+            eval_data: None,
+            text_field: "prompt".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriticConfig {
+    /// The critic model (default: the agents' model).
+    pub model: Option<ModelSpec>,
+    pub kind: CriticKind,
+    pub head: collm_model::ValueHeadKind,
+    pub dc: DcCritic,
+    pub lr: f64,
+    pub value_coef: f64,
+    /// ε of the clipped value loss (DC with value heads on the actors).
+    pub value_clip: f64,
+}
+
+impl Default for CriticConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            kind: CriticKind::V,
+            head: collm_model::ValueHeadKind::Linear,
+            dc: DcCritic::Separate,
+            lr: 5e-6,
+            value_coef: 0.6,
+            value_clip: 0.2,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub seed: u64,
+    pub algo: Algo,
+    /// Updates (each over one rollout buffer).
+    pub steps: usize,
+    pub history: HistoryMode,
+    /// Episodes per rollout buffer (per update).
+    pub buffer: usize,
+    pub gamma: f64,
+    /// MAGRPO family: samples per agent per node.
+    pub k: usize,
+    pub joint_mode: JointMode,
+    /// MAGRPO: advantage mode (set by the algo for reinforce / rloo / remax).
+    pub advantage: AdvantageMode,
+    /// End an episode after a turn whose mean reward exceeds this.
+    pub early_termination: Option<f64>,
+    pub max_grad_norm: f64,
+    /// Sequences per forward/backward pass (gradients accumulate across passes; 0: all at once).
+    pub micro_batch: usize,
+    pub eval_every: usize,
+    /// Eval episodes (0: the whole eval split).
+    pub eval_items: usize,
+    pub eval_greedy: bool,
+    pub checkpoint_every: usize,
+    /// Log the KL of each agent to its initial policy (costs a reference copy and a pass).
+    pub log_kl: bool,
+    pub task: TaskConfig,
+    pub agents: ModelSpec,
+    /// Per-agent overrides of `agents` (heterogeneous teams): `[[agent]]` tables.
+    pub agent: Vec<ModelSpec>,
+    pub sampling: SamplingConfig,
+    pub critic: CriticConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            algo: Algo::Cc,
+            steps: 10,
+            history: HistoryMode::Kv,
+            buffer: 4,
+            gamma: 0.9,
+            k: 4,
+            joint_mode: JointMode::Aligned,
+            advantage: AdvantageMode::Mean,
+            early_termination: None,
+            max_grad_norm: 1.0,
+            micro_batch: 0,
+            eval_every: 0,
+            eval_items: 0,
+            eval_greedy: true,
+            checkpoint_every: 0,
+            log_kl: false,
+            task: TaskConfig::default(),
+            agents: ModelSpec::default(),
+            agent: vec![],
+            sampling: SamplingConfig::default(),
+            critic: CriticConfig::default(),
+        }
+    }
+}
+
+/// Sets `path` (dotted) in a TOML table to `value` (parsed as TOML, else taken as a string).
+pub fn set_key(root: &mut toml::Table, path: &str, value: &str) -> Result<()> {
+    let parsed: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) => t.remove("v").unwrap(),
+        Err(_) => toml::Value::String(value.to_string()),
+    };
+    let parts: Vec<&str> = path.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("--set {path}={value}: bad key '{path}'");
+    }
+    let mut t = root;
+    for p in &parts[..parts.len() - 1] {
+        let entry = t.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        t = entry.as_table_mut().with_context(|| format!("--set {path}: '{p}' is not a table"))?;
+    }
+    t.insert(parts[parts.len() - 1].to_string(), parsed);
+    Ok(())
+}
+
+impl Config {
+    /// Parses TOML text (`source` names it in errors), applies `key=value` overrides, validates.
+    pub fn from_toml(text: &str, source: &str, overrides: &[String]) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(text).with_context(|| format!("{source}: not valid TOML"))?;
+        for o in overrides {
+            let (k, v) = o.split_once('=').with_context(|| format!("--set {o}: expected key=value"))?;
+            set_key(&mut table, k.trim(), v.trim())?;
+        }
+        let cfg: Config = table.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{source}: {}", e.message().trim()))
+            .with_context(|| format!("{source}: invalid config"))?;
+        cfg.validate().with_context(|| format!("{source}: invalid config"))?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        Self::from_toml(&text, &path.display().to_string(), overrides)
+    }
+
+    /// The advantage mode the algorithm implies.
+    pub fn advantage_mode(&self) -> AdvantageMode {
+        match self.algo {
+            Algo::Reinforce => AdvantageMode::Raw,
+            Algo::Rloo => AdvantageMode::Rloo,
+            Algo::Remax => AdvantageMode::Max,
+            _ => self.advantage,
+        }
+    }
+
+    /// Samples per agent per node.
+    pub fn samples_per_node(&self) -> usize {
+        if self.algo.is_actor_critic() {
+            1
+        } else {
+            self.k
+        }
+    }
+
+    /// The spec of agent `i` (its `[[agent]]` entry, or the shared `[agents]` one).
+    pub fn agent_spec(&self, i: usize) -> &ModelSpec {
+        self.agent.get(i).unwrap_or(&self.agents)
+    }
+
+    pub fn critic_spec(&self) -> ModelSpec {
+        let mut s = self.critic.model.clone().unwrap_or_else(|| self.agents.clone());
+        s.lr = self.critic.lr;
+        s
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let pos = |v: usize, k: &str| if v == 0 { bail!("'{k}' must be at least 1") } else { Ok(()) };
+        pos(self.steps, "steps")?;
+        pos(self.buffer, "buffer")?;
+        pos(self.task.turns, "task.turns")?;
+        pos(self.sampling.max_new_tokens, "sampling.max_new_tokens")?;
+        if !(0.0..=1.0).contains(&self.gamma) {
+            bail!("'gamma' must be in [0, 1], got {}", self.gamma);
+        }
+        if !self.algo.is_actor_critic() && self.k < 2 {
+            bail!("'k' must be at least 2 for {} (group-relative advantages need a group)", self.algo.name());
+        }
+        if self.joint_mode == JointMode::Cross && self.task.turns > 1 {
+            bail!("'joint_mode' = \"cross\" supports one turn only (task.turns = {})", self.task.turns);
+        }
+        if self.sampling.temperature < 0.0 || !(0.0..=1.0).contains(&self.sampling.top_p) || self.sampling.top_p == 0.0 {
+            bail!("'sampling.temperature' must be ≥ 0 and 'sampling.top_p' in (0, 1]");
+        }
+        if self.algo == Algo::Grpo && self.task.agents != 1 && self.task.name == "synthetic" {
+            bail!("'algo' = \"grpo\" trains one agent: set task.agents = 1 (or use magrpo)");
+        }
+        for (k, spec) in std::iter::once(("agents".to_string(), &self.agents))
+            .chain(self.agent.iter().enumerate().map(|(i, s)| (format!("agent[{i}]"), s)))
+        {
+            if !(spec.lr > 0.0) {
+                bail!("'{k}.lr' must be positive, got {}", spec.lr);
+            }
+        }
+        if self.algo.is_actor_critic() && !(self.critic.lr > 0.0) {
+            bail!("'critic.lr' must be positive, got {}", self.critic.lr);
+        }
+        match self.task.name.as_str() {
+            "synthetic" | "summary" => {}
+            other => bail!("'task.name': unknown task '{other}' (synthetic, summary)"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_overrides_and_errors_that_name_the_key() {
+        let c = Config::from_toml("algo = \"dc\"\n[task]\nturns = 2\n", "x.toml", &["critic.lr=1e-4".into(), "seed=7".into()]).unwrap();
+        assert_eq!((c.algo, c.task.turns, c.critic.lr, c.seed), (Algo::Dc, 2, 1e-4, 7));
+        let e = format!("{:#}", Config::from_toml("stepz = 3", "x.toml", &[]).unwrap_err());
+        assert!(e.contains("x.toml") && e.contains("stepz"), "{e}");
+        let e = format!("{:#}", Config::from_toml("gamma = 2.0", "x.toml", &[]).unwrap_err());
+        assert!(e.contains("'gamma'"), "{e}");
+        let e = format!("{:#}", Config::from_toml("[task]\nname = \"chess\"", "x.toml", &[]).unwrap_err());
+        assert!(e.contains("task.name") && e.contains("chess"), "{e}");
+        let e = format!("{:#}", Config::from_toml("algo = \"magrpo\"\njoint_mode = \"cross\"\n[task]\nturns = 2", "x.toml", &[]).unwrap_err());
+        assert!(e.contains("joint_mode"), "{e}");
+        let e = format!("{:#}", Config::from_toml("algo = \"ppo\"", "x.toml", &[]).unwrap_err());
+        assert!(e.contains("ppo"), "{e}");
+        assert!(Config::from_toml("steps = [", "x.toml", &[]).is_err());
+    }
+}

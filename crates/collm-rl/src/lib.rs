@@ -1,0 +1,12 @@
+//! collm-rl: multi-agent RL for teams of LLM agents — rollouts with KV-cache histories, returns
+//! and advantages, CoLLM-CC, CoLLM-DC and the MAGRPO family, the trainer loop and checkpoints.
+
+pub mod algos;
+pub mod config;
+pub mod returns;
+pub mod rollout;
+pub mod team;
+pub mod trainer;
+
+pub use config::{Algo, Config};
+pub use trainer::Trainer;

@@ -1,0 +1,213 @@
+//! The team: each agent's policy (model, tokenizer, prompt format, optimizer) and the critics.
+
+use crate::config::{Algo, Config, DcCritic, ModelSpec, PromptFormat};
+use anyhow::{bail, Context, Result};
+use candle_core::Var;
+use collm_model::{loader, AdamW, AdamWConfig, Arch, LoraConfig, Message, ModelConfig, Tokenizer, Transformer, ValueHead};
+use std::sync::Arc;
+
+/// The characters a `tiny` model's vocabulary holds: the synthetic tasks' alphabet plus what
+/// the centralized critic's `[Agent i]` blocks need.
+pub fn tiny_alphabet() -> String {
+    let mut a = collm_envs::synthetic::ALPHABET.to_string();
+    for c in "A[] \n".chars() {
+        if !a.contains(c) {
+            a.push(c);
+        }
+    }
+    a
+}
+
+/// The chat template cut into the pieces a multi-turn history appends, found by rendering a
+/// conversation with placeholder contents.
+#[derive(Clone, Debug)]
+pub struct ChatPieces {
+    /// What follows a response that ended with a stop token (the rest of the end-of-turn text).
+    pub after_stop: String,
+    /// What follows a response cut at max_new_tokens (the whole end-of-turn text).
+    pub after_truncation: String,
+    /// The next user message around its content, with the generation prompt.
+    pub before_obs: String,
+    pub after_obs: String,
+}
+
+impl ChatPieces {
+    pub fn new(tok: &Tokenizer) -> Result<Self> {
+        let (x, y, o) = ("\u{E000}", "\u{E001}", "\u{E002}");
+        let m = |role: &str, c: &str| Message { role: role.into(), content: c.into() };
+        let base = tok.apply_chat_template(&[m("user", x), m("assistant", y)], false)?;
+        let full = tok.apply_chat_template(&[m("user", x), m("assistant", y), m("user", o)], true)?;
+        let cont = full.strip_prefix(base.as_str()).context("the chat template does not extend a conversation by appending to it")?;
+        let (before_obs, after_obs) = cont.split_once(o).context("the chat template drops the user message")?;
+        let after_y = &base[base.rfind(y).context("the chat template drops the assistant message")? + y.len()..];
+        let stop_texts: Vec<String> = tok.stop_ids.iter().filter_map(|&id| tok.decode(&[id], false).ok()).collect();
+        let after_stop = stop_texts.iter().find_map(|s| after_y.strip_prefix(s.as_str())).unwrap_or(after_y).to_string();
+        Ok(Self { after_stop, after_truncation: after_y.to_string(), before_obs: before_obs.into(), after_obs: after_obs.into() })
+    }
+}
+
+/// One agent's acting and learning parts.
+pub struct Policy {
+    pub model: Transformer,
+    pub tokenizer: Arc<Tokenizer>,
+    pub format: PromptFormat,
+    pub chat: Option<ChatPieces>,
+    pub opt: AdamW,
+    /// CoLLM-DC with value heads: the head on this actor's backbone.
+    pub head: Option<ValueHead>,
+}
+
+impl Policy {
+    /// The text that starts a history: the first observation, formatted.
+    pub fn first_text(&self, obs: &str) -> Result<String> {
+        Ok(match self.format {
+            PromptFormat::Raw => obs.to_string(),
+            PromptFormat::Chat => self.tokenizer.apply_chat_template(&[Message { role: "user".into(), content: obs.into() }], true)?,
+        })
+    }
+
+    /// The text appended after a response (`stopped`: it ended with a stop token) to bring in the
+    /// next observation.
+    pub fn continuation_text(&self, obs: &str, stopped: bool) -> String {
+        match &self.chat {
+            None => obs.to_string(),
+            Some(c) => {
+                let end = if stopped { &c.after_stop } else { &c.after_truncation };
+                format!("{end}{}{obs}{}", c.before_obs, c.after_obs)
+            }
+        }
+    }
+
+    /// Every trainable tensor (the model's and the value head's) by name.
+    pub fn trainable(&self) -> Vec<(&String, &Var)> {
+        let mut v: Vec<_> = self.model.trainable().collect();
+        if let Some(h) = &self.head {
+            v.extend(h.trainable());
+        }
+        v
+    }
+}
+
+/// A critic: a causal LM with a value head.
+pub struct Critic {
+    pub model: Transformer,
+    pub tokenizer: Arc<Tokenizer>,
+    pub head: ValueHead,
+    pub opt: AdamW,
+}
+
+impl Critic {
+    pub fn trainable(&self) -> Vec<(&String, &Var)> {
+        let mut v: Vec<_> = self.model.trainable().collect();
+        v.extend(self.head.trainable());
+        v
+    }
+}
+
+pub struct Team {
+    pub agents: Vec<Policy>,
+    /// CoLLM-CC: one critic; CoLLM-DC with separate critics: one per agent; otherwise none.
+    pub critics: Vec<Critic>,
+}
+
+/// Loads a model (and its tokenizer) as a spec says; `seed` initializes `tiny` models.
+pub fn load_model(spec: &ModelSpec, seed: u64) -> Result<(Transformer, Tokenizer)> {
+    let (mut model, tok) = if spec.model == "tiny" {
+        let tok = Tokenizer::char_level(&["<eos>"], &tiny_alphabet())?;
+        let t = &spec.tiny;
+        if t.hidden % t.heads != 0 || t.heads % t.kv_heads.max(1) != 0 {
+            bail!("tiny model: hidden ({}) must divide by heads ({}), and heads by kv_heads ({})", t.hidden, t.heads, t.kv_heads);
+        }
+        let mut cfg = ModelConfig::tiny(Arch::Llama, tok.vocab_size());
+        cfg.hidden_size = t.hidden;
+        cfg.num_layers = t.layers;
+        cfg.num_heads = t.heads;
+        cfg.num_kv_heads = t.kv_heads;
+        cfg.head_dim = t.hidden / t.heads;
+        cfg.intermediate_size = t.intermediate;
+        (Transformer::random(cfg, seed)?, tok)
+    } else {
+        let lm = loader::load(&spec.model).with_context(|| format!("loading model '{}'", spec.model))?;
+        (lm.model, lm.tokenizer)
+    };
+    if spec.lora_rank > 0 {
+        model.add_lora(LoraConfig { rank: spec.lora_rank, alpha: spec.lora_alpha, targets: spec.lora_targets.clone() }, seed ^ 0x10ba)?;
+    }
+    Ok((model, tok))
+}
+
+fn adamw(spec: &ModelSpec) -> AdamW {
+    AdamW::new(AdamWConfig { lr: spec.lr, weight_decay: spec.weight_decay, ..Default::default() })
+}
+
+impl Team {
+    pub fn load(cfg: &Config, num_agents: usize) -> Result<Self> {
+        if cfg.agent.len() > num_agents {
+            bail!("the config lists {} [[agent]] entries but the task has {num_agents} agents", cfg.agent.len());
+        }
+        let mut agents = Vec::new();
+        let mut shared: Option<(Transformer, Arc<Tokenizer>)> = None;
+        for i in 0..num_agents {
+            let spec = cfg.agent_spec(i);
+            let seed = cfg.seed.wrapping_mul(1000).wrapping_add(i as u64 + 1);
+            // Agents that use the shared spec start from one loaded copy (a deep clone each).
+            let (model, tokenizer) = if i >= cfg.agent.len() && spec.model != "tiny" {
+                if shared.is_none() {
+                    let (m, t) = load_model(spec, seed)?;
+                    shared = Some((m, Arc::new(t)));
+                }
+                let (m, t) = shared.as_ref().unwrap();
+                (m.deep_clone()?, t.clone())
+            } else {
+                let (m, t) = load_model(spec, seed)?;
+                (m, Arc::new(t))
+            };
+            let chat = match spec.format {
+                PromptFormat::Chat => Some(ChatPieces::new(&tokenizer).with_context(|| format!("agent {i}: format = \"chat\" needs a chat template; use format = \"raw\""))?),
+                PromptFormat::Raw => None,
+            };
+            let head = if cfg.algo == Algo::Dc && cfg.critic.dc == DcCritic::Head {
+                Some(ValueHead::new(cfg.critic.head, model.cfg.hidden_size, seed ^ 0x5eed, &model.device)?)
+            } else {
+                None
+            };
+            agents.push(Policy { model, tokenizer, format: spec.format, chat, opt: adamw(spec), head });
+        }
+        let n_critics = match cfg.algo {
+            Algo::Cc => 1,
+            Algo::Dc if cfg.critic.dc == DcCritic::Separate => num_agents,
+            _ => 0,
+        };
+        let mut critics = Vec::new();
+        let cspec = cfg.critic_spec();
+        for j in 0..n_critics {
+            let seed = cfg.seed.wrapping_mul(1000).wrapping_add(500 + j as u64);
+            let (model, tok) = match (&shared, cfg.critic.model.is_none() && cspec.model != "tiny") {
+                (Some((m, t)), true) => (m.deep_clone()?, t.clone()),
+                _ => {
+                    let (m, t) = load_model(&cspec, seed)?;
+                    (m, Arc::new(t))
+                }
+            };
+            let head = ValueHead::new(cfg.critic.head, model.cfg.hidden_size, seed ^ 0x5eed, &model.device)?;
+            critics.push(Critic { model, tokenizer: tok, head, opt: adamw(&cspec) });
+        }
+        Ok(Self { agents, critics })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_pieces_of_an_im_start_template() {
+        let mut tok = Tokenizer::char_level(&["<|im_end|>", "<|im_start|>"], &tiny_alphabet()).unwrap();
+        tok.chat_template = Some("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into());
+        let c = ChatPieces::new(&tok).unwrap();
+        assert_eq!(c.after_stop, "\n");
+        assert_eq!(c.after_truncation, "<|im_end|>\n");
+        assert_eq!(c.before_obs, "<|im_start|>user\n");
+        assert_eq!(c.after_obs, "<|im_end|>\n<|im_start|>assistant\n");
+    }
+}

@@ -1,0 +1,374 @@
+//! The training loop: roll out a buffer, update, log, evaluate, checkpoint — nanoGPT-plain.
+//!
+//! A run directory holds `config.toml` (the resolved config), `metrics.jsonl` (one line per
+//! step, and one per evaluation), and `checkpoints/step-NNNNNN/` (written to a temporary name,
+//! then renamed, so a kill never leaves half a checkpoint). Every random choice is a function of
+//! (seed, step), so `resume` continues exactly as the uninterrupted run would have.
+
+use crate::algos::{self, UpdateStats};
+use crate::config::{Algo, Config, JointMode};
+use crate::rollout::{rollout, Rollout, RolloutSpec};
+use crate::team::{Critic, Policy, Team};
+use anyhow::{bail, Context, Result};
+use collm_envs::summary::{read_texts, Summary};
+use collm_envs::synthetic::Synthetic;
+use collm_envs::{Env, Split};
+use collm_model::{checkpoint, loader, AdamW, SamplingParams};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Builds the task a config names.
+pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
+    let t = &cfg.task;
+    Ok(match t.name.as_str() {
+        "synthetic" => Box::new(Synthetic::new(t.symbols, t.agents, t.turns, t.density)?),
+        "summary" => match &t.data {
+            None => Box::new(Summary::builtin(t.turns)?),
+            Some(p) => {
+                let mut train = read_texts(p, &t.text_field)?;
+                let eval = match &t.eval_data {
+                    Some(e) => read_texts(e, &t.text_field)?,
+                    None if train.len() > 2 => train.split_off(train.len() - 2),
+                    None => vec![],
+                };
+                Box::new(Summary::new(train, eval, t.turns)?)
+            }
+        },
+        other => bail!("unknown task '{other}'"),
+    })
+}
+
+pub struct Trainer {
+    pub cfg: Config,
+    pub env: Box<dyn Env>,
+    pub team: Team,
+    pub out: PathBuf,
+    /// Steps done so far.
+    pub step: usize,
+}
+
+/// Mean eval numbers.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EvalStats {
+    pub episodes: usize,
+    pub reward_mean: f64,
+    pub reward_per_turn: Vec<f64>,
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    let mut x = a.wrapping_add(b.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 27;
+    x.wrapping_mul(0x94D0_49BB_1331_11EB) ^ (x >> 31)
+}
+
+impl Trainer {
+    /// A new run in `out` (created; an existing run there is an error unless it is empty).
+    pub fn new(cfg: Config, out: &Path) -> Result<Self> {
+        if out.join("metrics.jsonl").exists() {
+            bail!("{} already holds a run: resume it with --resume {}, or choose another --out", out.display(), out.display());
+        }
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        std::fs::write(out.join("config.toml"), toml::to_string(&cfg)?)?;
+        std::fs::write(out.join("metrics.jsonl"), "")?;
+        let env = make_env(&cfg)?;
+        let team = Team::load(&cfg, env.num_agents())?;
+        Ok(Self { cfg, env, team, out: out.to_path_buf(), step: 0 })
+    }
+
+    /// Continues the run in `out` from its latest checkpoint (metrics after it are dropped).
+    pub fn resume(out: &Path) -> Result<Self> {
+        let cfg = Config::load(&out.join("config.toml"), &[])?;
+        let ckpt = latest_checkpoint(out)?.with_context(|| format!("{}: no checkpoint to resume from", out.display()))?;
+        let env = make_env(&cfg)?;
+        let mut team = Team::load(&cfg, env.num_agents())?;
+        let step = load_checkpoint(&mut team, &ckpt)?;
+        // Keep the metrics up to the checkpoint's step.
+        let mpath = out.join("metrics.jsonl");
+        let text = std::fs::read_to_string(&mpath).unwrap_or_default();
+        let kept: String = text
+            .lines()
+            .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= step))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&mpath, kept)?;
+        Ok(Self { cfg, env, team, out: out.to_path_buf(), step })
+    }
+
+    fn sampling(&self, greedy: bool) -> SamplingParams {
+        let s = &self.cfg.sampling;
+        SamplingParams { max_new_tokens: s.max_new_tokens, temperature: s.temperature, top_p: s.top_p, top_k: s.top_k, greedy }
+    }
+
+    /// The train items of step `step`: a seeded permutation per epoch, read in order.
+    pub fn items_for_step(&self, step: usize) -> Vec<usize> {
+        let n = self.env.len(Split::Train);
+        let b = self.cfg.buffer;
+        (step * b..(step + 1) * b)
+            .map(|g| {
+                let (epoch, pos) = (g / n, g % n);
+                let mut perm: Vec<usize> = (0..n).collect();
+                let mut rng = StdRng::seed_from_u64(mix(self.cfg.seed, epoch as u64));
+                for i in (1..n).rev() {
+                    perm.swap(i, rng.random_range(0..=i));
+                }
+                perm[pos]
+            })
+            .collect()
+    }
+
+    /// The rollout of step `step` (no update).
+    pub fn rollout_for_step(&self, step: usize) -> Result<Rollout> {
+        let items = self.items_for_step(step);
+        let spec = RolloutSpec {
+            split: Split::Train,
+            items: &items,
+            turns: self.cfg.task.turns,
+            k: self.cfg.samples_per_node(),
+            joint_mode: self.cfg.joint_mode,
+            history: self.cfg.history,
+            sampling: self.sampling(false),
+            early_termination: self.cfg.early_termination,
+            seed: mix(self.cfg.seed, 1 + step as u64),
+        };
+        rollout(&self.team, self.env.as_ref(), &spec)
+    }
+
+    pub fn update(&mut self, r: &Rollout) -> Result<UpdateStats> {
+        match self.cfg.algo {
+            Algo::Cc => algos::cc::update(&mut self.team, r, &self.cfg),
+            Algo::Dc => algos::dc::update(&mut self.team, r, &self.cfg),
+            _ => algos::magrpo::update(&mut self.team, r, &self.cfg),
+        }
+    }
+
+    /// One training step; returns its metrics line.
+    pub fn train_step(&mut self) -> Result<Value> {
+        let t0 = Instant::now();
+        let step = self.step;
+        let r = self.rollout_for_step(step)?;
+        let t1 = Instant::now();
+        let stats = self.update(&r).with_context(|| format!("update at step {}", step + 1))?;
+        let update_s = t1.elapsed().as_secs_f64();
+        self.step += 1;
+        let step_s = t0.elapsed().as_secs_f64();
+        Ok(json!({
+            "step": self.step,
+            "reward_mean": r.mean_episode_reward(),
+            "reward_per_turn": r.mean_reward_per_turn(),
+            "return_mean": mean_root_return(&r, self.cfg.gamma),
+            "policy_loss": stats.policy_loss,
+            "grad_norm": stats.grad_norm,
+            "value_loss": stats.value_loss,
+            "value_mean": stats.value_mean,
+            "target_mean": stats.target_mean,
+            "advantage_mean": stats.advantage_mean,
+            "generated_tokens": r.generated_tokens,
+            "tokens_per_s": r.generated_tokens as f64 / r.gen_s.max(1e-9),
+            "gen_s": r.gen_s,
+            "update_s": update_s,
+            "step_s": step_s,
+        }))
+    }
+
+    /// Mean reward on `items` episodes of a split (all when 0), greedy or sampled.
+    pub fn evaluate(&self, split: Split, items: usize, greedy: bool) -> Result<EvalStats> {
+        let n = self.env.len(split);
+        if n == 0 {
+            bail!("{}: the {split:?} split is empty", self.env.name());
+        }
+        let count = if items == 0 { n } else { items.min(n) };
+        let ids: Vec<usize> = (0..count).collect();
+        let mut rewards = vec![];
+        let mut per_turn: Vec<Vec<f64>> = vec![];
+        for chunk in ids.chunks(self.cfg.buffer.max(1) * 4) {
+            let spec = RolloutSpec {
+                split,
+                items: chunk,
+                turns: self.cfg.task.turns,
+                k: 1,
+                joint_mode: JointMode::Aligned,
+                history: self.cfg.history,
+                sampling: self.sampling(greedy),
+                early_termination: self.cfg.early_termination,
+                seed: mix(self.cfg.seed ^ 0xe7a1, self.step as u64),
+            };
+            let r = rollout(&self.team, self.env.as_ref(), &spec)?;
+            rewards.push((r.mean_episode_reward(), chunk.len()));
+            per_turn.push(r.mean_reward_per_turn());
+        }
+        let reward_mean = rewards.iter().map(|(r, c)| r * *c as f64).sum::<f64>() / count as f64;
+        let turns = per_turn.iter().map(|v| v.len()).max().unwrap_or(0);
+        let reward_per_turn = (0..turns).map(|t| per_turn.iter().filter_map(|v| v.get(t)).sum::<f64>() / per_turn.len() as f64).collect();
+        Ok(EvalStats { episodes: count, reward_mean, reward_per_turn })
+    }
+
+    fn log(&self, line: &Value) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(self.out.join("metrics.jsonl"))?;
+        writeln!(f, "{line}")?;
+        Ok(())
+    }
+
+    /// Trains to `cfg.steps`, with evaluation and checkpoints as configured. `progress` prints a
+    /// line per step with the ETA on stderr.
+    pub fn run(&mut self, progress: bool) -> Result<Vec<Value>> {
+        let mut lines = vec![];
+        let t0 = Instant::now();
+        let start = self.step;
+        if self.step == 0 && self.cfg.eval_every > 0 {
+            self.eval_and_log(progress)?;
+        }
+        while self.step < self.cfg.steps {
+            let line = self.train_step()?;
+            self.log(&line)?;
+            if progress {
+                let done = self.step - start;
+                let per = t0.elapsed().as_secs_f64() / done as f64;
+                let eta = per * (self.cfg.steps - self.step) as f64;
+                eprintln!(
+                    "step {:>4}/{} reward {:.4} policy loss {:?} value loss {} | {:.1} s/step, {:.0} tok/s, ETA {:.0} s",
+                    self.step,
+                    self.cfg.steps,
+                    line["reward_mean"].as_f64().unwrap_or(f64::NAN),
+                    line["policy_loss"].as_array().map(|a| a.iter().map(|x| (x.as_f64().unwrap_or(0.0) * 1e4).round() / 1e4).collect::<Vec<_>>()).unwrap_or_default(),
+                    line["value_loss"].as_f64().map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
+                    per,
+                    line["tokens_per_s"].as_f64().unwrap_or(0.0),
+                    eta
+                );
+            }
+            lines.push(line);
+            if self.cfg.eval_every > 0 && self.step % self.cfg.eval_every == 0 {
+                self.eval_and_log(progress)?;
+            }
+            if self.cfg.checkpoint_every > 0 && (self.step % self.cfg.checkpoint_every == 0 || self.step == self.cfg.steps) {
+                save_checkpoint(&self.team, &self.cfg, self.step, &self.out)?;
+            }
+        }
+        Ok(lines)
+    }
+
+    fn eval_and_log(&self, progress: bool) -> Result<()> {
+        let e = self.evaluate(Split::Eval, self.cfg.eval_items, self.cfg.eval_greedy)?;
+        if progress {
+            eprintln!("eval at step {}: reward {:.4} over {} episodes", self.step, e.reward_mean, e.episodes);
+        }
+        self.log(&json!({"step": self.step, "eval_reward_mean": e.reward_mean, "eval_reward_per_turn": e.reward_per_turn, "eval_episodes": e.episodes}))
+    }
+}
+
+fn mean_root_return(r: &Rollout, gamma: f64) -> f64 {
+    let rets = algos::magrpo::joint_returns(r, gamma);
+    let v: Vec<f64> = r.roots.iter().flat_map(|&x| rets[x].clone()).collect();
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints.
+
+fn save_opt(opt: &AdamW, path: &Path) -> Result<()> {
+    loader::write_safetensors(&opt.state_tensors()?, path)
+}
+
+fn load_opt(opt: &mut AdamW, path: &Path, t: u64) -> Result<()> {
+    let tensors = if opt_has_state(path) { loader::read_safetensors(path)? } else { BTreeMap::new() };
+    opt.load_state_tensors(t, &tensors)
+}
+
+fn opt_has_state(path: &Path) -> bool {
+    std::fs::metadata(path).map(|m| m.len() > 16).unwrap_or(false)
+}
+
+fn save_policy(p: &Policy, dir: &Path) -> Result<Value> {
+    checkpoint::save(&p.model, dir, p.model.lora.is_some())?;
+    save_opt(&p.opt, &dir.join("optimizer.safetensors"))?;
+    if let Some(h) = &p.head {
+        loader::write_safetensors(&h.tensors(), &dir.join("value_head.safetensors"))?;
+    }
+    Ok(json!({"adam_t": p.opt.t}))
+}
+
+fn save_critic(c: &Critic, dir: &Path) -> Result<Value> {
+    checkpoint::save(&c.model, dir, c.model.lora.is_some())?;
+    save_opt(&c.opt, &dir.join("optimizer.safetensors"))?;
+    loader::write_safetensors(&c.head.tensors(), &dir.join("value_head.safetensors"))?;
+    Ok(json!({"adam_t": c.opt.t}))
+}
+
+fn load_head(params: &BTreeMap<String, collm_model::model::Param>, path: &Path) -> Result<()> {
+    let t = loader::read_safetensors(path)?;
+    for (n, p) in params {
+        let v = t.get(n).with_context(|| format!("{}: missing tensor '{n}'", path.display()))?;
+        p.var.set(v)?;
+    }
+    Ok(())
+}
+
+/// Writes `out/checkpoints/step-NNNNNN` atomically (a temporary directory, then a rename).
+pub fn save_checkpoint(team: &Team, cfg: &Config, step: usize, out: &Path) -> Result<PathBuf> {
+    let root = out.join("checkpoints");
+    std::fs::create_dir_all(&root)?;
+    let fin = root.join(format!("step-{step:06}"));
+    let tmp = root.join(format!(".tmp-step-{step:06}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut agents = vec![];
+    for (i, p) in team.agents.iter().enumerate() {
+        agents.push(save_policy(p, &tmp.join(format!("agent_{i}")))?);
+    }
+    let mut critics = vec![];
+    for (j, c) in team.critics.iter().enumerate() {
+        critics.push(save_critic(c, &tmp.join(format!("critic_{j}")))?);
+    }
+    let state = json!({"step": step, "algo": cfg.algo.name(), "agents": agents, "critics": critics});
+    std::fs::write(tmp.join("trainer.json"), serde_json::to_string_pretty(&state)?)?;
+    std::fs::write(tmp.join("config.toml"), toml::to_string(cfg)?)?;
+    let _ = std::fs::remove_dir_all(&fin);
+    std::fs::rename(&tmp, &fin).with_context(|| format!("renaming {} to {}", tmp.display(), fin.display()))?;
+    Ok(fin)
+}
+
+/// The newest complete checkpoint of a run.
+pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
+    let root = out.join("checkpoints");
+    if !root.exists() {
+        return Ok(None);
+    }
+    let mut best: Option<(usize, PathBuf)> = None;
+    for e in std::fs::read_dir(&root)? {
+        let p = e?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some(s) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) {
+            if p.join("trainer.json").exists() && best.as_ref().is_none_or(|b| s > b.0) {
+                best = Some((s, p));
+            }
+        }
+    }
+    Ok(best.map(|b| b.1))
+}
+
+/// Loads a checkpoint into a team built from the same config; returns its step.
+pub fn load_checkpoint(team: &mut Team, dir: &Path) -> Result<usize> {
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer.json")).with_context(|| format!("reading {}/trainer.json", dir.display()))?)
+        .with_context(|| format!("{}/trainer.json: not JSON", dir.display()))?;
+    let step = state["step"].as_u64().with_context(|| format!("{}/trainer.json: no 'step'", dir.display()))? as usize;
+    for (i, p) in team.agents.iter_mut().enumerate() {
+        let d = dir.join(format!("agent_{i}"));
+        checkpoint::load_into(&mut p.model, &d)?;
+        load_opt(&mut p.opt, &d.join("optimizer.safetensors"), state["agents"][i]["adam_t"].as_u64().unwrap_or(0))?;
+        if let Some(h) = &p.head {
+            load_head(&h.params, &d.join("value_head.safetensors"))?;
+        }
+    }
+    for (j, c) in team.critics.iter_mut().enumerate() {
+        let d = dir.join(format!("critic_{j}"));
+        checkpoint::load_into(&mut c.model, &d)?;
+        load_opt(&mut c.opt, &d.join("optimizer.safetensors"), state["critics"][j]["adam_t"].as_u64().unwrap_or(0))?;
+        load_head(&c.head.params, &d.join("value_head.safetensors"))?;
+    }
+    Ok(step)
+}
