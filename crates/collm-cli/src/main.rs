@@ -245,7 +245,10 @@ fn eval(a: EvalArgs) -> Result<()> {
     let t = Trainer { cfg, env, team, out: dir.clone(), step };
     let split = if a.split == "train" { collm_envs::Split::Train } else { collm_envs::Split::Eval };
     let e = t.evaluate(split, a.items, !a.sampled)?;
-    println!("{}", serde_json::json!({"checkpoint": dir, "step": step, "split": a.split, "episodes": e.episodes, "reward_mean": e.reward_mean, "reward_per_turn": e.reward_per_turn}));
+    println!(
+        "{}",
+        serde_json::json!({"checkpoint": dir, "step": step, "split": a.split, "episodes": e.episodes, "reward_mean": e.reward_mean, "reward_per_turn": e.reward_per_turn})
+    );
     Ok(())
 }
 

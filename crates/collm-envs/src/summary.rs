@@ -128,11 +128,8 @@ impl Env for Summary {
         let text = self.text(split, item)?;
         let a = &joint_actions[turn];
         let reward = pair_reward(&a[0], &a[1]);
-        let next_observations = INSTRUCTIONS
-            .iter()
-            .zip(a)
-            .map(|(i, prev)| format!("{i}\n\n{text}\n\nPrevious answer: {}. Improve it.", prev.trim()))
-            .collect();
+        let next_observations =
+            INSTRUCTIONS.iter().zip(a).map(|(i, prev)| format!("{i}\n\n{text}\n\nPrevious answer: {}. Improve it.", prev.trim())).collect();
         Ok(Outcome { reward, next_observations })
     }
 }
@@ -144,7 +141,7 @@ mod tests {
     #[test]
     fn pair_reward_matches_hand_values() {
         assert_eq!(pair_reward("", "abc"), 0.0);
-        assert_eq!(pair_reward("abc", ""), 0.5); // ratio 0 → +0
+        assert_eq!(pair_reward("abc", ""), 0.0); // one empty: no +0.5, ratio 0 → +0
         assert_eq!(pair_reward("abcd", "abcdefgh"), 1.5); // ratio 2
         assert!((pair_reward("abcd", "abcd") - (0.5 + 1.0 / 1.5)).abs() < 1e-12); // ratio 1
         assert!((pair_reward("ab", "abcdefghij") - (0.5 + 1.0 - 2.0 / 3.0)).abs() < 1e-12); // ratio 5

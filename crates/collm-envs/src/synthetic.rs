@@ -156,7 +156,7 @@ mod tests {
     fn dense_rewards_score_every_turn() {
         let e = Synthetic::new(4, 2, 2, Density::Dense).unwrap();
         // secrets (c, b): turn 0 targets c and b; turn 1 target symbol[(2 + 1 + 1) % 4] = a.
-        let t0 = s(&["c", "x"]);
+        let t0 = s(&["c", "X"]);
         let o = e.step(Split::Train, 6, 0, &[t0.clone()]).unwrap();
         assert_eq!(o.reward, 0.5 / 2.0);
         assert_eq!(o.next_observations, s(&["|1:->", "|1:c>"]));

@@ -163,7 +163,8 @@ impl Tokenizer {
         });
         let inner = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&spec)?).map_err(|e| anyhow!("byte tokenizer: {e}"))?;
         let eos = specials.first().map(|s| (0u32, s.to_string()));
-        let mut tok = Self { inner, bos: None, eos: eos.clone(), pad: eos, stop_ids: vec![], add_bos: false, chat_template: None, alphabet: None };
+        let mut tok =
+            Self { inner, bos: None, eos: eos.clone(), pad: eos, stop_ids: vec![], add_bos: false, chat_template: None, alphabet: None };
         tok.stop_ids = tok.default_stop_ids(&[]);
         Ok(tok)
     }
@@ -195,7 +196,8 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&spec)?).map_err(|e| anyhow!("char tokenizer: {e}"))?;
         let eos = specials.first().map(|s| (0u32, s.to_string()));
         let alphabet: std::collections::HashSet<char> = alphabet.chars().collect();
-        let mut tok = Self { inner, bos: None, eos: eos.clone(), pad: eos, stop_ids: vec![], add_bos: false, chat_template: None, alphabet: None };
+        let mut tok =
+            Self { inner, bos: None, eos: eos.clone(), pad: eos, stop_ids: vec![], add_bos: false, chat_template: None, alphabet: None };
         tok.stop_ids = tok.default_stop_ids(&[]);
         tok.alphabet = Some(alphabet);
         Ok(tok)

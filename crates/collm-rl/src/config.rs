@@ -305,7 +305,9 @@ impl Config {
             let (k, v) = o.split_once('=').with_context(|| format!("--set {o}: expected key=value"))?;
             set_key(&mut table, k.trim(), v.trim())?;
         }
-        let cfg: Config = table.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{source}: {}", e.message().trim()))
+        let cfg: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{source}: {}", e.message().trim()))
             .with_context(|| format!("{source}: invalid config"))?;
         cfg.validate().with_context(|| format!("{source}: invalid config"))?;
         Ok(cfg)
@@ -399,7 +401,8 @@ mod tests {
         assert!(e.contains("'gamma'"), "{e}");
         let e = format!("{:#}", Config::from_toml("[task]\nname = \"chess\"", "x.toml", &[]).unwrap_err());
         assert!(e.contains("task.name") && e.contains("chess"), "{e}");
-        let e = format!("{:#}", Config::from_toml("algo = \"magrpo\"\njoint_mode = \"cross\"\n[task]\nturns = 2", "x.toml", &[]).unwrap_err());
+        let e =
+            format!("{:#}", Config::from_toml("algo = \"magrpo\"\njoint_mode = \"cross\"\n[task]\nturns = 2", "x.toml", &[]).unwrap_err());
         assert!(e.contains("joint_mode"), "{e}");
         let e = format!("{:#}", Config::from_toml("algo = \"ppo\"", "x.toml", &[]).unwrap_err());
         assert!(e.contains("ppo"), "{e}");

@@ -143,7 +143,18 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
         }
         roots.push(nodes.len());
         let chunk_lens = histories.iter().map(|h| h.len()).collect();
-        nodes.push(Node { episode: e, item, turn: 0, observations: obs, histories, chunk_texts, chunk_lens, responses: vec![], joints: vec![], past: vec![] });
+        nodes.push(Node {
+            episode: e,
+            item,
+            turn: 0,
+            observations: obs,
+            histories,
+            chunk_texts,
+            chunk_lens,
+            responses: vec![],
+            joints: vec![],
+            past: vec![],
+        });
     }
     let mut frontier: Vec<usize> = roots.clone();
     // The new tokens each frontier node brings to each agent's cache.
@@ -168,10 +179,14 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
                         .iter()
                         .flat_map(|&x| {
                             let nd = &nodes[x];
-                            (0..k).map(move |kk| mix(mix(mix(spec.seed, i as u64), (turn * 1_000_003 + nd.episode) as u64), (x * 131 + kk) as u64))
+                            (0..k).map(move |kk| {
+                                mix(mix(mix(spec.seed, i as u64), (turn * 1_000_003 + nd.episode) as u64), (x * 131 + kk) as u64)
+                            })
                         })
                         .collect();
-                    s.spawn(move || agent_turn(p, cache, chunks, &hist, spec, &seeds).with_context(|| format!("agent {i}: sampling at turn {turn}")))
+                    s.spawn(move || {
+                        agent_turn(p, cache, chunks, &hist, spec, &seeds).with_context(|| format!("agent {i}: sampling at turn {turn}"))
+                    })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().expect("agent thread panicked")).collect()
@@ -199,7 +214,9 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
             for ch in &choices {
                 let mut path = nodes[x].past.clone();
                 path.push((0..n).map(|i| nodes[x].responses[i][ch[i]].text.clone()).collect());
-                let o = env.step(spec.split, nodes[x].item, turn, &path).with_context(|| format!("{}: item {}, turn {turn}", env.name(), nodes[x].item))?;
+                let o = env
+                    .step(spec.split, nodes[x].item, turn, &path)
+                    .with_context(|| format!("{}: item {}, turn {turn}", env.name(), nodes[x].item))?;
                 if !o.reward.is_finite() {
                     anyhow::bail!("{}: item {}, turn {turn}: the reward is {}", env.name(), nodes[x].item, o.reward);
                 }
@@ -217,7 +234,10 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
                     for (i, p) in team.agents.iter().enumerate() {
                         let r = &nodes[x].responses[i][kk];
                         let text = p.continuation_text(&o.next_observations[i], r.stopped);
-                        let chunk = p.tokenizer.encode(&text, false).with_context(|| format!("agent {i}: encoding its observation at turn {}", turn + 1))?;
+                        let chunk = p
+                            .tokenizer
+                            .encode(&text, false)
+                            .with_context(|| format!("agent {i}: encoding its observation at turn {}", turn + 1))?;
                         let mut h = nodes[x].histories[i].clone();
                         h.extend_from_slice(&r.tokens);
                         chunk_lens.push(chunk.len());
@@ -314,7 +334,13 @@ impl Rollout {
     }
 
     #[allow(clippy::type_complexity)]
-    fn collect(&self, i: usize, x: usize, pending: Vec<((usize, usize), (usize, usize))>, out: &mut Vec<(Vec<u32>, Vec<(usize, usize)>, Vec<(usize, usize)>)>) {
+    fn collect(
+        &self,
+        i: usize,
+        x: usize,
+        pending: Vec<((usize, usize), (usize, usize))>,
+        out: &mut Vec<(Vec<u32>, Vec<(usize, usize)>, Vec<(usize, usize)>)>,
+    ) {
         let nd = &self.nodes[x];
         let h = nd.histories[i].len();
         for (kk, resp) in nd.responses[i].iter().enumerate() {

@@ -163,7 +163,10 @@ impl Team {
                 (m, Arc::new(t))
             };
             let chat = match spec.format {
-                PromptFormat::Chat => Some(ChatPieces::new(&tokenizer).with_context(|| format!("agent {i}: format = \"chat\" needs a chat template; use format = \"raw\""))?),
+                PromptFormat::Chat => Some(
+                    ChatPieces::new(&tokenizer)
+                        .with_context(|| format!("agent {i}: format = \"chat\" needs a chat template; use format = \"raw\""))?,
+                ),
                 PromptFormat::Raw => None,
             };
             let head = if cfg.algo == Algo::Dc && cfg.critic.dc == DcCritic::Head {

@@ -235,7 +235,10 @@ impl Trainer {
                     self.step,
                     self.cfg.steps,
                     line["reward_mean"].as_f64().unwrap_or(f64::NAN),
-                    line["policy_loss"].as_array().map(|a| a.iter().map(|x| (x.as_f64().unwrap_or(0.0) * 1e4).round() / 1e4).collect::<Vec<_>>()).unwrap_or_default(),
+                    line["policy_loss"]
+                        .as_array()
+                        .map(|a| a.iter().map(|x| (x.as_f64().unwrap_or(0.0) * 1e4).round() / 1e4).collect::<Vec<_>>())
+                        .unwrap_or_default(),
                     line["value_loss"].as_f64().map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
                     per,
                     line["tokens_per_s"].as_f64().unwrap_or(0.0),
@@ -353,8 +356,10 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
 
 /// Loads a checkpoint into a team built from the same config; returns its step.
 pub fn load_checkpoint(team: &mut Team, dir: &Path) -> Result<usize> {
-    let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer.json")).with_context(|| format!("reading {}/trainer.json", dir.display()))?)
-        .with_context(|| format!("{}/trainer.json: not JSON", dir.display()))?;
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("trainer.json")).with_context(|| format!("reading {}/trainer.json", dir.display()))?,
+    )
+    .with_context(|| format!("{}/trainer.json: not JSON", dir.display()))?;
     let step = state["step"].as_u64().with_context(|| format!("{}/trainer.json: no 'step'", dir.display()))? as usize;
     for (i, p) in team.agents.iter_mut().enumerate() {
         let d = dir.join(format!("agent_{i}"));

@@ -56,7 +56,8 @@ fn update_separate(team: &mut Team, rollout: &Rollout, cfg: &Config) -> Result<U
     let mut stats = UpdateStats::default();
     let (mut losses, mut vs, mut ys, mut raw) = (vec![], vec![], vec![], vec![]);
     for (i, (p, critic)) in team.agents.iter_mut().zip(team.critics.iter_mut()).enumerate() {
-        let seqs: Vec<_> = chains.iter().map(|c| local_sequence(&critic.tokenizer, rollout, c, i, cfg.critic.kind)).collect::<Result<_>>()?;
+        let seqs: Vec<_> =
+            chains.iter().map(|c| local_sequence(&critic.tokenizer, rollout, c, i, cfg.critic.kind)).collect::<Result<_>>()?;
         let targets = |j: usize, v_old: &[f64]| td_targets(&rewards[j], v_old, cfg.gamma);
         let (vy, loss) = critic_step(critic, &seqs, &targets, cfg.critic.value_coef, cfg.micro_batch, cfg.max_grad_norm)?;
         losses.push(loss);

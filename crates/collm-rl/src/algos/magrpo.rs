@@ -54,7 +54,8 @@ pub fn update(team: &mut Team, rollout: &Rollout, cfg: &Config) -> Result<Update
     let mut stats = UpdateStats::default();
     let mut raw_all = vec![];
     for (i, p) in team.agents.iter_mut().enumerate() {
-        let adv_of: Vec<Vec<f64>> = (0..rollout.nodes.len()).map(|x| group_advantages(&sample_returns(rollout, &returns, x, i), mode)).collect();
+        let adv_of: Vec<Vec<f64>> =
+            (0..rollout.nodes.len()).map(|x| group_advantages(&sample_returns(rollout, &returns, x, i), mode)).collect();
         let seqs = rollout.agent_sequences(i);
         let ids: Vec<(usize, usize)> = seqs.iter().flat_map(|s| s.2.clone()).collect();
         let mut adv: Vec<f64> = ids.iter().map(|&(x, k)| adv_of[x][k]).collect();

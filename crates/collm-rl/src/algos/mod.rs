@@ -34,7 +34,13 @@ pub(crate) fn micro_batches(n: usize, size: usize) -> Vec<std::ops::Range<usize>
 /// One policy-gradient step of an agent: loss = −(1/N) Σ_spans Â·log π(a|h), where log π of a
 /// response is the sum of its token log-probs from one teacher-forced pass over the history.
 /// `seqs[j]` = (tokens, response spans); `adv` holds one advantage per span, in order.
-pub(crate) fn actor_step(p: &mut Policy, seqs: &[(Vec<u32>, Vec<(usize, usize)>)], adv: &[f64], micro: usize, max_norm: f64) -> Result<(f64, f64)> {
+pub(crate) fn actor_step(
+    p: &mut Policy,
+    seqs: &[(Vec<u32>, Vec<(usize, usize)>)],
+    adv: &[f64],
+    micro: usize,
+    max_norm: f64,
+) -> Result<(f64, f64)> {
     let total: usize = seqs.iter().map(|s| s.1.len()).sum();
     if total != adv.len() {
         bail!("actor step: {} advantages for {total} responses", adv.len());
