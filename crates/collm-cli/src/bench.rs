@@ -1,6 +1,6 @@
 //! `collm bench model`: decode speed and train-step time of one model on this machine.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use collm_model::{generate, loader, score, AdamW, AdamWConfig, Grads, LoraConfig, SamplingParams};
 use std::time::Instant;
@@ -25,6 +25,10 @@ pub enum BenchCmd {
         repeats: usize,
         #[arg(long)]
         json: bool,
+        /// A Python with torch and transformers: also run bench/hf_model_bench.py on the same work
+        /// (same machine, same run) and print collm's figures as ratios to it.
+        #[arg(long)]
+        reference_python: Option<String>,
     },
 }
 
@@ -73,8 +77,29 @@ fn train_step_s(model: &collm_model::Transformer, b: usize, t: usize, repeats: u
     Ok(times.iter().sum::<f64>() / times.len() as f64)
 }
 
+/// Runs bench/hf_model_bench.py (transformers + PyTorch, float32) on the same work.
+fn hf_reference(py: &str, model: &str, prompt: usize, new: usize, b: usize, t: usize, repeats: usize) -> Result<serde_json::Value> {
+    let gguf = loader::resolve(model)?;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/hf_model_bench.py");
+    eprintln!("collm: running the transformers reference ({py} {})", script.display());
+    let out = std::process::Command::new(py)
+        .arg(&script)
+        .args(["--gguf", &gguf.display().to_string()])
+        .args(["--prompt-tokens", &prompt.to_string(), "--new-tokens", &new.to_string()])
+        .args(["--train-batch", &b.to_string(), "--train-tokens", &t.to_string(), "--repeats", &repeats.to_string()])
+        .args(["--threads", &rayon::current_num_threads().to_string()])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running {py}"))?;
+    if !out.status.success() {
+        anyhow::bail!("the transformers reference failed ({}); it needs torch and transformers in {py}", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or("")).context("the transformers reference printed no JSON")
+}
+
 pub fn run(cmd: BenchCmd) -> Result<()> {
-    let BenchCmd::Model { model, prompt_tokens, new_tokens, train_batch, train_tokens, repeats, json } = cmd;
+    let BenchCmd::Model { model, prompt_tokens, new_tokens, train_batch, train_tokens, repeats, json, reference_python } = cmd;
     let t0 = Instant::now();
     let lm = loader::load(&model)?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -93,7 +118,12 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         let g = collm_model::generate::decode(&lm.model, &mut cache, logits, &params, &[], &mut rngs, pad)?;
         let decode_s = t1.elapsed().as_secs_f64();
         let n: usize = g.iter().map(|g| g.tokens.len()).sum();
-        decode.push(serde_json::json!({"batch": batch, "prefill_s": prefill_s, "decode_s": decode_s, "tokens": n, "tokens_per_s": n as f64 / decode_s}));
+        decode.push(serde_json::json!({
+            "batch": batch, "prefill_s": prefill_s, "decode_s": decode_s, "tokens": n,
+            "tokens_per_s": n as f64 / decode_s,
+            // Prompt included, as transformers' generate() is timed.
+            "generate_tokens_per_s": n as f64 / (prefill_s + decode_s),
+        }));
     }
     let _ = generate; // the CLI's generate path is the same prefill + decode
     let full_s = train_step_s(&lm.model, train_batch, train_tokens, repeats, pad)?;
@@ -108,6 +138,18 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         0,
     )?;
     let lora_s = train_step_s(&lora_model, train_batch, train_tokens, repeats, pad)?;
+    let reference = match &reference_python {
+        None => None,
+        Some(py) => Some(hf_reference(py, &model, prompt_tokens, new_tokens, train_batch, train_tokens, repeats)?),
+    };
+    let ratios = reference.as_ref().map(|r| {
+        let dec: Vec<_> = decode
+            .iter()
+            .zip(r["decode"].as_array().cloned().unwrap_or_default())
+            .map(|(a, b)| serde_json::json!({"batch": a["batch"], "speedup": a["generate_tokens_per_s"].as_f64().unwrap_or(0.0) / b["tokens_per_s"].as_f64().unwrap_or(f64::NAN)}))
+            .collect();
+        serde_json::json!({"decode": dec, "train_step_time_ratio": full_s / r["train_step"]["full_s"].as_f64().unwrap_or(f64::NAN)})
+    });
     let out = serde_json::json!({
         "model": model,
         "load_s": load_s,
@@ -116,6 +158,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         "train_step": {"batch": train_batch, "tokens": train_tokens, "full_s": full_s, "lora_r8_s": lora_s},
         "peak_rss_mb": peak_rss_mb(),
         "threads": rayon::current_num_threads(),
+        "reference": reference,
+        "ratios": ratios,
     });
     if json {
         println!("{out}");
@@ -131,6 +175,22 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         }
         println!("train step {train_batch}x{train_tokens} tokens: full {full_s:.2} s, LoRA r=8 {lora_s:.2} s");
         println!("peak RSS {:.0} MB", peak_rss_mb());
+        if let (Some(r), Some(q)) = (&reference, &ratios) {
+            println!("reference: {}", r["reference"].as_str().unwrap_or("?"));
+            for (d, x) in r["decode"].as_array().into_iter().flatten().zip(q["decode"].as_array().into_iter().flatten()) {
+                println!(
+                    "  generate batch {:>2}: {:>7.1} tokens/s (prompt included); collm is {:.2}x faster",
+                    d["batch"],
+                    d["tokens_per_s"].as_f64().unwrap_or(0.0),
+                    x["speedup"].as_f64().unwrap_or(0.0)
+                );
+            }
+            println!(
+                "  train step full {:.2} s; collm takes {:.2}x its time",
+                r["train_step"]["full_s"].as_f64().unwrap_or(0.0),
+                q["train_step_time_ratio"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
     Ok(())
 }

@@ -253,6 +253,7 @@ fn eval(a: EvalArgs) -> Result<()> {
 }
 
 fn main() {
+    collm_model::model::pin_thread_count();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("collm: error: {e:#}");

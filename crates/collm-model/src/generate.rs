@@ -58,17 +58,7 @@ pub fn sample_row(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u32,
     let z: f32 = probs.iter().map(|x| x.1).sum();
     probs.iter_mut().for_each(|x| x.1 /= z);
     if p.top_p < 1.0 {
-        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let mut acc = 0f32;
-        let mut keep = probs.len();
-        for (n, x) in probs.iter().enumerate() {
-            acc += x.1;
-            if acc >= p.top_p as f32 {
-                keep = n + 1;
-                break;
-            }
-        }
-        probs.truncate(keep);
+        probs = nucleus(probs, p.top_p as f32);
         let z: f32 = probs.iter().map(|x| x.1).sum();
         probs.iter_mut().for_each(|x| x.1 /= z);
     }
@@ -83,6 +73,33 @@ pub fn sample_row(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u32,
         }
     }
     (choice, logits[choice as usize] - lse)
+}
+
+/// The smallest set of most likely tokens whose probability reaches `top_p`, most likely first
+/// (ties broken by id). Sorting the whole vocabulary per token is slow, so the candidates grow
+/// from the top 64 until their mass reaches `top_p`; the result is the same as a full sort's.
+fn nucleus(mut probs: Vec<(u32, f32)>, top_p: f32) -> Vec<(u32, f32)> {
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut take = 64usize;
+    loop {
+        if take < probs.len() {
+            probs.select_nth_unstable_by(take - 1, order);
+        }
+        let end = take.min(probs.len());
+        probs[..end].sort_by(order);
+        let mut acc = 0f32;
+        if let Some(n) = probs[..end].iter().position(|x| {
+            acc += x.1;
+            acc >= top_p
+        }) {
+            probs.truncate(n + 1);
+            return probs;
+        }
+        if take >= probs.len() {
+            return probs;
+        }
+        take *= 4;
+    }
 }
 
 /// Runs `prompts` (any lengths, each non-empty) through the model, left-padded into one batch,
@@ -180,4 +197,29 @@ pub fn generate(
     let (mut cache, logits) = prefill(model, prompts, pad)?;
     let mut rngs = row_rngs(seed, prompts.len());
     decode(model, &mut cache, logits, params, stop_ids, &mut rngs, pad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nucleus_equals_a_full_sort() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for (v, top_p) in [(50usize, 0.9f32), (5000, 0.9), (5000, 0.999), (3000, 0.5), (100, 1.0)] {
+            // Peaked and flat distributions, with ties.
+            let raw: Vec<f32> = (0..v).map(|i| if i % 7 == 0 { 0.5 } else { rng.random::<f32>().powi(8) }).collect();
+            let z: f32 = raw.iter().sum();
+            let probs: Vec<(u32, f32)> = raw.iter().enumerate().map(|(i, &p)| (i as u32, p / z)).collect();
+            let mut full = probs.clone();
+            full.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let mut acc = 0f32;
+            let keep = full.iter().position(|x| {
+                acc += x.1;
+                acc >= top_p
+            });
+            full.truncate(keep.map_or(full.len(), |k| k + 1));
+            assert_eq!(nucleus(probs, top_p), full, "vocab {v}, top_p {top_p}");
+        }
+    }
 }

@@ -471,7 +471,166 @@ pub fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (out_f, in_f) = w.dims2()?;
     let mut dims = x.dims().to_vec();
     let x2 = x.reshape(((), in_f))?;
-    let y = x2.matmul(&w.t()?)?;
+    let rows = x2.dim(0)?;
     *dims.last_mut().unwrap() = out_f;
+    // Few rows and no graph (sampling): stream each weight row once through dot products, which
+    // is what decoding is bound by; a general GEMM would pack the whole weight matrix per call.
+    if rows <= SMALL_ROWS && x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() && !w.track_op() {
+        let y = with_f32(&x2, |xs| with_f32(w, |ws| matmul_nt_small(xs, rows, in_f, ws, out_f)))???;
+        return Tensor::from_vec(y, dims, x.device());
+    }
+    let y = x2.matmul(&w.t()?)?;
     y.reshape(dims)
+}
+
+/// Up to this many rows, `linear_nt` without a graph uses [`matmul_nt_small`].
+pub const SMALL_ROWS: usize = 16;
+
+/// C[m, n] = A[m, k] · B[n, k]^T for small m: parallel over blocks of B's rows, each row read
+/// once and dotted with every row of A (A stays in cache).
+pub fn matmul_nt_small(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Result<Vec<f32>> {
+    if a.len() != m * k || b.len() != n * k {
+        bail!("matmul_nt_small: shapes do not match the data ({m}x{k} · {n}x{k})");
+    }
+    const BLOCK: usize = 64;
+    let mut ct = vec![0f32; n * m]; // transposed: [n, m], so each block writes one contiguous run
+    ct.par_chunks_mut(BLOCK * m).enumerate().for_each(|(blk, out)| {
+        let j0 = blk * BLOCK;
+        let rows = out.len() / m;
+        let mut jj = 0;
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            while jj + 4 <= rows {
+                let w = &b[(j0 + jj) * k..(j0 + jj + 4) * k];
+                let mut i = 0;
+                while i + 2 <= m {
+                    // SAFETY: the CPU has AVX2 and FMA; the slices hold 2 and 4 rows of k values.
+                    let r = unsafe { dot_2x4_avx2(&a[i * k..(i + 2) * k], w, k) };
+                    for q in 0..4 {
+                        out[(jj + q) * m + i] = r[q];
+                        out[(jj + q) * m + i + 1] = r[4 + q];
+                    }
+                    i += 2;
+                }
+                if i < m {
+                    for q in 0..4 {
+                        out[(jj + q) * m + i] = dot(&a[i * k..(i + 1) * k], &w[q * k..(q + 1) * k]);
+                    }
+                }
+                jj += 4;
+            }
+        }
+        for (jr, o) in out.chunks_mut(m).enumerate().skip(jj) {
+            let row = &b[(j0 + jr) * k..(j0 + jr + 1) * k];
+            for (i, oi) in o.iter_mut().enumerate() {
+                *oi = dot(&a[i * k..(i + 1) * k], row);
+            }
+        }
+    });
+    let mut c = vec![0f32; m * n];
+    for j in 0..n {
+        for i in 0..m {
+            c[i * n + j] = ct[j * m + i];
+        }
+    }
+    Ok(c)
+}
+
+/// Σ a_i b_i, with AVX2/FMA when the CPU has them.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// Dots of 2 rows of `a` with 4 rows of `w` (each k long), sharing every load: returns
+/// [a0·w0, a0·w1, a0·w2, a0·w3, a1·w0, …].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_2x4_avx2(a: &[f32], w: &[f32], k: usize) -> [f32; 8] {
+    use std::arch::x86_64::*;
+    let (a0, a1) = (a.as_ptr(), a.as_ptr().add(k));
+    let wp = [w.as_ptr(), w.as_ptr().add(k), w.as_ptr().add(2 * k), w.as_ptr().add(3 * k)];
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let mut i = 0;
+    while i + 8 <= k {
+        let x0 = _mm256_loadu_ps(a0.add(i));
+        let x1 = _mm256_loadu_ps(a1.add(i));
+        for q in 0..4 {
+            let y = _mm256_loadu_ps(wp[q].add(i));
+            acc[q] = _mm256_fmadd_ps(x0, y, acc[q]);
+            acc[4 + q] = _mm256_fmadd_ps(x1, y, acc[4 + q]);
+        }
+        i += 8;
+    }
+    let mut out = [0f32; 8];
+    for (o, v) in out.iter_mut().zip(acc) {
+        let hi = _mm256_extractf128_ps(v, 1);
+        let q = _mm_add_ps(hi, _mm256_castps256_ps128(v));
+        let q = _mm_hadd_ps(q, q);
+        let q = _mm_hadd_ps(q, q);
+        *o = _mm_cvtss_f32(q);
+    }
+    while i < k {
+        for q in 0..4 {
+            out[q] += *a0.add(i) * *wp[q].add(i);
+            out[4 + q] += *a1.add(i) * *wp[q].add(i);
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut acc2 = _mm256_setzero_ps();
+    let mut acc3 = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 32 <= n {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 16)), _mm256_loadu_ps(pb.add(i + 16)), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 24)), _mm256_loadu_ps(pb.add(i + 24)), acc3);
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+        i += 8;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
+    let hi = _mm256_extractf128_ps(s, 1);
+    let lo = _mm256_castps256_ps128(s);
+    let q = _mm_add_ps(hi, lo);
+    let q = _mm_hadd_ps(q, q);
+    let q = _mm_hadd_ps(q, q);
+    let mut total = _mm_cvtss_f32(q);
+    while i < n {
+        total += *pa.add(i) * *pb.add(i);
+        i += 1;
+    }
+    total
 }
