@@ -28,6 +28,8 @@ enum Cmd {
     Train(TrainArgs),
     /// Evaluate a checkpoint on the task's eval split.
     Eval(EvalArgs),
+    /// Run several algorithms x seeds on several task settings; write a table, a plot and summary.json.
+    Study(StudyArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -100,6 +102,18 @@ struct TrainArgs {
     /// No per-step progress lines.
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(Args)]
+struct StudyArgs {
+    /// The study's TOML config (algos, seeds, [base], [[setting]]).
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long, default_value = "runs/study")]
+    out: PathBuf,
+    /// seed=N shifts every seed of the study; other keys override the base config.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(Args)]
@@ -199,6 +213,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { what } => bench::run(what)?,
         Cmd::Train(a) => train(a)?,
         Cmd::Eval(a) => eval(a)?,
+        Cmd::Study(a) => {
+            let s = collm_rl::study::StudyConfig::load(&a.config, &a.set)?;
+            collm_rl::study::run(&s, &a.out, true)?;
+            print!("{}", std::fs::read_to_string(a.out.join("table.md"))?);
+            println!("summary: {}, plot: {}", a.out.join("summary.json").display(), a.out.join("curves.png").display());
+        }
     }
     Ok(())
 }

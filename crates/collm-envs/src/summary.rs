@@ -33,10 +33,18 @@ pub struct Summary {
     train: Vec<String>,
     eval: Vec<String>,
     pub turns: usize,
+    /// The ratio band [lo, hi] that earns the full +1 (default [1.5, 3.0]).
+    pub band: (f64, f64),
 }
 
-/// r(c1, c2) of the length-ratio reward.
+/// r(c1, c2) of the length-ratio reward with the default band [1.5, 3].
 pub fn pair_reward(c1: &str, c2: &str) -> f64 {
+    pair_reward_band(c1, c2, (1.5, 3.0))
+}
+
+/// r(c1, c2) with the ratio band (lo, hi): inside → +1; below → +ratio / lo; above →
+/// +max(0, 1 − (ratio − hi) / hi).
+pub fn pair_reward_band(c1: &str, c2: &str, (lo, hi): (f64, f64)) -> f64 {
     let (c1, c2) = (c1.trim(), c2.trim());
     let mut r = if !c1.is_empty() && !c2.is_empty() { 0.5 } else { 0.0 };
     let n1 = c1.chars().count();
@@ -44,12 +52,12 @@ pub fn pair_reward(c1: &str, c2: &str) -> f64 {
         return r;
     }
     let ratio = c2.chars().count() as f64 / n1 as f64;
-    r += if (1.5..=3.0).contains(&ratio) {
+    r += if (lo..=hi).contains(&ratio) {
         1.0
-    } else if ratio < 1.5 {
-        ratio / 1.5
+    } else if ratio < lo {
+        ratio / lo
     } else {
-        (1.0 - (ratio - 3.0) / 3.0).max(0.0)
+        (1.0 - (ratio - hi) / hi).max(0.0)
     };
     r
 }
@@ -90,7 +98,7 @@ impl Summary {
         if turns == 0 {
             bail!("summary: turns must be at least 1");
         }
-        Ok(Self { train, eval, turns })
+        Ok(Self { train, eval, turns, band: (1.5, 3.0) })
     }
 
     fn text(&self, split: Split, item: usize) -> Result<&str> {
@@ -127,7 +135,7 @@ impl Env for Summary {
         check_step(self, split, item, turn, joint_actions)?;
         let text = self.text(split, item)?;
         let a = &joint_actions[turn];
-        let reward = pair_reward(&a[0], &a[1]);
+        let reward = pair_reward_band(&a[0], &a[1], self.band);
         let next_observations =
             INSTRUCTIONS.iter().zip(a).map(|(i, prev)| format!("{i}\n\n{text}\n\nPrevious answer: {}. Improve it.", prev.trim())).collect();
         Ok(Outcome { reward, next_observations })
@@ -147,6 +155,8 @@ mod tests {
         assert!((pair_reward("ab", "abcdefghij") - (0.5 + 1.0 - 2.0 / 3.0)).abs() < 1e-12); // ratio 5
         assert_eq!(pair_reward("a", &"x".repeat(7)), 0.5); // ratio 7 → max(0, ·)
         assert_eq!(pair_reward("  é ", "ééé"), 1.5, "characters, not bytes, and stripped");
+        assert_eq!(pair_reward_band("ab", "abcdefgh", (3.0, 6.0)), 1.5); // ratio 4
+        assert!((pair_reward_band("ab", "abcd", (3.0, 6.0)) - (0.5 + 2.0 / 3.0)).abs() < 1e-12);
     }
 
     #[test]

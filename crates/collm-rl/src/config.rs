@@ -168,6 +168,8 @@ pub struct TaskConfig {
     /// summary: an eval file (default: the last two rows of `data` are held out).
     pub eval_data: Option<PathBuf>,
     pub text_field: String,
+    /// summary: the length ratio chars(detailed) / chars(concise) that earns the full +1.
+    pub ratio_band: [f64; 2],
 }
 
 impl Default for TaskConfig {
@@ -181,6 +183,7 @@ impl Default for TaskConfig {
             data: None,
             eval_data: None,
             text_field: "prompt".into(),
+            ratio_band: [1.5, 3.0],
         }
     }
 }
@@ -378,6 +381,9 @@ impl Config {
         }
         if self.algo.is_actor_critic() && !(self.critic.lr > 0.0) {
             bail!("'critic.lr' must be positive, got {}", self.critic.lr);
+        }
+        if !(self.task.ratio_band[0] > 0.0 && self.task.ratio_band[0] <= self.task.ratio_band[1]) {
+            bail!("'task.ratio_band' must be [lo, hi] with 0 < lo ≤ hi, got {:?}", self.task.ratio_band);
         }
         match self.task.name.as_str() {
             "synthetic" | "summary" => {}

@@ -3,8 +3,10 @@
 
 pub mod algos;
 pub mod config;
+pub mod plot;
 pub mod returns;
 pub mod rollout;
+pub mod study;
 pub mod team;
 pub mod trainer;
 

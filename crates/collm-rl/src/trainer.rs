@@ -26,18 +26,22 @@ pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
     let t = &cfg.task;
     Ok(match t.name.as_str() {
         "synthetic" => Box::new(Synthetic::new(t.symbols, t.agents, t.turns, t.density)?),
-        "summary" => match &t.data {
-            None => Box::new(Summary::builtin(t.turns)?),
-            Some(p) => {
-                let mut train = read_texts(p, &t.text_field)?;
-                let eval = match &t.eval_data {
-                    Some(e) => read_texts(e, &t.text_field)?,
-                    None if train.len() > 2 => train.split_off(train.len() - 2),
-                    None => vec![],
-                };
-                Box::new(Summary::new(train, eval, t.turns)?)
-            }
-        },
+        "summary" => {
+            let mut s = match &t.data {
+                None => Summary::builtin(t.turns)?,
+                Some(p) => {
+                    let mut train = read_texts(p, &t.text_field)?;
+                    let eval = match &t.eval_data {
+                        Some(e) => read_texts(e, &t.text_field)?,
+                        None if train.len() > 2 => train.split_off(train.len() - 2),
+                        None => vec![],
+                    };
+                    Summary::new(train, eval, t.turns)?
+                }
+            };
+            s.band = (t.ratio_band[0], t.ratio_band[1]);
+            Box::new(s)
+        }
         other => bail!("unknown task '{other}'"),
     })
 }
@@ -253,7 +257,29 @@ impl Trainer {
                 save_checkpoint(&self.team, &self.cfg, self.step, &self.out)?;
             }
         }
+        self.plot()?;
         Ok(lines)
+    }
+
+    /// Writes `curves.png`: the train reward per step (raw and smoothed) and the eval reward.
+    pub fn plot(&self) -> Result<()> {
+        let text = std::fs::read_to_string(self.out.join("metrics.jsonl")).unwrap_or_default();
+        let lines: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let pick = |key: &str| -> Vec<(f64, f64)> { lines.iter().filter_map(|l| Some((l["step"].as_f64()?, l[key].as_f64()?))).collect() };
+        let train = pick("reward_mean");
+        let mut series =
+            vec![("train reward".to_string(), train.clone()), ("train reward (mean of 10)".to_string(), crate::plot::smooth(&train, 10))];
+        let eval = pick("eval_reward_mean");
+        if !eval.is_empty() {
+            series.push(("eval reward".to_string(), eval));
+        }
+        let mut panels =
+            vec![crate::plot::Panel { title: format!("{} on {}", self.cfg.algo.name(), self.env.name()), x_label: "step".into(), series }];
+        let vl = pick("value_loss");
+        if !vl.is_empty() {
+            panels.push(crate::plot::Panel { title: "value loss".into(), x_label: "step".into(), series: vec![("value loss".into(), vl)] });
+        }
+        crate::plot::panels(&panels, &self.out.join("curves.png"))
     }
 
     fn eval_and_log(&self, progress: bool) -> Result<()> {
