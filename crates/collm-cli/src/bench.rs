@@ -30,6 +30,21 @@ pub enum BenchCmd {
         #[arg(long)]
         reference_python: Option<String>,
     },
+    /// One epoch of a fixed training workload through the real trainer (the `collm train` path).
+    Train {
+        /// The workload JSON (e.g. ../shared/bench/tldr_like.json).
+        #[arg(long)]
+        workload: std::path::PathBuf,
+        #[arg(long, value_parser = ["cc", "dc", "magrpo"])]
+        algo: String,
+        #[arg(long, default_value_t = 1)]
+        turns: usize,
+        /// The model every agent and critic copies.
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Peak resident memory of this process, MB (VmHWM).
@@ -99,7 +114,99 @@ fn hf_reference(py: &str, model: &str, prompt: usize, new: usize, b: usize, t: u
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
-    let BenchCmd::Model { model, prompt_tokens, new_tokens, train_batch, train_tokens, repeats, json, reference_python } = cmd;
+    match cmd {
+        BenchCmd::Train { workload, algo, turns, model, json } => bench_train(&workload, &algo, turns, &model, json),
+        m @ BenchCmd::Model { .. } => bench_model(m),
+    }
+}
+
+/// Runs a workload file's epoch through the trainer and reports seconds per prompt, the
+/// generation / update split, tokens/s, peak RSS and the mean reward.
+fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, json: bool) -> Result<()> {
+    use collm_rl::config::{Algo, PromptFormat};
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let w: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let st = &w["settings"];
+    let num = |k: &str| st[k].as_f64().with_context(|| format!("{}: settings.{k} is missing or not a number", path.display()));
+    let rows = w["rows"].as_array().with_context(|| format!("{}: no 'rows' list", path.display()))?;
+    let paragraphs: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r["paragraph"].as_str().map(String::from).with_context(|| format!("{}: row {i} has no string 'paragraph'", path.display()))
+        })
+        .collect::<Result<_>>()?;
+    let mut cfg = collm_rl::Config::default();
+    cfg.algo = match algo {
+        "cc" => Algo::Cc,
+        "dc" => Algo::Dc,
+        _ => Algo::Magrpo,
+    };
+    cfg.task.name = "summary".into();
+    cfg.task.turns = turns;
+    cfg.buffer = num("rollout_buffer_size")? as usize;
+    cfg.steps = paragraphs.len().div_ceil(cfg.buffer) * num("epochs").unwrap_or(1.0) as usize;
+    cfg.gamma = num("discount")?;
+    cfg.k = 4;
+    cfg.sampling.max_new_tokens = num("max_new_tokens")? as usize;
+    cfg.sampling.temperature = num("temperature")?;
+    cfg.sampling.top_p = num("top_p")?;
+    cfg.sampling.top_k = st["top_k"].as_u64().unwrap_or(0) as usize;
+    cfg.agents.model = model.to_string();
+    cfg.agents.format = PromptFormat::Chat;
+    cfg.agents.lr = num("learning_rate")?;
+    cfg.critic.lr = num("critic_learning_rate")?;
+    cfg.critic.value_coef = num("value_loss_coef")?;
+    cfg.validate()?;
+    let out = std::env::temp_dir().join(format!("collm-bench-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let t_load = Instant::now();
+    let mut t = collm_rl::Trainer::new(cfg, &out)?;
+    t.env = Box::new(collm_envs::summary::Summary::new(paragraphs.clone(), vec![], turns)?);
+    let load_s = t_load.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let (mut gen_s, mut update_s, mut tokens, mut rewards) = (0.0, 0.0, 0usize, vec![]);
+    while t.step < t.cfg.steps {
+        let line = t.train_step()?;
+        gen_s += line["gen_s"].as_f64().unwrap_or(0.0);
+        update_s += line["update_s"].as_f64().unwrap_or(0.0);
+        tokens += line["generated_tokens"].as_u64().unwrap_or(0) as usize;
+        rewards.push(line["reward_mean"].as_f64().unwrap_or(f64::NAN));
+        if !json {
+            eprintln!(
+                "step {}/{}: {:.1} s (generation {:.1} s, update {:.1} s)",
+                t.step, t.cfg.steps, line["step_s"], line["gen_s"], line["update_s"]
+            );
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let prompts = paragraphs.len();
+    let out_json = serde_json::json!({
+        "workload": path, "algo": algo, "turns": turns, "prompts": prompts, "wall_s": wall, "load_s": load_s,
+        "s_per_prompt": wall / prompts as f64, "gen_s": gen_s, "update_s": update_s,
+        "generated_tokens": tokens, "tokens_per_s": tokens as f64 / gen_s.max(1e-9),
+        "peak_rss_mb": peak_rss_mb(), "reward_mean": rewards.iter().sum::<f64>() / rewards.len().max(1) as f64,
+        "threads": rayon::current_num_threads(),
+    });
+    let _ = std::fs::remove_dir_all(&out);
+    if json {
+        println!("{out_json}");
+    } else {
+        println!(
+            "{algo}, {turns} turn(s), {prompts} prompts: {:.2} s per prompt (generation {gen_s:.1} s, update {update_s:.1} s), {:.1} tokens/s, peak RSS {:.0} MB, mean reward {:.3}",
+            wall / prompts as f64,
+            tokens as f64 / gen_s.max(1e-9),
+            peak_rss_mb(),
+            out_json["reward_mean"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    Ok(())
+}
+
+fn bench_model(cmd: BenchCmd) -> Result<()> {
+    let BenchCmd::Model { model, prompt_tokens, new_tokens, train_batch, train_tokens, repeats, json, reference_python } = cmd else {
+        unreachable!("bench_model takes BenchCmd::Model")
+    };
     let t0 = Instant::now();
     let lm = loader::load(&model)?;
     let load_s = t0.elapsed().as_secs_f64();

@@ -8,6 +8,7 @@ pub mod returns;
 pub mod rollout;
 pub mod study;
 pub mod team;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use config::{Algo, Config};

@@ -115,7 +115,7 @@ impl Canvas {
 }
 
 fn fmt_num(v: f64) -> String {
-    if v.abs() >= 1000.0 {
+    if v.fract() == 0.0 || v.abs() >= 1000.0 {
         format!("{:.0}", v)
     } else if v.abs() >= 10.0 {
         format!("{:.1}", v)

@@ -1,7 +1,7 @@
 //! The training loop: roll out a buffer, update, log, evaluate, checkpoint — nanoGPT-plain.
 //!
 //! A run directory holds `config.toml` (the resolved config), `metrics.jsonl` (one line per
-//! step, and one per evaluation), and `checkpoints/step-NNNNNN/` (written to a temporary name,
+//! step, and one per evaluation), TensorBoard event files with the same scalars, `curves.png`, and `checkpoints/step-NNNNNN/` (written to a temporary name,
 //! then renamed, so a kill never leaves half a checkpoint). Every random choice is a function of
 //! (seed, step), so `resume` continues exactly as the uninterrupted run would have.
 
@@ -53,6 +53,8 @@ pub struct Trainer {
     pub out: PathBuf,
     /// Steps done so far.
     pub step: usize,
+    /// TensorBoard event file of the run (None: metrics.jsonl only).
+    pub tensorboard: Option<crate::tensorboard::EventWriter>,
 }
 
 /// Mean eval numbers.
@@ -82,7 +84,8 @@ impl Trainer {
         std::fs::write(out.join("metrics.jsonl"), "")?;
         let env = make_env(&cfg)?;
         let team = Team::load(&cfg, env.num_agents())?;
-        Ok(Self { cfg, env, team, out: out.to_path_buf(), step: 0 })
+        let tensorboard = Some(crate::tensorboard::EventWriter::create(out)?);
+        Ok(Self { cfg, env, team, out: out.to_path_buf(), step: 0, tensorboard })
     }
 
     /// Continues the run in `out` from its latest checkpoint (metrics after it are dropped).
@@ -101,7 +104,8 @@ impl Trainer {
             .map(|l| format!("{l}\n"))
             .collect();
         std::fs::write(&mpath, kept)?;
-        Ok(Self { cfg, env, team, out: out.to_path_buf(), step })
+        let tensorboard = Some(crate::tensorboard::EventWriter::create(out)?);
+        Ok(Self { cfg, env, team, out: out.to_path_buf(), step, tensorboard })
     }
 
     fn sampling(&self, greedy: bool) -> SamplingParams {
@@ -215,6 +219,10 @@ impl Trainer {
     fn log(&self, line: &Value) -> Result<()> {
         let mut f = std::fs::OpenOptions::new().append(true).create(true).open(self.out.join("metrics.jsonl"))?;
         writeln!(f, "{line}")?;
+        if let Some(tb) = &self.tensorboard {
+            let prefix = if line.get("eval_reward_mean").is_some() { "eval" } else { "train" };
+            tb.scalars(line["step"].as_u64().unwrap_or(0), prefix, line)?;
+        }
         Ok(())
     }
 

@@ -60,6 +60,7 @@ fn every_algorithm_raises_the_reward_on_a_short_dense_task() {
     // A uniformly random policy over the ~46-token vocabulary scores about 0.02 here.
     for (name, extra) in [
         ("cc", vec![]),
+        ("cc", vec!["critic.kind=\"q\""]),
         ("dc", vec![]),
         ("dc", vec!["critic.dc=\"head\""]),
         ("magrpo", vec![]),
@@ -250,4 +251,70 @@ fn bad_configs_name_the_key() {
     Trainer::new(cfg(&["steps=1"]), &dir).unwrap().run(false).unwrap();
     let err = format!("{:#}", Trainer::new(cfg(&["steps=1"]), &dir).err().unwrap());
     assert!(err.contains("already holds a run"), "{err}");
+}
+
+#[test]
+fn heterogeneous_teams_train_and_write_their_run_files() {
+    // Two agents of different sizes and a critic of a third size.
+    let dir = tmp("hetero");
+    let mut c = cfg(&["steps=3", "checkpoint_every=3", "eval_every=3"]);
+    let mut a0 = c.agents.clone();
+    a0.tiny = collm_rl::config::TinyModel { hidden: 48, layers: 1, heads: 4, kv_heads: 4, intermediate: 96 };
+    let mut a1 = c.agents.clone();
+    a1.tiny = collm_rl::config::TinyModel { hidden: 16, layers: 3, heads: 2, kv_heads: 1, intermediate: 32 };
+    let mut cr = c.agents.clone();
+    cr.tiny = collm_rl::config::TinyModel { hidden: 24, layers: 2, heads: 2, kv_heads: 1, intermediate: 48 };
+    c.agent = vec![a0, a1];
+    c.critic.model = Some(cr);
+    c.validate().unwrap();
+    let mut t = Trainer::new(c, &dir).unwrap();
+    assert_eq!(t.team.agents[0].model.cfg.hidden_size, 48);
+    assert_eq!(t.team.agents[1].model.cfg.num_layers, 3);
+    assert_eq!(t.team.critics[0].model.cfg.hidden_size, 24);
+    let lines = t.run(false).unwrap();
+    assert_eq!(lines.len(), 3);
+    for f in ["config.toml", "metrics.jsonl", "curves.png", "checkpoints/step-000003/trainer.json"] {
+        assert!(dir.join(f).exists(), "{f}");
+    }
+    let tb = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("events.out.tfevents"));
+    assert!(tb.is_some_and(|e| e.metadata().unwrap().len() > 100), "a TensorBoard event file with scalars");
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().filter(|l| l.contains("eval_reward_mean")).count(), 2, "eval at step 0 and 3");
+}
+
+#[test]
+fn a_study_writes_its_summary_table_and_plot() {
+    let dir = tmp("study");
+    let path = dir.join("study.toml");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut text = String::from("algos = [\"cc\", \"magrpo\"]\nseeds = [0]\n[algo_set]\nmagrpo = [\"k=2\"]\n[[setting]]\nname = \"tiny-dense\"\nturns = 2\ndensity = \"dense\"\nenv_steps = 100\n[[setting]]\nname = \"tiny-sparse\"\nturns = 3\ndensity = \"sparse\"\nenv_steps = 100\n[base]\n");
+    text.push_str(
+        &toml::to_string(&cfg(&[]))
+            .unwrap()
+            .replace("[task]", "[base.task]")
+            .replace("[agents", "[base.agents")
+            .replace("[sampling]", "[base.sampling]")
+            .replace("[critic]", "[base.critic]"),
+    );
+    std::fs::write(&path, text).unwrap();
+    let study = collm_rl::study::StudyConfig::load(&path, &["seed=5".into()]).unwrap();
+    assert_eq!(study.seeds, vec![5]);
+    let out = dir.join("out");
+    collm_rl::study::run(&study, &out, false).unwrap();
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let settings = s["settings"].as_array().unwrap();
+    assert_eq!(settings.len(), 2);
+    assert_eq!(settings[1]["density"], "sparse");
+    assert_eq!(settings[1]["turns"], 3);
+    for algo in ["cc", "magrpo"] {
+        let r = &settings[0]["results"][algo];
+        assert_eq!(r["seeds"], 1);
+        let m = r["final_reward_mean"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&m), "{algo}: {m}");
+    }
+    assert!(std::fs::read_to_string(out.join("table.md")).unwrap().contains("tiny-sparse"));
+    assert!(out.join("curves.png").exists());
 }
