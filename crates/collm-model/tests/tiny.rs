@@ -7,7 +7,6 @@ use collm_model::checkpoint;
 use collm_model::generate::{extend, prefill};
 use collm_model::loader;
 use collm_model::*;
-use std::collections::BTreeMap;
 
 const SPECIALS: [&str; 4] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"];
 
