@@ -2,10 +2,11 @@
 //! the reward density and partial observability.
 //!
 //! Each item is a secret tuple (s_1, …, s_n) of symbols; agent i observes only s_i. At turn 0
-//! each agent's target is its own symbol (announce it). At turn t ≥ 1 every agent's target is
-//! symbol[(Σ_j index(s_j) + t) mod m], which no agent can know alone: between turns each agent
-//! observes the first character of the other agents' previous responses, so the team must
-//! announce at turn 0 and every agent must condition on its history afterwards.
+//! each agent's target is its own symbol (announce it). At every later turn agent i's target is
+//! its partner's secret s_{i+1 mod n}, which it cannot see: between turns each agent observes
+//! only the first character of the other agents' previous responses. So the team must announce
+//! at turn 0, and from turn 2 on an agent must look back in its history to the turn-1
+//! observation (the last one shows what the others said at the previous turn, not their secrets).
 //!
 //! A turn's score is the fraction of agents whose response starts with their target. With
 //! `dense` rewards r_t = score_t / T; with `sparse` ones r_t = 0 before the last turn and
@@ -78,7 +79,7 @@ impl Synthetic {
         if turn == 0 {
             self.symbol(secrets[agent])
         } else {
-            self.symbol(secrets.iter().sum::<usize>() + turn)
+            self.symbol(secrets[(agent + 1) % self.agents])
         }
     }
 
@@ -155,19 +156,22 @@ mod tests {
     #[test]
     fn dense_rewards_score_every_turn() {
         let e = Synthetic::new(4, 2, 2, Density::Dense).unwrap();
-        // secrets (c, b): turn 0 targets c and b; turn 1 target symbol[(2 + 1 + 1) % 4] = a.
+        // secrets (c, b): turn 0 targets c and b; turn 1 targets the partner's: b and c.
         let t0 = s(&["c", "X"]);
         let o = e.step(Split::Train, 6, 0, &[t0.clone()]).unwrap();
         assert_eq!(o.reward, 0.5 / 2.0);
         assert_eq!(o.next_observations, s(&["|1:->", "|1:c>"]));
-        let o = e.step(Split::Train, 6, 1, &[t0, s(&["a", " a!"])]).unwrap();
+        let o = e.step(Split::Train, 6, 1, &[t0, s(&["b", " c!"])]).unwrap();
         assert_eq!(o.reward, 1.0 / 2.0);
+        let o = e.step(Split::Train, 6, 1, &[s(&["c", "b"]), s(&["c", "c"])]).unwrap();
+        assert_eq!(o.reward, 0.5 / 2.0);
     }
 
     #[test]
     fn sparse_rewards_arrive_at_the_last_turn_only() {
         let e = Synthetic::new(4, 2, 3, Density::Sparse).unwrap();
-        let j = vec![s(&["c", "b"]), s(&["a", ""]), s(&["b", "b"])];
+        // secrets (c, b): targets (c, b), then (b, c) at turns 1 and 2.
+        let j = vec![s(&["c", "b"]), s(&["b", ""]), s(&["b", "c"])];
         assert_eq!(e.step(Split::Train, 6, 0, &j[..1]).unwrap().reward, 0.0);
         assert_eq!(e.step(Split::Train, 6, 1, &j[..2]).unwrap().reward, 0.0);
         // scores 1, 0.5, 1 → mean 2.5 / 3.
