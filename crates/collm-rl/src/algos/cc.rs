@@ -10,9 +10,9 @@
 //! observation, then (for Q) every agent's response. One pass over an episode's whole joint
 //! history gives V at every turn, since attention is causal.
 
-use super::{actor_step, critic_step, UpdateStats};
+use super::{critic_step, td_advantages, update_agent, UpdateStats};
 use crate::config::{Config, CriticKind};
-use crate::returns::{normalize_by, td_targets};
+use crate::returns::td_targets;
 use crate::rollout::Rollout;
 use crate::team::Team;
 use anyhow::{bail, Result};
@@ -52,32 +52,17 @@ pub fn update(team: &mut Team, rollout: &Rollout, cfg: &Config) -> Result<Update
     let targets = |j: usize, v_old: &[f64]| td_targets(&rewards[j], v_old, gamma);
     let (vy, value_loss) = critic_step(critic, &seqs, &targets, cfg.critic.value_coef, cfg.micro_batch, cfg.max_grad_norm)?;
 
-    // A_t = y_t − V_old(h_t), per node.
-    let mut adv_of = vec![0.0; rollout.nodes.len()];
-    let (mut vs, mut ys, mut raw) = (vec![], vec![], vec![]);
-    for (c, pairs) in chains.iter().zip(&vy) {
-        for (&x, &(v, y)) in c.iter().zip(pairs) {
-            adv_of[x] = y - v;
-            vs.push(v);
-            ys.push(y);
-            raw.push(y - v);
-        }
-    }
+    // A_t = y_t − V_old(h_t), per node; every agent gets the same advantage.
+    let (adv_of, vs, ys) = td_advantages(rollout, &chains, &vy);
     let mut stats = UpdateStats {
         value_loss: Some(value_loss),
         value_mean: Some(mean(&vs)),
         target_mean: Some(mean(&ys)),
-        advantage_mean: mean(&raw),
+        advantage_mean: vs.iter().zip(&ys).map(|(v, y)| y - v).sum::<f64>() / vs.len().max(1) as f64,
         ..Default::default()
     };
     for (i, p) in team.agents.iter_mut().enumerate() {
-        let seqs = rollout.agent_sequences(i);
-        let ids: Vec<(usize, usize)> = seqs.iter().flat_map(|s| s.2.clone()).collect();
-        let mut adv: Vec<f64> = ids.iter().map(|&(x, _)| adv_of[x]).collect();
-        let turns: Vec<usize> = ids.iter().map(|&(x, _)| rollout.nodes[x].turn).collect();
-        normalize_by(&mut adv, &turns);
-        let s: Vec<_> = seqs.into_iter().map(|(t, sp, _)| (t, sp)).collect();
-        let (loss, norm) = actor_step(p, &s, &adv, cfg.micro_batch, cfg.max_grad_norm)?;
+        let (loss, norm, _) = update_agent(p, i, rollout, |x, _| adv_of[x], cfg)?;
         stats.policy_loss.push(loss);
         stats.grad_norm.push(norm);
     }

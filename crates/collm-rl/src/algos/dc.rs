@@ -9,7 +9,7 @@
 //! value loss c_v · max((y − V)², (y − V_old − clip(V − V_old, −ε, ε))²) in the same pass.
 
 use super::cc::mean;
-use super::{actor_step, critic_step, UpdateStats};
+use super::{critic_step, td_advantages, update_agent, UpdateStats};
 use crate::config::{Config, CriticKind, DcCritic};
 use crate::returns::{normalize_by, td_targets};
 use crate::rollout::Rollout;
@@ -61,22 +61,11 @@ fn update_separate(team: &mut Team, rollout: &Rollout, cfg: &Config) -> Result<U
         let targets = |j: usize, v_old: &[f64]| td_targets(&rewards[j], v_old, cfg.gamma);
         let (vy, loss) = critic_step(critic, &seqs, &targets, cfg.critic.value_coef, cfg.micro_batch, cfg.max_grad_norm)?;
         losses.push(loss);
-        let mut adv_of = vec![0.0; rollout.nodes.len()];
-        for (c, pairs) in chains.iter().zip(&vy) {
-            for (&x, &(v, y)) in c.iter().zip(pairs) {
-                adv_of[x] = y - v;
-                vs.push(v);
-                ys.push(y);
-                raw.push(y - v);
-            }
-        }
-        let seqs = rollout.agent_sequences(i);
-        let ids: Vec<(usize, usize)> = seqs.iter().flat_map(|s| s.2.clone()).collect();
-        let mut adv: Vec<f64> = ids.iter().map(|&(x, _)| adv_of[x]).collect();
-        let turns: Vec<usize> = ids.iter().map(|&(x, _)| rollout.nodes[x].turn).collect();
-        normalize_by(&mut adv, &turns);
-        let s: Vec<_> = seqs.into_iter().map(|(t, sp, _)| (t, sp)).collect();
-        let (loss, norm) = actor_step(p, &s, &adv, cfg.micro_batch, cfg.max_grad_norm)?;
+        let (adv_of, v, y) = td_advantages(rollout, &chains, &vy);
+        raw.extend(v.iter().zip(&y).map(|(v, y)| y - v));
+        vs.extend(v);
+        ys.extend(y);
+        let (loss, norm, _) = update_agent(p, i, rollout, |x, _| adv_of[x], cfg)?;
         stats.policy_loss.push(loss);
         stats.grad_norm.push(norm);
     }

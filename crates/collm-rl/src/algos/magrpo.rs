@@ -11,9 +11,9 @@
 //!   L_i = −Σ Â · log π_i(a_i | h_i)   (mean over the buffer).
 
 use super::cc::mean;
-use super::{actor_step, UpdateStats};
+use super::{update_agent, UpdateStats};
 use crate::config::Config;
-use crate::returns::{group_advantages, normalize_by, tree_return};
+use crate::returns::{group_advantages, tree_return};
 use crate::rollout::Rollout;
 use crate::team::Team;
 use anyhow::Result;
@@ -56,14 +56,8 @@ pub fn update(team: &mut Team, rollout: &Rollout, cfg: &Config) -> Result<Update
     for (i, p) in team.agents.iter_mut().enumerate() {
         let adv_of: Vec<Vec<f64>> =
             (0..rollout.nodes.len()).map(|x| group_advantages(&sample_returns(rollout, &returns, x, i), mode)).collect();
-        let seqs = rollout.agent_sequences(i);
-        let ids: Vec<(usize, usize)> = seqs.iter().flat_map(|s| s.2.clone()).collect();
-        let mut adv: Vec<f64> = ids.iter().map(|&(x, k)| adv_of[x][k]).collect();
-        raw_all.extend(adv.iter().cloned());
-        let turns: Vec<usize> = ids.iter().map(|&(x, _)| rollout.nodes[x].turn).collect();
-        normalize_by(&mut adv, &turns);
-        let s: Vec<_> = seqs.into_iter().map(|(t, sp, _)| (t, sp)).collect();
-        let (loss, norm) = actor_step(p, &s, &adv, cfg.micro_batch, cfg.max_grad_norm)?;
+        let (loss, norm, raw) = update_agent(p, i, rollout, |x, k| adv_of[x][k], cfg)?;
+        raw_all.extend(raw);
         stats.policy_loss.push(loss);
         stats.grad_norm.push(norm);
     }

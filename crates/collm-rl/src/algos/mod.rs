@@ -5,6 +5,9 @@ pub mod cc;
 pub mod dc;
 pub mod magrpo;
 
+use crate::config::Config;
+use crate::returns::normalize_by;
+use crate::rollout::Rollout;
 use crate::team::{Critic, Policy};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -116,4 +119,40 @@ pub(crate) fn critic_step(
     params.extend(c.head.trainable());
     c.opt.step(params, &grads)?;
     Ok((out, loss_sum))
+}
+
+/// The actor step every algorithm ends with: agent i's responses get the advantages `adv(node, k)`,
+/// normalized per turn within the buffer, then one policy-gradient step. Returns (loss, grad
+/// norm) and the advantages before normalization.
+pub(crate) fn update_agent(
+    p: &mut Policy,
+    i: usize,
+    rollout: &Rollout,
+    adv: impl Fn(usize, usize) -> f64,
+    cfg: &Config,
+) -> Result<(f64, f64, Vec<f64>)> {
+    let seqs = rollout.agent_sequences(i);
+    let ids: Vec<(usize, usize)> = seqs.iter().flat_map(|s| s.2.clone()).collect();
+    let raw: Vec<f64> = ids.iter().map(|&(x, k)| adv(x, k)).collect();
+    let turns: Vec<usize> = ids.iter().map(|&(x, _)| rollout.nodes[x].turn).collect();
+    let mut a = raw.clone();
+    normalize_by(&mut a, &turns);
+    let s: Vec<_> = seqs.into_iter().map(|(t, sp, _)| (t, sp)).collect();
+    let (loss, norm) = actor_step(p, &s, &a, cfg.micro_batch, cfg.max_grad_norm)?;
+    Ok((loss, norm, raw))
+}
+
+/// TD advantages per node from a critic step's (V_old, y) pairs along each chain:
+/// A = y − V_old. Returns (A by node, all V_old, all y).
+pub(crate) fn td_advantages(rollout: &Rollout, chains: &[Vec<usize>], vy: &[Vec<(f64, f64)>]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut adv_of = vec![0.0; rollout.nodes.len()];
+    let (mut vs, mut ys) = (vec![], vec![]);
+    for (c, pairs) in chains.iter().zip(vy) {
+        for (&x, &(v, y)) in c.iter().zip(pairs) {
+            adv_of[x] = y - v;
+            vs.push(v);
+            ys.push(y);
+        }
+    }
+    (adv_of, vs, ys)
 }
