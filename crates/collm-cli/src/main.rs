@@ -28,6 +28,8 @@ enum Cmd {
     Train(TrainArgs),
     /// Evaluate a checkpoint on the task's eval split.
     Eval(EvalArgs),
+    /// Score one joint action of a task exactly as training does.
+    Reward(RewardArgs),
     /// Run several algorithms x seeds on several task settings; write a table, a plot and summary.json.
     Study(StudyArgs),
     /// Benchmarks.
@@ -102,6 +104,26 @@ struct TrainArgs {
     /// No per-step progress lines.
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(Args)]
+struct RewardArgs {
+    /// tldr, arxiv or summary.
+    #[arg(long, value_parser = ["tldr", "arxiv", "summary"])]
+    task: String,
+    /// The dataset item (JSON); the writing rewards depend on the responses only.
+    #[arg(long)]
+    item: Option<PathBuf>,
+    /// One file per agent, in agent order.
+    #[arg(long, num_args = 1.., required = true)]
+    responses: Vec<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    turn: usize,
+    /// The writing rewards' word lists.
+    #[arg(long, default_value = "../shared/data/writing/lexicons.json")]
+    lexicons: PathBuf,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -213,6 +235,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { what } => bench::run(what)?,
         Cmd::Train(a) => train(a)?,
         Cmd::Eval(a) => eval(a)?,
+        Cmd::Reward(a) => reward(a)?,
         Cmd::Study(a) => {
             let s = collm_rl::study::StudyConfig::load(&a.config, &a.set)?;
             collm_rl::study::run(&s, &a.out, true)?;
@@ -249,6 +272,40 @@ fn train(a: TrainArgs) -> Result<()> {
         "{}",
         serde_json::json!({"out": t.out, "steps": t.step, "reward_first3": avg(&first), "reward_last3": avg(&last), "metrics": t.out.join("metrics.jsonl")})
     );
+    Ok(())
+}
+
+fn reward(a: RewardArgs) -> Result<()> {
+    if let Some(item) = &a.item {
+        let text = std::fs::read_to_string(item).with_context(|| format!("reading {}", item.display()))?;
+        serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("{}: not JSON", item.display()))?;
+    }
+    let texts: Vec<String> = a
+        .responses
+        .iter()
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
+        .collect::<Result<_>>()?;
+    if texts.len() != 2 {
+        bail!("--responses: the {} task has 2 agents, got {} files", a.task, texts.len());
+    }
+    if a.turn != 0 {
+        bail!("--turn {}: the {} task is scored per turn the same way; pass --turn 0", a.turn, a.task);
+    }
+    let out = match a.task.as_str() {
+        "summary" => serde_json::json!({"reward": collm_envs::summary::pair_reward(&texts[0], &texts[1]), "levels": {}}),
+        t => {
+            use collm_envs::writing::{score, Lexicons, WritingTask};
+            let lex = Lexicons::load(&a.lexicons)?;
+            let task = if t == "tldr" { WritingTask::Tldr } else { WritingTask::Arxiv };
+            let s = score(task, &texts[0], &texts[1], &lex);
+            serde_json::json!({"reward": s.reward, "levels": s.levels, "stopped_at": s.stopped_at})
+        }
+    };
+    if a.json {
+        println!("{out}");
+    } else {
+        println!("reward {:.4}  levels {}", out["reward"].as_f64().unwrap_or(f64::NAN), out["levels"]);
+    }
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 
 pub mod summary;
 pub mod synthetic;
+pub mod writing;
 
 use anyhow::{bail, Result};
 

@@ -170,6 +170,8 @@ pub struct TaskConfig {
     pub text_field: String,
     /// summary: the length ratio chars(detailed) / chars(concise) that earns the full +1.
     pub ratio_band: [f64; 2],
+    /// tldr / arxiv: the word lists of the writing rewards.
+    pub lexicons: PathBuf,
 }
 
 impl Default for TaskConfig {
@@ -184,6 +186,7 @@ impl Default for TaskConfig {
             eval_data: None,
             text_field: "prompt".into(),
             ratio_band: [1.5, 3.0],
+            lexicons: PathBuf::from("../shared/data/writing/lexicons.json"),
         }
     }
 }
@@ -386,8 +389,8 @@ impl Config {
             bail!("'task.ratio_band' must be [lo, hi] with 0 < lo ≤ hi, got {:?}", self.task.ratio_band);
         }
         match self.task.name.as_str() {
-            "synthetic" | "summary" => {}
-            other => bail!("'task.name': unknown task '{other}' (synthetic, summary)"),
+            "synthetic" | "summary" | "tldr" | "arxiv" => {}
+            other => bail!("'task.name': unknown task '{other}' (synthetic, summary, tldr, arxiv)"),
         }
         Ok(())
     }

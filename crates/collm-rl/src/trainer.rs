@@ -42,6 +42,31 @@ pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
             s.band = (t.ratio_band[0], t.ratio_band[1]);
             Box::new(s)
         }
+        "tldr" | "arxiv" => {
+            use collm_envs::writing::{Lexicons, Writing, WritingTask, BUILTIN_ABSTRACTS};
+            let task = if t.name == "tldr" { WritingTask::Tldr } else { WritingTask::Arxiv };
+            let lex = Lexicons::load(&t.lexicons).with_context(|| format!("task.lexicons = {}", t.lexicons.display()))?;
+            let (train, eval) = match &t.data {
+                None if task == WritingTask::Tldr => {
+                    let all: Vec<String> = collm_envs::summary::BUILTIN.iter().map(|s| s.to_string()).collect();
+                    (all[..8].to_vec(), all[8..].to_vec())
+                }
+                None => {
+                    let all: Vec<String> = BUILTIN_ABSTRACTS.iter().map(|s| s.to_string()).collect();
+                    (all[..3].to_vec(), all[3..].to_vec())
+                }
+                Some(p) => {
+                    let mut train = read_texts(p, &t.text_field)?;
+                    let eval = match &t.eval_data {
+                        Some(e) => read_texts(e, &t.text_field)?,
+                        None if train.len() > 2 => train.split_off(train.len() - 2),
+                        None => vec![],
+                    };
+                    (train, eval)
+                }
+            };
+            Box::new(Writing::new(task, lex, train, eval)?)
+        }
         other => bail!("unknown task '{other}'"),
     })
 }

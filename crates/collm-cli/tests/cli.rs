@@ -1,0 +1,78 @@
+//! The `collm` binary end to end: rewards, training on a tiny synthetic team, and clear errors.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn collm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_collm"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("collm-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn shared() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+}
+
+#[test]
+fn reward_scores_a_joint_action_like_training() {
+    let d = tmp("reward");
+    let (r1, r2) = (d.join("r1.txt"), d.join("r2.txt"));
+    std::fs::write(&r1, "a0 a1 a2 a3 a4 a5 a6 a7 a8 a9").unwrap();
+    std::fs::write(&r2, "b0 b1 b2").unwrap();
+    let lex = shared().join("data/writing/lexicons.json");
+    let out =
+        collm().args(["reward", "--task", "tldr", "--json", "--lexicons"]).arg(&lex).arg("--responses").arg(&r1).arg(&r2).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Agent 2 has 3 tokens: the length level fails, the reward is 0.
+    assert_eq!(v["reward"], 0.0);
+    assert_eq!(v["stopped_at"], "length");
+    let out = collm().args(["reward", "--task", "tldr", "--responses"]).arg(&r1).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 agents"));
+}
+
+#[test]
+fn train_eval_and_resume_a_tiny_team_from_the_command_line() {
+    let d = tmp("train");
+    let cfg = d.join("c.toml");
+    std::fs::write(
+        &cfg,
+        "steps = 4\nbuffer = 4\ncheckpoint_every = 2\n[task]\nname = \"synthetic\"\nturns = 2\n[agents]\nmodel = \"tiny\"\nformat = \"raw\"\nlr = 1e-3\n[sampling]\nmax_new_tokens = 1\ntemperature = 1.0\ntop_p = 1.0\n[critic]\nlr = 1e-3\n",
+    )
+    .unwrap();
+    let run = d.join("run");
+    let out = collm().args(["train", "--quiet", "--config"]).arg(&cfg).arg("--out").arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["steps"], 4);
+    let out = collm().args(["eval", "--checkpoint"]).arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((e["step"].as_u64(), e["episodes"].as_u64()), (Some(4), Some(16)));
+    // A second train into the same directory is refused; resume at the end has nothing to do.
+    let out = collm().args(["train", "--quiet", "--config"]).arg(&cfg).arg("--out").arg(&run).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a run"));
+    let out = collm().args(["train", "--quiet", "--resume"]).arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let d = tmp("bad");
+    let cfg = d.join("bad.toml");
+    std::fs::write(&cfg, "steps = 4\n[task]\nname = \"synthetic\"\nturnz = 2\n").unwrap();
+    let out = collm().args(["train", "--config"]).arg(&cfg).arg("--out").arg(d.join("run")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("bad.toml") && err.contains("turnz"), "{err}");
+    let out = collm().args(["train", "--config"]).arg(d.join("missing.toml")).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+    let out = collm().args(["generate", "--model"]).arg(d.join("nope.gguf")).args(["--prompt", "x"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("nope.gguf") && err.contains("not found"), "{err}");
+}
