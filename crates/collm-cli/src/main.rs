@@ -319,7 +319,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let env = collm_rl::trainer::make_env(&cfg)?;
     let mut team = collm_rl::team::Team::load(&cfg, env.num_agents())?;
     let step = collm_rl::trainer::load_checkpoint(&mut team, &dir)?;
-    let t = Trainer { cfg, env, team, out: dir.clone(), step, tensorboard: None };
+    let t = Trainer { cfg, env, team, out: dir.clone(), step, tensorboard: None, references: vec![] };
     let split = if a.split == "train" { collm_envs::Split::Train } else { collm_envs::Split::Eval };
     let e = t.evaluate(split, a.items, !a.sampled)?;
     println!(

@@ -245,7 +245,7 @@ pub struct Config {
     pub eval_items: usize,
     pub eval_greedy: bool,
     pub checkpoint_every: usize,
-    /// Log the KL of each agent to its initial policy (costs a reference copy and a pass).
+    /// Log each agent's KL to its initial policy (costs a copy of each agent and a forward pass).
     pub log_kl: bool,
     pub task: TaskConfig,
     pub agents: ModelSpec,

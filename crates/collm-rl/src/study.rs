@@ -94,22 +94,16 @@ impl StudyConfig {
     }
 }
 
-/// Env steps (joint actions executed) in one rollout.
-fn env_steps(r: &crate::rollout::Rollout) -> usize {
-    r.nodes.iter().map(|n| n.joints.len()).sum()
-}
-
 /// Trains one run to its env-step budget; returns its curve and final greedy eval reward.
 pub fn run_one(cfg: Config, budget: usize, dir: &Path) -> Result<(Curve, f64)> {
     let mut t = Trainer::new(cfg, dir)?;
     let mut used = 0;
     let mut curve = vec![];
     while used < budget {
-        let r = t.rollout_for_step(t.step)?;
-        used += env_steps(&r);
-        t.update(&r)?;
-        t.step += 1;
-        curve.push((used, r.mean_episode_reward()));
+        let line = t.train_step()?;
+        t.log(&line)?;
+        used += line["env_steps"].as_u64().unwrap_or(0) as usize;
+        curve.push((used, line["reward_mean"].as_f64().unwrap_or(f64::NAN)));
     }
     let e = t.evaluate(Split::Eval, 0, true)?;
     Ok((curve, e.reward_mean))

@@ -80,6 +80,33 @@ pub struct Trainer {
     pub step: usize,
     /// TensorBoard event file of the run (None: metrics.jsonl only).
     pub tensorboard: Option<crate::tensorboard::EventWriter>,
+    /// With `log_kl`: each agent's initial policy, to measure how far training moved it.
+    pub references: Vec<collm_model::Transformer>,
+}
+
+/// Copies of the agents' initial policies when the config asks for KL logging.
+fn references(cfg: &Config, team: &Team) -> Result<Vec<collm_model::Transformer>> {
+    if !cfg.log_kl {
+        return Ok(vec![]);
+    }
+    team.agents.iter().map(|p| p.model.deep_clone()).collect()
+}
+
+/// KL(π_i || π_i,ref) per agent, estimated on the rollout's own responses as the mean over
+/// their tokens of log π_i(token) − log π_ref(token) (the sampling pass gives log π_i).
+pub fn kl_to_reference(team: &Team, references: &[collm_model::Transformer], r: &Rollout) -> Result<Vec<f64>> {
+    let mut out = vec![];
+    for (i, (p, reference)) in team.agents.iter().zip(references).enumerate() {
+        let seqs = r.agent_sequences(i);
+        let toks: Vec<Vec<u32>> = seqs.iter().map(|s| s.0.clone()).collect();
+        let spans: Vec<Vec<(usize, usize)>> = seqs.iter().map(|s| s.1.clone()).collect();
+        let s = collm_model::score_spans(reference, &toks, &spans, &vec![vec![]; toks.len()], p.tokenizer.pad_id(), false)?;
+        let ref_lp = s.token_logprobs.to_vec1::<f32>()?;
+        let old: Vec<f32> = seqs.iter().flat_map(|s| s.2.iter().flat_map(|&(x, k)| r.nodes[x].responses[i][k].logprobs.clone())).collect();
+        let n = old.len().max(1) as f64;
+        out.push(old.iter().zip(&ref_lp).map(|(a, b)| (*a - *b) as f64).sum::<f64>() / n);
+    }
+    Ok(out)
 }
 
 /// Mean eval numbers.
@@ -110,7 +137,8 @@ impl Trainer {
         let env = make_env(&cfg)?;
         let team = Team::load(&cfg, env.num_agents())?;
         let tensorboard = Some(crate::tensorboard::EventWriter::create(out)?);
-        Ok(Self { cfg, env, team, out: out.to_path_buf(), step: 0, tensorboard })
+        let references = references(&cfg, &team)?;
+        Ok(Self { cfg, env, team, out: out.to_path_buf(), step: 0, tensorboard, references })
     }
 
     /// Continues the run in `out` from its latest checkpoint (metrics after it are dropped).
@@ -119,6 +147,7 @@ impl Trainer {
         let ckpt = latest_checkpoint(out)?.with_context(|| format!("{}: no checkpoint to resume from", out.display()))?;
         let env = make_env(&cfg)?;
         let mut team = Team::load(&cfg, env.num_agents())?;
+        let references = references(&cfg, &team)?;
         let step = load_checkpoint(&mut team, &ckpt)?;
         // Keep the metrics up to the checkpoint's step.
         let mpath = out.join("metrics.jsonl");
@@ -130,7 +159,7 @@ impl Trainer {
             .collect();
         std::fs::write(&mpath, kept)?;
         let tensorboard = Some(crate::tensorboard::EventWriter::create(out)?);
-        Ok(Self { cfg, env, team, out: out.to_path_buf(), step, tensorboard })
+        Ok(Self { cfg, env, team, out: out.to_path_buf(), step, tensorboard, references })
     }
 
     fn sampling(&self, greedy: bool) -> SamplingParams {
@@ -185,6 +214,7 @@ impl Trainer {
         let t0 = Instant::now();
         let step = self.step;
         let r = self.rollout_for_step(step)?;
+        let kl = if self.references.is_empty() { None } else { Some(kl_to_reference(&self.team, &self.references, &r)?) };
         let t1 = Instant::now();
         let stats = self.update(&r).with_context(|| format!("update at step {}", step + 1))?;
         let update_s = t1.elapsed().as_secs_f64();
@@ -201,6 +231,8 @@ impl Trainer {
             "value_mean": stats.value_mean,
             "target_mean": stats.target_mean,
             "advantage_mean": stats.advantage_mean,
+            "kl": kl,
+            "env_steps": r.nodes.iter().map(|n| n.joints.len()).sum::<usize>(),
             "generated_tokens": r.generated_tokens,
             "tokens_per_s": r.generated_tokens as f64 / r.gen_s.max(1e-9),
             "gen_s": r.gen_s,
@@ -241,7 +273,8 @@ impl Trainer {
         Ok(EvalStats { episodes: count, reward_mean, reward_per_turn })
     }
 
-    fn log(&self, line: &Value) -> Result<()> {
+    /// Appends a metrics line to metrics.jsonl (and the TensorBoard events).
+    pub fn log(&self, line: &Value) -> Result<()> {
         let mut f = std::fs::OpenOptions::new().append(true).create(true).open(self.out.join("metrics.jsonl"))?;
         writeln!(f, "{line}")?;
         if let Some(tb) = &self.tensorboard {

@@ -257,7 +257,7 @@ fn bad_configs_name_the_key() {
 fn heterogeneous_teams_train_and_write_their_run_files() {
     // Two agents of different sizes and a critic of a third size.
     let dir = tmp("hetero");
-    let mut c = cfg(&["steps=3", "checkpoint_every=3", "eval_every=3"]);
+    let mut c = cfg(&["steps=3", "checkpoint_every=3", "eval_every=3", "log_kl=true"]);
     let mut a0 = c.agents.clone();
     a0.tiny = collm_rl::config::TinyModel { hidden: 48, layers: 1, heads: 4, kv_heads: 4, intermediate: 96 };
     let mut a1 = c.agents.clone();
@@ -273,6 +273,10 @@ fn heterogeneous_teams_train_and_write_their_run_files() {
     assert_eq!(t.team.critics[0].model.cfg.hidden_size, 24);
     let lines = t.run(false).unwrap();
     assert_eq!(lines.len(), 3);
+    // KL to the initial policy: 0 before the first update, then positive.
+    let kl: Vec<Vec<f64>> = lines.iter().map(|l| l["kl"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()).collect();
+    assert!(kl[0].iter().all(|k| k.abs() < 1e-4), "{kl:?}");
+    assert!(kl[2].iter().all(|k| *k > 1e-4), "{kl:?}");
     for f in ["config.toml", "metrics.jsonl", "curves.png", "checkpoints/step-000003/trainer.json"] {
         assert!(dir.join(f).exists(), "{f}");
     }
