@@ -162,7 +162,7 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, js
     let _ = std::fs::remove_dir_all(&out);
     let t_load = Instant::now();
     let mut t = collm_rl::Trainer::new(cfg, &out)?;
-    t.env = Box::new(collm_envs::summary::Summary::new(paragraphs.clone(), vec![], turns)?);
+    t.env = Box::new(collm_envs::summary::Summary::new(collm_envs::Texts { train: paragraphs.clone(), eval: vec![] }, turns)?);
     let load_s = t_load.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let (mut gen_s, mut update_s, mut tokens, mut rewards) = (0.0, 0.0, 0usize, vec![]);

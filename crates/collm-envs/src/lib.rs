@@ -53,3 +53,56 @@ pub fn check_step(env: &dyn Env, split: Split, item: usize, turn: usize, joint_a
     }
     Ok(())
 }
+
+/// A task's texts (prompts, posts, abstracts), split into train and eval.
+#[derive(Clone, Debug, Default)]
+pub struct Texts {
+    pub train: Vec<String>,
+    pub eval: Vec<String>,
+}
+
+impl Texts {
+    /// From a data file (JSON list or JSONL, the text in `field`) with its eval split from
+    /// `eval_data` or, without one, the file's last two rows; with no file, the built-in texts,
+    /// the last `builtin_eval` of them held out.
+    pub fn load(
+        data: Option<&std::path::Path>,
+        eval_data: Option<&std::path::Path>,
+        field: &str,
+        builtin: &[&str],
+        builtin_eval: usize,
+    ) -> Result<Self> {
+        let Some(p) = data else {
+            let all: Vec<String> = builtin.iter().map(|s| s.to_string()).collect();
+            let cut = all.len().saturating_sub(builtin_eval);
+            return Ok(Self { train: all[..cut].to_vec(), eval: all[cut..].to_vec() });
+        };
+        let mut train = summary::read_texts(p, field)?;
+        let eval = match eval_data {
+            Some(e) => summary::read_texts(e, field)?,
+            None if train.len() > 2 => train.split_off(train.len() - 2),
+            None => vec![],
+        };
+        Ok(Self { train, eval })
+    }
+
+    pub fn len(&self, split: Split) -> usize {
+        self.split(split).len()
+    }
+
+    fn split(&self, split: Split) -> &Vec<String> {
+        match split {
+            Split::Train => &self.train,
+            Split::Eval => &self.eval,
+        }
+    }
+
+    /// Item `item` of a split; `task` names the task in the error.
+    pub fn get(&self, task: &str, split: Split, item: usize) -> Result<&str> {
+        let v = self.split(split);
+        match v.get(item) {
+            Some(t) => Ok(t),
+            None => bail!("{task}: item {item} is outside the {split:?} split ({} items)", v.len()),
+        }
+    }
+}

@@ -6,7 +6,7 @@
 //! +max(0, 1 − (ratio − 3) / 3). With more than one turn, each agent's next observation repeats its
 //! instruction and the text with its previous answer and asks it to improve.
 
-use crate::{check_step, Env, Outcome, Split};
+use crate::{check_step, Env, Outcome, Split, Texts};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
@@ -30,8 +30,7 @@ pub const BUILTIN: [&str; 10] = [
 ];
 
 pub struct Summary {
-    train: Vec<String>,
-    eval: Vec<String>,
+    texts: Texts,
     pub turns: usize,
     /// The ratio band [lo, hi] that earns the full +1 (default [1.5, 3.0]).
     pub band: (f64, f64),
@@ -87,26 +86,17 @@ pub fn read_texts(path: &Path, field: &str) -> Result<Vec<String>> {
 impl Summary {
     /// The built-in texts: the first eight train, the last two eval.
     pub fn builtin(turns: usize) -> Result<Self> {
-        let all: Vec<String> = BUILTIN.iter().map(|s| s.to_string()).collect();
-        Self::new(all[..8].to_vec(), all[8..].to_vec(), turns)
+        Self::new(Texts::load(None, None, "", &BUILTIN, 2)?, turns)
     }
 
-    pub fn new(train: Vec<String>, eval: Vec<String>, turns: usize) -> Result<Self> {
-        if train.is_empty() {
+    pub fn new(texts: Texts, turns: usize) -> Result<Self> {
+        if texts.train.is_empty() {
             bail!("summary: the train split is empty");
         }
         if turns == 0 {
             bail!("summary: turns must be at least 1");
         }
-        Ok(Self { train, eval, turns, band: (1.5, 3.0) })
-    }
-
-    fn text(&self, split: Split, item: usize) -> Result<&str> {
-        let v = match split {
-            Split::Train => &self.train,
-            Split::Eval => &self.eval,
-        };
-        v.get(item).map(|s| s.as_str()).with_context(|| format!("summary: item {item} is outside the {split:?} split ({} items)", v.len()))
+        Ok(Self { texts, turns, band: (1.5, 3.0) })
     }
 }
 
@@ -120,20 +110,17 @@ impl Env for Summary {
     }
 
     fn len(&self, split: Split) -> usize {
-        match split {
-            Split::Train => self.train.len(),
-            Split::Eval => self.eval.len(),
-        }
+        self.texts.len(split)
     }
 
     fn reset(&self, split: Split, item: usize) -> Result<Vec<String>> {
-        let text = self.text(split, item)?;
+        let text = self.texts.get("summary", split, item)?;
         Ok(INSTRUCTIONS.iter().map(|i| format!("{i}\n\n{text}")).collect())
     }
 
     fn step(&self, split: Split, item: usize, turn: usize, joint_actions: &[Vec<String>]) -> Result<Outcome> {
         check_step(self, split, item, turn, joint_actions)?;
-        let text = self.text(split, item)?;
+        let text = self.texts.get("summary", split, item)?;
         let a = &joint_actions[turn];
         let reward = pair_reward_band(&a[0], &a[1], self.band);
         let next_observations =

@@ -8,7 +8,7 @@
 //! empty → 1); a transition category counts when any of its phrases is a substring of the
 //! lower-cased text, and T = 0 with no category, else min(0.4 + min(0.05·(k − 1), 0.6), 1).
 
-use crate::{check_step, Env, Outcome, Split};
+use crate::{check_step, Env, Outcome, Split, Texts};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -198,16 +198,23 @@ pub const ARXIV_PROMPTS: [&str; 2] = [
 pub struct Writing {
     pub task: WritingTask,
     pub lexicons: Lexicons,
-    train: Vec<String>,
-    eval: Vec<String>,
+    texts: Texts,
 }
 
 impl Writing {
-    pub fn new(task: WritingTask, lexicons: Lexicons, train: Vec<String>, eval: Vec<String>) -> Result<Self> {
-        if train.is_empty() {
+    pub fn new(task: WritingTask, lexicons: Lexicons, texts: Texts) -> Result<Self> {
+        if texts.train.is_empty() {
             bail!("writing: the train split is empty");
         }
-        Ok(Self { task, lexicons, train, eval })
+        Ok(Self { task, lexicons, texts })
+    }
+
+    /// The built-in texts of a task: TLDR uses the summary task's posts, arXiv the abstracts here.
+    pub fn builtin_texts(task: WritingTask) -> &'static [&'static str] {
+        match task {
+            WritingTask::Tldr => &crate::summary::BUILTIN,
+            WritingTask::Arxiv => &BUILTIN_ABSTRACTS,
+        }
     }
 }
 
@@ -222,15 +229,10 @@ impl Env for Writing {
         2
     }
     fn len(&self, split: Split) -> usize {
-        match split {
-            Split::Train => self.train.len(),
-            Split::Eval => self.eval.len(),
-        }
+        self.texts.len(split)
     }
     fn reset(&self, split: Split, item: usize) -> Result<Vec<String>> {
-        let v = if split == Split::Train { &self.train } else { &self.eval };
-        let text =
-            v.get(item).with_context(|| format!("{}: item {item} is outside the {split:?} split ({} items)", self.name(), v.len()))?;
+        let text = self.texts.get(self.name(), split, item)?;
         let prompts = if self.task == WritingTask::Tldr { TLDR_PROMPTS } else { ARXIV_PROMPTS };
         Ok(prompts.iter().map(|p| p.replace("{text}", text)).collect())
     }

@@ -10,9 +10,9 @@ use crate::config::{Algo, Config, JointMode};
 use crate::rollout::{rollout, Rollout, RolloutSpec};
 use crate::team::{Critic, Policy, Team};
 use anyhow::{bail, Context, Result};
-use collm_envs::summary::{read_texts, Summary};
+use collm_envs::summary::Summary;
 use collm_envs::synthetic::Synthetic;
-use collm_envs::{Env, Split};
+use collm_envs::{Env, Split, Texts};
 use collm_model::{checkpoint, loader, AdamW, SamplingParams};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -27,45 +27,19 @@ pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
     Ok(match t.name.as_str() {
         "synthetic" => Box::new(Synthetic::new(t.symbols, t.agents, t.turns, t.density)?),
         "summary" => {
-            let mut s = match &t.data {
-                None => Summary::builtin(t.turns)?,
-                Some(p) => {
-                    let mut train = read_texts(p, &t.text_field)?;
-                    let eval = match &t.eval_data {
-                        Some(e) => read_texts(e, &t.text_field)?,
-                        None if train.len() > 2 => train.split_off(train.len() - 2),
-                        None => vec![],
-                    };
-                    Summary::new(train, eval, t.turns)?
-                }
-            };
+            let texts = Texts::load(t.data.as_deref(), t.eval_data.as_deref(), &t.text_field, &collm_envs::summary::BUILTIN, 2)?;
+            let mut s = Summary::new(texts, t.turns)?;
             s.band = (t.ratio_band[0], t.ratio_band[1]);
             Box::new(s)
         }
         "tldr" | "arxiv" => {
-            use collm_envs::writing::{Lexicons, Writing, WritingTask, BUILTIN_ABSTRACTS};
+            use collm_envs::writing::{Lexicons, Writing, WritingTask};
             let task = if t.name == "tldr" { WritingTask::Tldr } else { WritingTask::Arxiv };
             let lex = Lexicons::load(&t.lexicons).with_context(|| format!("task.lexicons = {}", t.lexicons.display()))?;
-            let (train, eval) = match &t.data {
-                None if task == WritingTask::Tldr => {
-                    let all: Vec<String> = collm_envs::summary::BUILTIN.iter().map(|s| s.to_string()).collect();
-                    (all[..8].to_vec(), all[8..].to_vec())
-                }
-                None => {
-                    let all: Vec<String> = BUILTIN_ABSTRACTS.iter().map(|s| s.to_string()).collect();
-                    (all[..3].to_vec(), all[3..].to_vec())
-                }
-                Some(p) => {
-                    let mut train = read_texts(p, &t.text_field)?;
-                    let eval = match &t.eval_data {
-                        Some(e) => read_texts(e, &t.text_field)?,
-                        None if train.len() > 2 => train.split_off(train.len() - 2),
-                        None => vec![],
-                    };
-                    (train, eval)
-                }
-            };
-            Box::new(Writing::new(task, lex, train, eval)?)
+            let builtin = Writing::builtin_texts(task);
+            let held_out = if task == WritingTask::Tldr { 2 } else { 1 };
+            let texts = Texts::load(t.data.as_deref(), t.eval_data.as_deref(), &t.text_field, builtin, held_out)?;
+            Box::new(Writing::new(task, lex, texts)?)
         }
         other => bail!("unknown task '{other}'"),
     })
