@@ -157,6 +157,8 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, js
     cfg.agents.lr = num("learning_rate")?;
     cfg.critic.lr = num("critic_learning_rate")?;
     cfg.critic.value_coef = num("value_loss_coef")?;
+    // Gradients accumulate over passes of a few sequences: the same update, less memory.
+    cfg.micro_batch = 4;
     cfg.validate()?;
     let out = std::env::temp_dir().join(format!("collm-bench-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
