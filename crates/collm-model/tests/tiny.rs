@@ -408,6 +408,26 @@ fn gguf_loading_undoes_the_qk_permutation_and_dequantizes() {
 }
 
 #[test]
+fn gguf_k_quants_and_bf16_dequantize() {
+    // k-quant blocks hold 256 values, so every matrix row here is 256 wide.
+    let dir = tmpdir("gguf-k");
+    let mut cfg = ModelConfig::tiny(Arch::Llama, 264);
+    (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) = (256, 256, 4, 2, 64);
+    let m = Transformer::random(cfg, 21).unwrap();
+    let seq = [5u32, 100, 7, 200, 9, 42];
+    let want = full_logits(&m, &seq);
+    let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    for (dt, rel) in [(GgmlDType::BF16, 0.01), (GgmlDType::Q6K, 0.06), (GgmlDType::Q4K, 0.3)] {
+        let path = dir.join(format!("{dt:?}.gguf"));
+        write_gguf(&m, &path, dt, None);
+        let back = loader::load(path.to_str().unwrap()).unwrap();
+        let d = max_diff(&want, &full_logits(&back.model, &seq));
+        assert!(d < rel * scale, "{dt:?}: logits differ by {d} (largest logit {scale})");
+        assert!(d > 0.0 || dt == GgmlDType::BF16, "{dt:?}: the weights were quantized");
+    }
+}
+
+#[test]
 fn malformed_inputs_give_clear_errors() {
     let dir = tmpdir("bad");
     let m = tiny(Arch::Llama, 264, 1);
