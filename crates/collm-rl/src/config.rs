@@ -90,7 +90,7 @@ pub enum JointMode {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TinyModel {
     pub hidden: usize,
     pub layers: usize,
@@ -416,5 +416,8 @@ mod tests {
         let e = format!("{:#}", Config::from_toml("algo = \"ppo\"", "x.toml", &[]).unwrap_err());
         assert!(e.contains("ppo"), "{e}");
         assert!(Config::from_toml("steps = [", "x.toml", &[]).is_err());
+        // A partial table keeps the other fields' defaults.
+        let c = Config::from_toml("", "x.toml", &["agents.tiny.hidden=64".into()]).unwrap();
+        assert_eq!((c.agents.tiny.hidden, c.agents.tiny.layers), (64, TinyModel::default().layers));
     }
 }
