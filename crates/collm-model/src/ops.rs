@@ -184,13 +184,17 @@ impl CustomOp2 for RmsNorm {
         let (dx, dw) = with_f32(x, |x| {
             with_f32(w, |w| {
                 with_f32(grad, |g| {
+                    // dW sums over rows: each fixed block of rows adds into its own partial, and
+                    // the partials are summed in order, so the result does not depend on how
+                    // rayon schedules the blocks (a fold/reduce would make training runs differ).
+                    const ROWS: usize = 32;
                     let mut dx = vec![0f32; x.len()];
-                    let dw = dx
-                        .par_chunks_mut(d)
-                        .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-                        .fold(
-                            || if want_w { vec![0f32; d] } else { Vec::new() },
-                            |mut acc, (dx, (x, g))| {
+                    let partials: Vec<Vec<f32>> = dx
+                        .par_chunks_mut(d * ROWS)
+                        .zip(x.par_chunks(d * ROWS).zip(g.par_chunks(d * ROWS)))
+                        .map(|(dxb, (xb, gb))| {
+                            let mut acc = if want_w { vec![0f32; d] } else { Vec::new() };
+                            for (dx, (x, g)) in dxb.chunks_mut(d).zip(xb.chunks(d).zip(gb.chunks(d))) {
                                 let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
                                 let r = 1.0 / (ms + eps).sqrt();
                                 let mut dot = 0f32;
@@ -206,16 +210,14 @@ impl CustomOp2 for RmsNorm {
                                         acc[j] += g[j] * x[j] * r;
                                     }
                                 }
-                                acc
-                            },
-                        )
-                        .reduce(
-                            || if want_w { vec![0f32; d] } else { Vec::new() },
-                            |mut a, b| {
-                                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                                a
-                            },
-                        );
+                            }
+                            acc
+                        })
+                        .collect();
+                    let mut dw = if want_w { vec![0f32; d] } else { Vec::new() };
+                    for p in &partials {
+                        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+                    }
                     (dx, dw)
                 })
             })
