@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use collm_model::{generate, loader, score, AdamW, AdamWConfig, Grads, LoraConfig, SamplingParams};
+use collm_model::{loader, score, AdamW, AdamWConfig, Grads, LoraConfig, SamplingParams};
 use std::time::Instant;
 
 #[derive(Subcommand)]
@@ -234,7 +234,6 @@ fn bench_model(cmd: BenchCmd) -> Result<()> {
             "generate_tokens_per_s": n as f64 / (prefill_s + decode_s),
         }));
     }
-    let _ = generate; // the CLI's generate path is the same prefill + decode
     let full_s = train_step_s(&lm.model, train_batch, train_tokens, repeats, pad)?;
     let mut lora_model = lm.model.deep_clone()?;
     drop(lm.model);

@@ -116,11 +116,10 @@ pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
-/// Shape of the LoRA A and B matrices for a target module of layer `l`.
-fn lora_shapes(cfg: &ModelConfig, module: &str, rank: usize) -> Result<(String, usize, usize)> {
+/// The block a LoRA target module lives in, and its fan-in and fan-out (A is [rank, fan_in], B [fan_out, rank]).
+fn lora_shapes(cfg: &ModelConfig, module: &str) -> Result<(String, usize, usize)> {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-    let _ = rank;
     Ok(match module {
         "q_proj" => ("self_attn".into(), h, qd),
         "k_proj" => ("self_attn".into(), h, kvd),
@@ -183,7 +182,7 @@ impl Transformer {
         }
         for l in 0..self.cfg.num_layers {
             for m in &lora.targets {
-                let (block, fan_in, fan_out) = lora_shapes(&self.cfg, m, lora.rank)?;
+                let (block, fan_in, fan_out) = lora_shapes(&self.cfg, m)?;
                 let p = format!("model.layers.{l}.{block}.{m}");
                 let a: Vec<f32> = (0..lora.rank * fan_in).map(|_| normal(&mut rng) * 0.02).collect();
                 let a = Tensor::from_vec(a, (lora.rank, fan_in), &self.device)?;

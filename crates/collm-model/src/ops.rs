@@ -418,10 +418,9 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (out_f, in_f) = self.w.dims2()?;
+        let (out_f, _) = self.w.dims2()?;
         let g2 = grad.reshape(((), out_f))?;
         let dx = g2.matmul(&self.w)?;
-        let _ = in_f;
         Ok(Some(dx.reshape(arg.shape())?))
     }
 }

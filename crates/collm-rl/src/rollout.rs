@@ -205,7 +205,7 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
         // The env scores each joint action; continuing joint actions open child nodes.
         let mut next_frontier = Vec::new();
         let mut keep_rows = Vec::new();
-        for (fpos, &x) in frontier.clone().iter().enumerate() {
+        for (fpos, &x) in frontier.iter().enumerate() {
             let choices: Vec<Vec<usize>> = match spec.joint_mode {
                 JointMode::Aligned => (0..k).map(|kk| vec![kk; n]).collect(),
                 JointMode::Cross => (0..k.pow(n as u32)).map(|c| (0..n).map(|i| (c / k.pow(i as u32)) % k).collect()).collect(),
