@@ -324,7 +324,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let e = t.evaluate(split, a.items, !a.sampled)?;
     println!(
         "{}",
-        serde_json::json!({"checkpoint": dir, "step": step, "split": a.split, "episodes": e.episodes, "reward_mean": e.reward_mean, "reward_per_turn": e.reward_per_turn})
+        serde_json::json!({"checkpoint": dir, "step": step, "split": a.split, "episodes": e.episodes, "reward_mean": e.reward_mean, "reward_per_turn": e.reward_per_turn, "metrics": e.metrics})
     );
     Ok(())
 }

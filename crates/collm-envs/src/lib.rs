@@ -26,6 +26,20 @@ pub struct Outcome {
     pub reward: f64,
     /// Each agent's next observation (the text appended to its history before the next turn).
     pub next_observations: Vec<String>,
+    /// Task metrics of this joint action beyond the reward (pass rate, IoU, ...), averaged over
+    /// episodes' last turns by `collm eval`.
+    pub metrics: std::collections::BTreeMap<String, f64>,
+}
+
+impl Outcome {
+    pub fn new(reward: f64, next_observations: Vec<String>) -> Self {
+        Self { reward, next_observations, metrics: Default::default() }
+    }
+
+    pub fn with_metric(mut self, name: &str, value: f64) -> Self {
+        self.metrics.insert(name.to_string(), value);
+        self
+    }
 }
 
 pub trait Env: Send + Sync {

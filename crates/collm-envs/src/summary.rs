@@ -125,7 +125,7 @@ impl Env for Summary {
         let reward = pair_reward_band(&a[0], &a[1], self.band);
         let next_observations =
             INSTRUCTIONS.iter().zip(a).map(|(i, prev)| format!("{i}\n\n{text}\n\nPrevious answer: {}. Improve it.", prev.trim())).collect();
-        Ok(Outcome { reward, next_observations })
+        Ok(Outcome::new(reward, next_observations))
     }
 }
 

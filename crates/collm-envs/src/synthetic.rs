@@ -132,7 +132,7 @@ impl Env for Synthetic {
                 format!("|{}:{others}>", turn + 1)
             })
             .collect();
-        Ok(Outcome { reward, next_observations })
+        Ok(Outcome::new(reward, next_observations))
     }
 }
 

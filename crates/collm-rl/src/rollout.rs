@@ -13,6 +13,7 @@ use crate::config::{HistoryMode, JointMode};
 use crate::returns::terminates;
 use crate::team::{Policy, Team};
 use anyhow::{Context, Result};
+use rayon::prelude::*;
 use candle_core::Tensor;
 use collm_envs::{Env, Split};
 use collm_model::generate::{decode, extend, prefill};
@@ -36,6 +37,8 @@ pub struct Joint {
     pub choice: Vec<usize>,
     pub reward: f64,
     pub child: Option<usize>,
+    /// The env's task metrics of this joint action (pass rate, IoU, ...).
+    pub metrics: std::collections::BTreeMap<String, f64>,
 }
 
 #[derive(Clone, Debug)]
@@ -210,18 +213,21 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
                 JointMode::Aligned => (0..k).map(|kk| vec![kk; n]).collect(),
                 JointMode::Cross => (0..k.pow(n as u32)).map(|c| (0..n).map(|i| (c / k.pow(i as u32)) % k).collect()).collect(),
             };
-            let mut outcomes = Vec::with_capacity(choices.len());
-            for ch in &choices {
-                let mut path = nodes[x].past.clone();
-                path.push((0..n).map(|i| nodes[x].responses[i][ch[i]].text.clone()).collect());
-                let o = env
-                    .step(spec.split, nodes[x].item, turn, &path)
-                    .with_context(|| format!("{}: item {}, turn {turn}", env.name(), nodes[x].item))?;
-                if !o.reward.is_finite() {
-                    anyhow::bail!("{}: item {}, turn {turn}: the reward is {}", env.name(), nodes[x].item, o.reward);
-                }
-                outcomes.push((path, o));
-            }
+            // Scoring may run model-written code (the coding sandbox), so joint actions are scored in parallel.
+            let outcomes = choices
+                .par_iter()
+                .map(|ch| {
+                    let mut path = nodes[x].past.clone();
+                    path.push((0..n).map(|i| nodes[x].responses[i][ch[i]].text.clone()).collect());
+                    let o = env
+                        .step(spec.split, nodes[x].item, turn, &path)
+                        .with_context(|| format!("{}: item {}, turn {turn}", env.name(), nodes[x].item))?;
+                    if !o.reward.is_finite() {
+                        anyhow::bail!("{}: item {}, turn {turn}: the reward is {}", env.name(), nodes[x].item, o.reward);
+                    }
+                    Ok((path, o))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let mean = outcomes.iter().map(|(_, o)| o.reward).sum::<f64>() / outcomes.len() as f64;
             let go_on = turn + 1 < spec.turns && spec.joint_mode == JointMode::Aligned && !terminates(mean, spec.early_termination);
             for (ch, (path, o)) in choices.into_iter().zip(outcomes) {
@@ -263,7 +269,7 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
                     next_frontier.push(id);
                     keep_rows.push(fpos * k + kk);
                 }
-                nodes[x].joints.push(Joint { choice: ch, reward: o.reward, child });
+                nodes[x].joints.push(Joint { choice: ch, reward: o.reward, child, metrics: o.metrics });
             }
         }
         // Carry the caches of the continuing rows into the next turn: they hold each history and
@@ -305,6 +311,19 @@ impl Rollout {
                 None => out.push(acc + j.reward),
             }
         }
+    }
+
+    /// Each task metric averaged over the episodes' last joint actions (the leaves of the tree).
+    pub fn final_metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        let mut acc: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+        for j in self.nodes.iter().flat_map(|nd| &nd.joints).filter(|j| j.child.is_none()) {
+            for (k, v) in &j.metrics {
+                let e = acc.entry(k.clone()).or_default();
+                e.0 += v;
+                e.1 += 1;
+            }
+        }
+        acc.into_iter().map(|(k, (s, c))| (k, s / c as f64)).collect()
     }
 
     /// Mean reward of the joint actions at each turn.

@@ -123,6 +123,13 @@ impl EventWriter {
                             }
                         }
                     }
+                    serde_json::Value::Object(o) => {
+                        for (name, x) in o {
+                            if let Some(x) = x.as_f64() {
+                                s.push((format!("{prefix}/{k}/{name}"), x as f32));
+                            }
+                        }
+                    }
                     _ => {}
                 }
             }

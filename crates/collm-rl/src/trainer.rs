@@ -89,6 +89,8 @@ pub struct EvalStats {
     pub episodes: usize,
     pub reward_mean: f64,
     pub reward_per_turn: Vec<f64>,
+    /// The task's metrics (pass rate, IoU, ...) at the episodes' last turns, averaged.
+    pub metrics: std::collections::BTreeMap<String, f64>,
 }
 
 fn mix(a: u64, b: u64) -> u64 {
@@ -198,6 +200,7 @@ impl Trainer {
             "step": self.step,
             "reward_mean": r.mean_episode_reward(),
             "reward_per_turn": r.mean_reward_per_turn(),
+            "metrics": r.final_metrics(),
             "return_mean": mean_root_return(&r, self.cfg.gamma),
             "policy_loss": stats.policy_loss,
             "grad_norm": stats.grad_norm,
@@ -225,6 +228,7 @@ impl Trainer {
         let ids: Vec<usize> = (0..count).collect();
         let mut rewards = vec![];
         let mut per_turn: Vec<Vec<f64>> = vec![];
+        let mut metrics: std::collections::BTreeMap<String, f64> = Default::default();
         for chunk in ids.chunks(self.cfg.buffer.max(1) * 4) {
             let spec = RolloutSpec {
                 split,
@@ -240,11 +244,14 @@ impl Trainer {
             let r = rollout(&self.team, self.env.as_ref(), &spec)?;
             rewards.push((r.mean_episode_reward(), chunk.len()));
             per_turn.push(r.mean_reward_per_turn());
+            for (k, v) in r.final_metrics() {
+                *metrics.entry(k).or_default() += v * chunk.len() as f64 / count as f64;
+            }
         }
         let reward_mean = rewards.iter().map(|(r, c)| r * *c as f64).sum::<f64>() / count as f64;
         let turns = per_turn.iter().map(|v| v.len()).max().unwrap_or(0);
         let reward_per_turn = (0..turns).map(|t| per_turn.iter().filter_map(|v| v.get(t)).sum::<f64>() / per_turn.len() as f64).collect();
-        Ok(EvalStats { episodes: count, reward_mean, reward_per_turn })
+        Ok(EvalStats { episodes: count, reward_mean, reward_per_turn, metrics })
     }
 
     /// Appends a metrics line to metrics.jsonl (and the TensorBoard events).
@@ -327,7 +334,7 @@ impl Trainer {
         if progress {
             eprintln!("eval at step {}: reward {:.4} over {} episodes", self.step, e.reward_mean, e.episodes);
         }
-        self.log(&json!({"step": self.step, "eval_reward_mean": e.reward_mean, "eval_reward_per_turn": e.reward_per_turn, "eval_episodes": e.episodes}))
+        self.log(&json!({"step": self.step, "eval_reward_mean": e.reward_mean, "eval_reward_per_turn": e.reward_per_turn, "eval_episodes": e.episodes, "eval_metrics": e.metrics}))
     }
 }
 
