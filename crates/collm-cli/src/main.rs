@@ -30,6 +30,8 @@ enum Cmd {
     Eval(EvalArgs),
     /// Score one joint action of a task exactly as training does.
     Reward(RewardArgs),
+    /// Run a Python file in the sandbox, exactly as the coding rewards run model-written code.
+    Sandbox(SandboxArgs),
     /// Run several algorithms x seeds on several task settings; write a table, a plot and summary.json.
     Study(StudyArgs),
     /// Benchmarks.
@@ -122,6 +124,22 @@ struct RewardArgs {
     /// The writing rewards' word lists.
     #[arg(long, default_value = "../shared/data/writing/lexicons.json")]
     lexicons: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SandboxArgs {
+    file: PathBuf,
+    /// Wall-clock limit in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Address-space limit in MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory_mb: u64,
+    /// The Python interpreter (default: found as the sandbox needs it).
+    #[arg(long)]
+    python: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -236,6 +254,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => train(a)?,
         Cmd::Eval(a) => eval(a)?,
         Cmd::Reward(a) => reward(a)?,
+        Cmd::Sandbox(a) => sandbox(a)?,
         Cmd::Study(a) => {
             let s = collm_rl::study::StudyConfig::load(&a.config, &a.set)?;
             collm_rl::study::run(&s, &a.out, true)?;
@@ -305,6 +324,27 @@ fn reward(a: RewardArgs) -> Result<()> {
         println!("{out}");
     } else {
         println!("reward {:.4}  levels {}", out["reward"].as_f64().unwrap_or(f64::NAN), out["levels"]);
+    }
+    Ok(())
+}
+
+fn sandbox(a: SandboxArgs) -> Result<()> {
+    use collm_envs::sandbox::{Limits, Sandbox};
+    if !(a.timeout > 0.0 && a.timeout.is_finite()) {
+        bail!("--timeout {}: must be a positive number of seconds", a.timeout);
+    }
+    let limits = Limits { timeout: std::time::Duration::from_secs_f64(a.timeout), memory_mb: a.memory_mb, ..Limits::default() };
+    let sb = Sandbox::new(limits, a.python.as_deref())?;
+    for w in &sb.isolation.warnings {
+        eprintln!("warning: {w}");
+    }
+    let r = sb.run_file(&a.file)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print!("{}", r.stdout);
+        eprint!("{}", r.stderr);
+        eprintln!("[{}{} in {:.2} s]", serde_json::to_value(r.status)?.as_str().unwrap_or("?"), r.reason.as_deref().map(|s| format!(": {s}")).unwrap_or_default(), r.wall_s);
     }
     Ok(())
 }
