@@ -7,7 +7,7 @@
 //! instruction and the text with its previous answer and asks it to improve.
 
 use crate::{check_step, Env, Outcome, Split, Texts};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::path::Path;
 
 pub const INSTRUCTIONS: [&str; 2] = [
@@ -61,26 +61,10 @@ pub fn pair_reward_band(c1: &str, c2: &str, (lo, hi): (f64, f64)) -> f64 {
     r
 }
 
-/// Reads texts from a JSON list or JSONL file: each row an object with a string `field`.
+/// Reads the string column `field` of a dataset file (JSON, JSONL, gzipped, Parquet).
 pub fn read_texts(path: &Path, field: &str) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let rows: Vec<serde_json::Value> = if text.trim_start().starts_with('[') {
-        serde_json::from_str(&text).with_context(|| format!("{}: not a JSON list", path.display()))?
-    } else {
-        text.lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}: line {}: not JSON", path.display(), i + 1)))
-            .collect::<Result<_>>()?
-    };
-    rows.iter()
-        .enumerate()
-        .map(|(i, r)| {
-            r.get(field).and_then(|v| v.as_str()).map(String::from).with_context(|| {
-                format!("{}: row {i} has no string field '{field}' (set the column name with `text_field`)", path.display())
-            })
-        })
-        .collect()
+    let rows = crate::dataset::read_rows(path)?;
+    rows.iter().enumerate().map(|(i, r)| crate::dataset::string_field(path, i, r, field, "task.text_field").map(String::from)).collect()
 }
 
 impl Summary {
