@@ -5,6 +5,7 @@
 //! Envs are stateless: everything a step needs (the item, the turn, the joint actions so far) is
 //! passed in, so a rollout can branch a node into K children (MAGRPO's tree) without copying state.
 
+pub mod coding;
 pub mod dataset;
 pub mod sandbox;
 pub mod summary;
@@ -12,6 +13,15 @@ pub mod synthetic;
 pub mod writing;
 
 use anyhow::{bail, Result};
+
+/// A reward with the points each level added (levels after a failed one are absent).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Scored {
+    pub reward: f64,
+    pub levels: std::collections::BTreeMap<String, f64>,
+    /// The level that failed, if one did.
+    pub stopped_at: Option<String>,
+}
 
 /// Which part of the task's data an episode draws from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -98,14 +98,7 @@ pub fn transition_score(text: &str, lex: &Lexicons) -> f64 {
     }
 }
 
-/// A reward with the points each level added (levels after a failed one are absent).
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct Scored {
-    pub reward: f64,
-    pub levels: BTreeMap<String, f64>,
-    /// The level that failed, if one did.
-    pub stopped_at: Option<String>,
-}
+pub use crate::Scored;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
