@@ -5,6 +5,7 @@
 //! Envs are stateless: everything a step needs (the item, the turn, the joint actions so far) is
 //! passed in, so a rollout can branch a node into K children (MAGRPO's tree) without copying state.
 
+pub mod minecraft;
 pub mod summary;
 pub mod synthetic;
 pub mod writing;
