@@ -10,10 +10,11 @@
 //!
 //! Coordinates are absolute integers (`~` and `^` are refused); a block may carry the
 //! `minecraft:` prefix. Anything else (prose, list markers, other commands, extra words, block
-//! states, non-ASCII text) is malformed: counted and ignored. A command the task does not use, a
-//! block outside the agent's palette (air is always allowed), a cell outside the build box, a
-//! fill past the agent's resource limit, and every line after the agent's command cap is reached
-//! are each counted under their own name and ignored; they never fail a step.
+//! states, non-ASCII text), and a command the task does not use (`/fill` in StrBuild,
+//! `/setblock` in HouseBuild), is malformed: counted and ignored. A block outside the agent's
+//! palette (air is always allowed), a cell outside the build box, a fill past the agent's
+//! resource limit, and every line after the agent's cap of accepted commands is reached are each
+//! counted under their own name ([`Tally`]) and ignored. Nothing in a response fails a step.
 
 use super::grid::{Bbox, Pos};
 use std::collections::BTreeMap;

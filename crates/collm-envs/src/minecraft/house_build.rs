@@ -449,16 +449,16 @@ impl HouseBuild {
 
     /// What agent `agent` reads after `turn` of `item`, the joint action having scored `reward`
     /// (without the shift) and the agent having sent `response`.
-    pub fn feedback(&self, item: usize, agent: usize, turn: usize, reward: f64, response: &str) -> String {
-        let task = &self.tasks[item];
+    pub fn feedback(&self, item: usize, agent: usize, turn: usize, reward: f64, response: &str) -> Result<String> {
+        let task = self.task(Split::Train, item)?;
         let prev = response.trim();
-        format!(
+        Ok(format!(
             "\n\nScore feedback before turn {}:\n- Previous reward: {reward:.4}\n- Reply with commands only, no other text.\n\n{}\n\n\
              Your previous commands:\n{}\n",
             turn + 2,
             self.prompt(task, agent, &self.spider_attacks(item, turn + 1)),
             if prev.is_empty() { "(none)" } else { prev }
-        )
+        ))
     }
 
     fn task(&self, split: Split, item: usize) -> Result<&HouseTask> {
@@ -489,7 +489,7 @@ impl Env for HouseBuild {
         let task = self.task(split, item)?;
         let responses: Vec<&str> = joint_actions[turn].iter().map(|s| s.as_str()).collect();
         let sc = self.score(task, &self.spider_attacks(item, turn), &responses);
-        let next = responses.iter().enumerate().map(|(a, r)| self.feedback(item, a, turn, sc.reward, r)).collect();
+        let next = responses.iter().enumerate().map(|(a, r)| self.feedback(item, a, turn, sc.reward, r)).collect::<Result<_>>()?;
         let mut out = Outcome::new(sc.reward + self.reward_shift, next)
             .with_metric("iou", sc.iou)
             .with_metric("match_fraction", sc.match_fraction)
@@ -500,5 +500,254 @@ impl Env for HouseBuild {
             out = out.with_metric(k, v);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-12
+    }
+
+    /// A 2×2×2 house: y=0 rows "SS", "SP"; y=1 rows "PA", "AA" (stone 3, planks 2, air 3), so
+    /// with 2 agents each may place 2 stone (⌈3/2⌉ + ⌊3/4⌋) and 1 planks (⌈2/2⌉ + ⌊2/4⌋).
+    const TINY: &str = r#"{"task_id": "tiny", "inventory": {"A": "air", "S": "minecraft:stone", "P": "planks"},
+        "count": {"A": 3, "S": 3, "P": 2},
+        "target_spec": {"type": "y_layers", "size": [2, 2, 2],
+            "layers": [{"y": 0, "rows": ["SS", "SP"]}, {"y": 1, "rows": ["PA", "AA"]}]}}"#;
+
+    const PERFECT: [&str; 2] = ["/fill 0 0 0 1 0 0 stone\n/fill 1 0 1 1 0 1 planks", "/fill 0 0 1 0 0 1 stone\n/fill 0 1 0 0 1 0 planks"];
+
+    fn tiny() -> (HouseBuild, HouseTask) {
+        let t = HouseTask::from_json(&serde_json::from_str(TINY).unwrap(), "tiny.json", 0).unwrap();
+        (HouseBuild::new(vec![t.clone()]).unwrap(), t)
+    }
+
+    fn shared() -> std::path::PathBuf {
+        std::env::var_os("COLLM_SHARED")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
+    }
+
+    #[test]
+    fn tiny_task_cells_limits_and_rects() {
+        let (_, t) = tiny();
+        assert_eq!(t.bbox, Bbox::new([0, 0, 0], [1, 1, 1]));
+        let cells: Vec<&str> = t.bbox.cells().map(|p| t.expected(p)).collect();
+        // y=0: z=0 (x=0, 1), z=1; then y=1.
+        assert_eq!(cells, ["stone", "stone", "stone", "planks", "planks", "air", "air", "air"]);
+        assert_eq!(t.limits(2), [("planks".to_string(), 1), ("stone".to_string(), 2)].into_iter().collect());
+        assert_eq!(t.limits(1), [("planks".to_string(), 3), ("stone".to_string(), 4)].into_iter().collect());
+        assert_eq!(t.rects(0), vec![([0, 0, 0], [1, 0, 0], "stone"), ([0, 0, 1], [0, 0, 1], "stone"), ([1, 0, 1], [1, 0, 1], "planks")]);
+        assert_eq!(t.rects(1), vec![([0, 1, 0], [0, 1, 0], "planks")]);
+        assert_eq!(t.blocks(), vec!["planks", "stone"]);
+    }
+
+    #[test]
+    fn perfect_build_without_kill_pays_the_spider_penalty() {
+        let (mut env, t) = tiny();
+        env.spider_attack = (2, 2);
+        let s = env.score(&t, &env.spider_attacks(0, 0), &PERFECT);
+        // Match 8/8; damage 2+2+2 = 6 ≥ 5 HP: penalty 0.1·min(1, 6/5) = 0.1.
+        assert_eq!((s.matched, s.cells, s.match_fraction, s.iou, s.killed), (8, 8, 1.0, 1.0, false));
+        assert_eq!((s.attacks.clone(), s.damage), (vec![2, 2, 2], 6.0));
+        assert!(close(s.spider_penalty, 0.1) && close(s.reward, 0.9), "{s:?}");
+        assert_eq!((s.tally.accepted, s.tally.over_resource), (4, 0));
+        env.spider_attack = (1, 1);
+        let s = env.score(&t, &env.spider_attacks(0, 0), &PERFECT);
+        // Damage 3: 0.1·3/5.
+        assert!(close(s.reward, 1.0 - 0.06), "{s:?}");
+    }
+
+    #[test]
+    fn kill_removes_the_penalty() {
+        let (env, t) = tiny();
+        let b = format!("/kill\n{}", PERFECT[1]);
+        let s = env.score(&t, &[3, 3, 3], &[PERFECT[0], &b]);
+        assert_eq!((s.reward, s.damage, s.spider_penalty, s.killed), (1.0, 0.0, 0.0, true));
+        // A /kill past the agent's command cap does not count.
+        let mut env = env;
+        env.max_commands = 4;
+        let a = format!("{}\n/kill", PERFECT[0]);
+        let s = env.score(&t, &[3, 3, 3], &[&a, PERFECT[1]]);
+        assert_eq!((s.killed, s.tally.over_cap), (false, 1));
+        assert!(close(s.reward, 0.9));
+    }
+
+    #[test]
+    fn fills_past_the_resource_limit_are_not_placed() {
+        let (env, t) = tiny();
+        // Agent 1 may place 2 stone: the 4-cell fill is refused whole, two 1-cell fills land, the
+        // third stone is refused. Agent 2 has its own 2.
+        let a = "/fill 0 0 0 1 0 1 stone\n/fill 0 0 0 0 0 0 stone\n/fill 1 0 0 1 0 0 stone\n/fill 0 0 1 0 0 1 stone";
+        let b = "/fill 0 0 1 0 0 1 stone\n/kill";
+        let (g, _, tally) = env.build(&t, &[a, b]);
+        assert_eq!((tally.accepted, tally.over_resource), (4, 2));
+        assert_eq!(g.blocks().collect::<Vec<_>>(), vec![([0, 0, 0], "stone"), ([1, 0, 0], "stone"), ([0, 0, 1], "stone")]);
+        assert_eq!(g.get([1, 0, 1]), "air");
+        let s = env.score(&t, &[1, 1, 1], &[a, b]);
+        // 3 stone cells + 3 air cells of 8 match; IoU 3 / (5 + 3 − 3).
+        assert_eq!((s.matched, s.match_fraction, s.iou, s.reward), (6, 0.75, 0.6, 0.75));
+    }
+
+    #[test]
+    fn fill_corners_in_any_order() {
+        let (env, t) = tiny();
+        let (g1, _, _) = env.build(&t, &["/fill 0 0 0 1 0 0 stone", ""]);
+        let (g2, _, t2) = env.build(&t, &["/fill 1 0 0 0 0 0 stone", ""]);
+        assert_eq!(g1.blocks().collect::<Vec<_>>(), g2.blocks().collect::<Vec<_>>());
+        assert_eq!((g2.get([0, 0, 0]), g2.get([1, 0, 0]), t2.accepted), ("stone", "stone", 1));
+        // A box over both y layers, corners reversed, fills (and counts) 2 cells of planks: over agent 1's 1.
+        let (_, _, t3) = env.build(&t, &["/fill 0 1 0 0 0 0 planks", "/fill 0 1 0 0 1 0 planks"]);
+        assert_eq!((t3.over_resource, t3.accepted), (1, 1));
+    }
+
+    #[test]
+    fn bad_commands_are_counted_in_metrics() {
+        let (env, _) = tiny();
+        let a = "```\n/setblock 0 0 0 stone\n/fill 0 0 0 2 0 0 stone\n/fill 0 0 0 0 0 0 glass\n/fill 0 0 0 0 0 0 stone replace\n\
+                 build the walls first\n/fill ~ 0 0 0 0 0 stone\n```";
+        let out = env.step(Split::Train, 0, 0, &[vec![a.into(), "ñ".into()]]).unwrap();
+        let m = &out.metrics;
+        assert_eq!((m["malformed"], m["out_of_range"], m["unknown_block"], m["accepted"]), (5.0, 1.0, 1.0, 0.0));
+        // Nothing built: the 3 air cells match.
+        assert_eq!((m["match_fraction"], m["iou"]), (3.0 / 8.0, 0.0));
+    }
+
+    #[test]
+    fn feedback_has_the_reward_the_prompt_and_the_previous_commands() {
+        let (mut env, _) = tiny();
+        env.spider_attack = (2, 2);
+        env.reward_shift = -1.0;
+        let out = env.step(Split::Train, 0, 0, &[vec![PERFECT[0].into(), PERFECT[1].into()]]).unwrap();
+        assert!(close(out.reward, -0.1));
+        assert_eq!((out.metrics["damage"], out.metrics["killed"], out.metrics["match_fraction"]), (6.0, 0.0, 1.0));
+        for (a, fb) in out.next_observations.iter().enumerate() {
+            assert!(fb.contains("Score feedback before turn 2:\n- Previous reward: 0.9000\n"), "{fb}");
+            assert!(fb.contains(&format!("You are Agent {} of a team of 2", a + 1)), "{fb}");
+            assert!(fb.contains("with attacks [2, 2, 2] (total 6 damage)"), "{fb}");
+            assert!(fb.ends_with(&format!("Your previous commands:\n{}\n", PERFECT[a])), "{fb}");
+        }
+        let out = env.step(Split::Train, 0, 0, &[vec!["".into(), "  ".into()]]).unwrap();
+        assert!(out.next_observations[1].ends_with("Your previous commands:\n(none)\n"));
+    }
+
+    #[test]
+    fn damage_is_a_deterministic_function_of_item_and_turn() {
+        let (env, _) = tiny();
+        let joint = vec![vec![PERFECT[0].to_string(), PERFECT[1].to_string()]; 3];
+        let a = env.step(Split::Train, 0, 2, &joint).unwrap();
+        let b = env.step(Split::Eval, 0, 2, &joint).unwrap();
+        assert_eq!(a, b);
+        let attacks = env.spider_attacks(0, 2);
+        let d: u32 = attacks.iter().sum();
+        assert_eq!(a.metrics["damage"], f64::from(d));
+        assert!(close(a.reward, 1.0 - 0.1 * (f64::from(d) / 5.0).min(1.0)));
+        // Three spiders, 1..=3 each; the draws change with the item, the turn and the seed.
+        let mut seen = std::collections::BTreeSet::new();
+        for item in 0..10 {
+            for turn in 0..4 {
+                let v = env.spider_attacks(item, turn);
+                assert!(v.len() == 3 && v.iter().all(|a| (1..=3).contains(a)), "{v:?}");
+                assert_eq!(v, env.spider_attacks(item, turn));
+                seen.insert(v);
+            }
+        }
+        assert!(seen.len() > 5, "{seen:?}");
+        let other = HouseBuild { seed: 7, ..HouseBuild::new(env.tasks().to_vec()).unwrap() };
+        assert!((0..10).any(|i| other.spider_attacks(i, 0) != env.spider_attacks(i, 0)));
+        // The first prompt states turn 0's attacks; the feedback after turn t states turn t+1's.
+        let list = |v: Vec<u32>| format!("[{}]", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "));
+        assert!(env.reset(Split::Train, 0).unwrap()[0].contains(&list(env.spider_attacks(0, 0))));
+        assert!(a.next_observations[0].contains(&list(env.spider_attacks(0, 3))));
+    }
+
+    #[test]
+    fn prompts_state_role_box_layers_and_limits() {
+        let (env, _) = tiny();
+        let p = env.reset(Split::Train, 0).unwrap();
+        assert_ne!(p[0], p[1]);
+        assert!(p[0].contains("You are Agent 1 of a team of 2") && p[1].contains("after Agent 1's"));
+        assert!(p[0].contains("house of 2 x 2 x 2 blocks") && p[0].contains("from (0, 0, 0) to (1, 1, 1)"));
+        assert!(
+            p[0].contains("y=0:\n  0 0 0 1 0 0 stone\n  0 0 1 0 0 1 stone\n  1 0 1 1 0 1 planks\ny=1:\n  0 1 0 0 1 0 planks\n"),
+            "{}",
+            p[0]
+        );
+        assert!(p[0].contains("Blocks you may use: planks, stone") && p[0].contains("  planks: 1\n  stone: 2\n"));
+        assert!(p[0].contains("5 HP") && p[0].contains("/kill") && p[0].contains("at most 300 commands"));
+    }
+
+    #[test]
+    fn loads_the_data_file_and_its_first_house() {
+        let env = HouseBuild::load(&shared().join("data/minecraft/house_build.json")).unwrap();
+        assert_eq!((env.len(Split::Train), env.len(Split::Eval)), (10, 10));
+        let t = &env.tasks()[0];
+        assert_eq!(t.task_id, "house_build_0002");
+        assert_eq!(
+            (t.bbox, t.bbox.size(), t.layers.len(), t.layers[0].len(), t.layers[0][0].len()),
+            (Bbox::new([0, 0, 0], [5, 6, 6]), [6, 7, 7], 7, 7, 6)
+        );
+        assert_eq!(env.tasks()[1].bbox, t.bbox, "no bbox in the file: (0, min y, 0) and the size");
+        let limits: Vec<(String, usize)> = t.limits(2).into_iter().collect();
+        let want = [("obsidian", 9), ("planks", 1), ("stone_bricks", 40), ("stone_stairs", 27), ("white_concrete", 51)];
+        assert_eq!(limits, want.map(|(b, n)| (b.to_string(), n)));
+        assert_eq!(t.rects(0), vec![([0, 0, 1], [5, 0, 5], "white_concrete")]);
+        for (i, t) in env.tasks().iter().enumerate() {
+            // The prompt's boxes rebuild the target exactly.
+            let mut g = Grid::new(t.bbox);
+            for y in 0..7 {
+                for (a, b, block) in t.rects(y) {
+                    g.fill(a, b, block);
+                }
+            }
+            assert!(t.bbox.cells().all(|p| g.get(p) == t.expected(p)), "item {i}");
+            // Single-cell fills, each block's cells dealt to the agents in turn, keep within the
+            // limits and build the house exactly; with a /kill the reward is 1.
+            let mut cmds = [String::from("/kill\n"), String::new()];
+            let mut k = BTreeMap::new();
+            for p in t.bbox.cells().filter(|p| !is_air(t.expected(*p))) {
+                let n = k.entry(t.expected(p)).or_insert(0);
+                let _ = writeln!(cmds[*n % 2], "/fill {0} {1} {2} {0} {1} {2} {3}", p[0], p[1], p[2], t.expected(p));
+                *n += 1;
+            }
+            let s = env.score(t, &[3, 3, 3], &[&cmds[0], &cmds[1]]);
+            assert_eq!((s.match_fraction, s.iou, s.reward, s.tally.over_resource), (1.0, 1.0, 1.0, 0), "item {i}");
+        }
+    }
+
+    #[test]
+    fn load_errors_name_the_file_item_and_field() {
+        let dir = std::env::temp_dir().join(format!("collm-house-build-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let try_load = |name: &str, edit: &dyn Fn(&mut Value)| {
+            let mut v: Value = serde_json::from_str(TINY).unwrap();
+            edit(&mut v);
+            let p = dir.join(name);
+            std::fs::write(&p, serde_json::to_string(&vec![serde_json::from_str::<Value>(TINY).unwrap(), v]).unwrap()).unwrap();
+            format!("{:#}", HouseBuild::load(&p).err().expect("an error"))
+        };
+        let e = try_load("inv.json", &|v| {
+            v.as_object_mut().unwrap().remove("inventory");
+        });
+        assert!(e.contains("inv.json: item 1 (task_id \"tiny\"): missing field 'inventory'"), "{e}");
+        let e = try_load("letter.json", &|v| v["target_spec"]["layers"][1]["rows"][0] = "PX".into());
+        assert!(e.contains("letter.json: item 1") && e.contains("y=1") && e.contains("letter 'X'"), "{e}");
+        let e = try_load("rows.json", &|v| v["target_spec"]["layers"][0]["rows"] = serde_json::json!(["SS"]));
+        assert!(e.contains("rows.json: item 1") && e.contains("(y=0): 1 rows, size says 2"), "{e}");
+        let e = try_load("width.json", &|v| v["target_spec"]["layers"][0]["rows"][1] = "SPA".into());
+        assert!(e.contains("row 1 \"SPA\" has 3 letters"), "{e}");
+        let e = try_load("count.json", &|v| v["count"]["S"] = 4.into());
+        assert!(e.contains("count.S is 4 but the layers hold 3"), "{e}");
+        let e = try_load("bbox.json", &|v| v["bbox"] = serde_json::json!({"from": [0, 0, 0], "to": [2, 1, 1]}));
+        assert!(e.contains("bbox") && e.contains("size"), "{e}");
+        let e = try_load("layer.json", &|v| v["target_spec"]["layers"][1]["y"] = 5.into());
+        assert!(e.contains("no layer y=1"), "{e}");
+        let p = dir.join("bad.json");
+        std::fs::write(&p, "{").unwrap();
+        assert!(format!("{:#}", HouseBuild::load(&p).err().unwrap()).contains("bad.json: not JSON"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

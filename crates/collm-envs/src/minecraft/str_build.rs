@@ -246,7 +246,7 @@ impl StrBuild {
         let n = self.palettes.len();
         let [x1, y1, _] = task.bbox.max;
         let mut s = String::new();
-        let _ = writeln!(
+        let _ = write!(
             s,
             "You are Agent {} of a team of {n} agents building in Minecraft. Together you write the text \"{}\" in block letters \
              on a flat vertical wall. You place some of the blocks and the other agents place the rest; no agent sees the others' \
@@ -589,6 +589,7 @@ mod tests {
         assert!(p[0].contains("Your blocks: oak_planks, stone") && p[0].contains("Agent 2's blocks: white_concrete, obsidian."));
         assert!(p[1].contains("Your blocks: white_concrete, obsidian") && p[1].contains("after Agent 1's"));
         assert!(p[0].contains("at most 150 commands") && p[0].contains("/setblock <x> <y> <z> <block>"));
+        assert!(p[0].contains("others' commands. Your commands are applied first;"), "{}", p[0]);
     }
 
     #[test]
