@@ -7,6 +7,7 @@
 
 pub mod coding;
 pub mod dataset;
+pub mod minecraft;
 pub mod sandbox;
 pub mod summary;
 pub mod synthetic;
