@@ -319,7 +319,7 @@ fn reward(a: RewardArgs) -> Result<()> {
         "tldr" | "arxiv" => {
             use collm_envs::writing::{Lexicons, Writing, WritingTask};
             let task = if a.task == "tldr" { WritingTask::Tldr } else { WritingTask::Arxiv };
-            Box::new(Writing::new(task, Lexicons::load(&a.lexicons)?, collm_envs::Texts { train: vec![String::new()], eval: vec![] })?)
+            Box::new(Writing::new(task, Lexicons::load(&collm_envs::resolve_data_path(&a.lexicons))?, collm_envs::Texts { train: vec![String::new()], eval: vec![] })?)
         }
         "coophumaneval" | "humaneval" | "coding" => {
             use collm_envs::coding::{problems_from_rows, Coding, CodingTask, Columns};

@@ -24,6 +24,24 @@ pub struct Scored {
     pub stopped_at: Option<String>,
 }
 
+/// A default data path such as `../shared/data/...` is relative to the repository root; when it
+/// does not exist from the current directory, the directories above are tried (so tests and
+/// tools run from a crate directory find it too). Other paths are returned as they are.
+pub fn resolve_data_path(path: &std::path::Path) -> std::path::PathBuf {
+    if path.exists() || path.is_absolute() {
+        return path.to_path_buf();
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        for dir in cwd.ancestors().skip(1) {
+            let p = dir.join(path);
+            if p.exists() {
+                return p;
+            }
+        }
+    }
+    path.to_path_buf()
+}
+
 /// Which part of the task's data an episode draws from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

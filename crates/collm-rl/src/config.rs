@@ -97,11 +97,21 @@ pub struct TinyModel {
     pub heads: usize,
     pub kv_heads: usize,
     pub intermediate: usize,
+    /// `chars`: the synthetic tasks' small alphabet; `bytes`: one token per byte, so any task's
+    /// text fits (end-to-end tests of the real tasks).
+    pub vocab: TinyVocab,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TinyVocab {
+    Chars,
+    Bytes,
 }
 
 impl Default for TinyModel {
     fn default() -> Self {
-        Self { hidden: 32, layers: 2, heads: 4, kv_heads: 2, intermediate: 64 }
+        Self { hidden: 32, layers: 2, heads: 4, kv_heads: 2, intermediate: 64, vocab: TinyVocab::Chars }
     }
 }
 

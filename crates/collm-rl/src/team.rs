@@ -113,8 +113,11 @@ pub struct Team {
 /// Loads a model (and its tokenizer) as a spec says; `seed` initializes `tiny` models.
 pub fn load_model(spec: &ModelSpec, seed: u64) -> Result<(Transformer, Tokenizer)> {
     let (mut model, tok) = if spec.model == "tiny" {
-        let tok = Tokenizer::char_level(&["<eos>"], &tiny_alphabet())?;
         let t = &spec.tiny;
+        let tok = match t.vocab {
+            crate::config::TinyVocab::Chars => Tokenizer::char_level(&["<eos>"], &tiny_alphabet())?,
+            crate::config::TinyVocab::Bytes => Tokenizer::byte_level(&["<eos>"])?,
+        };
         if t.hidden % t.heads != 0 || t.heads % t.kv_heads.max(1) != 0 {
             bail!("tiny model: hidden ({}) must divide by heads ({}), and heads by kv_heads ({})", t.hidden, t.heads, t.kv_heads);
         }

@@ -35,7 +35,7 @@ pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
         "tldr" | "arxiv" => {
             use collm_envs::writing::{Lexicons, Writing, WritingTask};
             let task = if t.name == "tldr" { WritingTask::Tldr } else { WritingTask::Arxiv };
-            let lex = Lexicons::load(&t.lexicons).with_context(|| format!("task.lexicons = {}", t.lexicons.display()))?;
+            let lex = Lexicons::load(&collm_envs::resolve_data_path(&t.lexicons)).with_context(|| format!("task.lexicons = {}", t.lexicons.display()))?;
             let builtin = Writing::builtin_texts(task);
             let held_out = if task == WritingTask::Tldr { 2 } else { 1 };
             let texts = Texts::load(t.data.as_deref(), t.eval_data.as_deref(), &t.text_field, builtin, held_out)?;
@@ -51,7 +51,7 @@ pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
             let cols = Columns::with_overrides(&t.columns)?;
             let problems = match (&t.data, task) {
                 (Some(p), _) => load_problems(p, &cols)?,
-                (None, CodingTask::CoopHumanEval) => load_problems(std::path::Path::new(DEFAULT_COOP_HUMANEVAL), &cols)
+                (None, CodingTask::CoopHumanEval) => load_problems(&collm_envs::resolve_data_path(std::path::Path::new(DEFAULT_COOP_HUMANEVAL)), &cols)
                     .context("the default CoopHumanEval file (set task.data to another)")?,
                 (None, CodingTask::HumanEval) => load_problems(&collm_model::fetch::fetch("humaneval")?, &cols)?,
                 (None, CodingTask::Sample) => Coding::sample_problems(),
@@ -67,14 +67,14 @@ pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
         }
         "str_build" => {
             use collm_envs::minecraft::StrBuild;
-            let path = t.data.clone().unwrap_or_else(|| DEFAULT_STR_BUILD.into());
+            let path = collm_envs::resolve_data_path(&t.data.clone().unwrap_or_else(|| DEFAULT_STR_BUILD.into()));
             let mut e = StrBuild::load(&path)?;
             e.reward_shift = t.reward_shift.unwrap_or(-2.0);
             Box::new(e)
         }
         "house_build" => {
             use collm_envs::minecraft::HouseBuild;
-            let path = t.data.clone().unwrap_or_else(|| DEFAULT_HOUSE_BUILD.into());
+            let path = collm_envs::resolve_data_path(&t.data.clone().unwrap_or_else(|| DEFAULT_HOUSE_BUILD.into()));
             let mut e = HouseBuild::load(&path)?;
             e.reward_shift = t.reward_shift.unwrap_or(-1.0);
             Box::new(e)

@@ -259,11 +259,11 @@ fn heterogeneous_teams_train_and_write_their_run_files() {
     let dir = tmp("hetero");
     let mut c = cfg(&["steps=3", "checkpoint_every=3", "eval_every=3", "log_kl=true"]);
     let mut a0 = c.agents.clone();
-    a0.tiny = collm_rl::config::TinyModel { hidden: 48, layers: 1, heads: 4, kv_heads: 4, intermediate: 96 };
+    a0.tiny = collm_rl::config::TinyModel { hidden: 48, layers: 1, heads: 4, kv_heads: 4, intermediate: 96, ..Default::default() };
     let mut a1 = c.agents.clone();
-    a1.tiny = collm_rl::config::TinyModel { hidden: 16, layers: 3, heads: 2, kv_heads: 1, intermediate: 32 };
+    a1.tiny = collm_rl::config::TinyModel { hidden: 16, layers: 3, heads: 2, kv_heads: 1, intermediate: 32, ..Default::default() };
     let mut cr = c.agents.clone();
-    cr.tiny = collm_rl::config::TinyModel { hidden: 24, layers: 2, heads: 2, kv_heads: 1, intermediate: 48 };
+    cr.tiny = collm_rl::config::TinyModel { hidden: 24, layers: 2, heads: 2, kv_heads: 1, intermediate: 48, ..Default::default() };
     c.agent = vec![a0, a1];
     c.critic.model = Some(cr);
     c.validate().unwrap();
