@@ -357,7 +357,13 @@ fn reward(a: RewardArgs) -> Result<()> {
         o.metrics.iter().filter_map(|(k, v)| k.strip_prefix("level_").map(|k| (k.to_string(), serde_json::json!(v)))).collect();
     let metrics: serde_json::Map<String, serde_json::Value> =
         o.metrics.iter().filter(|(k, _)| !k.starts_with("level_")).map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
-    let out = serde_json::json!({"reward": o.reward, "levels": levels, "metrics": metrics, "next_observations": o.next_observations});
+    let mut out = serde_json::json!({"reward": o.reward, "levels": levels, "metrics": metrics, "next_observations": o.next_observations});
+    if let "tldr" | "arxiv" = a.task.as_str() {
+        use collm_envs::writing::{score, Lexicons, WritingTask};
+        let task = if a.task == "tldr" { WritingTask::Tldr } else { WritingTask::Arxiv };
+        let s = score(task, &joint[a.turn][0], &joint[a.turn][1], &Lexicons::load(&collm_envs::resolve_data_path(&a.lexicons))?);
+        out["stopped_at"] = serde_json::json!(s.stopped_at);
+    }
     if a.json {
         println!("{out}");
     } else {

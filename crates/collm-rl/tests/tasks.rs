@@ -82,3 +82,23 @@ fn writing_tasks_train() {
     run("tldr", "cc", 1, &[]);
     run("arxiv", "magrpo", 1, &[]);
 }
+
+#[test]
+fn every_shipped_config_is_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let text = std::fs::read_to_string(&p).unwrap();
+            // Study configs hold settings on top of a base config; the rest are train configs.
+            if text.contains("[[setting]]") {
+                collm_rl::study::StudyConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            } else {
+                Config::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 16, "{n} configs");
+}
