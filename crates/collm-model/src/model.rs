@@ -13,6 +13,10 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::BTreeMap;
 
 /// A weight and whether the optimizer updates it.
+/// Attention-matrix elements (batch · heads · queries · keys, per layer) above which the fused
+/// attention is used: 8M f32 = 32 MiB per layer, about 1 GiB over 30 layers.
+pub const FUSED_ATTENTION_MIN: usize = 8 << 20;
+
 pub struct Param {
     pub var: Var,
     pub trainable: bool,
@@ -310,9 +314,15 @@ impl Transformer {
             cache.layers[l] = Some((k.clone(), v.clone()));
             // Group the query heads that share a key/value head: [b, nkv, n_rep * t, hd].
             let qg = q.reshape((b, nkv, n_rep * t, hd))?;
-            let scores = qg.matmul(&k.t()?)?;
-            let probs = ops::attn_softmax(&scores, &mask, scale)?;
-            let o = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            // Long passes take the fused block-wise attention, which keeps no [t, k_len] matrix
+            // per layer (it recomputes them in the backward); short ones the plain ops, faster
+            // when the matrices are small.
+            let o = if b * nh * t * mask.k_len > FUSED_ATTENTION_MIN {
+                ops::attention(&qg, &k, &v, &mask, scale)?
+            } else {
+                ops::attention_unfused(&qg, &k, &v, &mask, scale)?
+            };
+            let o = o.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             x = (x + self.linear(&o, &format!("{p}.self_attn.o_proj"), grad)?)?;
             let h = ops::rms_norm(&x, &self.w(&format!("{p}.post_attention_layernorm.weight"), grad)?, cfg.rms_norm_eps)?;
             let gate = self.linear(&h, &format!("{p}.mlp.gate_proj"), grad)?.silu()?;

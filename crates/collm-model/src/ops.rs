@@ -635,3 +635,237 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     }
     total
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fused attention: o = softmax(scale · q kᵀ + mask) v, computed block by block of query rows so
+// that no [q_len, k_len] matrix outlives its block. The backward recomputes each block's
+// probabilities from q and k instead of keeping them: memory O(len · head_dim) per layer, not
+// O(len²), which is what lets long multi-turn histories train (a 2,600-token joint history held
+// 14 GB of attention matrices across SmolLM2's 30 layers). Causality also skips the masked keys.
+
+/// Query rows per block.
+const ATTN_BLOCK: usize = 64;
+
+/// C = beta·C + alpha·A·B for strided row-major views (rs: row stride, cs: column stride).
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    c_rs: usize,
+    accumulate: bool,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+    alpha: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        c_rs as isize,
+        accumulate,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        1.0f32,
+        alpha,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+struct FusedAttention {
+    mask: AttnMask,
+    scale: f32,
+    /// Query positions per group row block: rows are [n_rep heads × q_len] within a kv group.
+    q_len: usize,
+}
+
+/// One unit of work: batch row, kv group, and a block of query rows of one head.
+#[derive(Clone, Copy)]
+struct AttnBlock {
+    pair: usize,
+    row0: usize,
+    rows: usize,
+    /// Keys the block's rows may see (the rest are masked by causality).
+    keys: usize,
+}
+
+impl FusedAttention {
+    fn blocks(&self, pairs: usize, group_rows: usize) -> Vec<AttnBlock> {
+        let past = self.mask.k_len - self.q_len;
+        let mut out = vec![];
+        for pair in 0..pairs {
+            for head0 in (0..group_rows).step_by(self.q_len) {
+                for q0 in (0..self.q_len).step_by(ATTN_BLOCK) {
+                    let rows = ATTN_BLOCK.min(self.q_len - q0);
+                    out.push(AttnBlock { pair, row0: head0 + q0, rows, keys: past + q0 + rows });
+                }
+            }
+        }
+        out
+    }
+
+    /// The block's probabilities [rows, keys] (softmax of scale · q kᵀ + mask).
+    fn probs(&self, blk: AttnBlock, groups: usize, q: &[f32], k: &[f32], hd: usize, group_rows: usize) -> Vec<f32> {
+        let (kl, n) = (self.mask.k_len, blk.keys);
+        let qo = (blk.pair * group_rows + blk.row0) * hd;
+        let ko = blk.pair * kl * hd;
+        let mut s = vec![0f32; blk.rows * n];
+        // SAFETY: the views stay inside q [rows, hd], k [n, hd] and s [rows, n].
+        unsafe { sgemm(blk.rows, n, hd, s.as_mut_ptr(), n, false, q[qo..].as_ptr(), hd, 1, k[ko..].as_ptr(), 1, hd, self.scale) };
+        let b = blk.pair / groups;
+        for (i, row) in s.chunks_mut(n).enumerate() {
+            let qpos = (blk.row0 + i) % self.q_len;
+            let m = &self.mask.data[(b * self.q_len + qpos) * kl..(b * self.q_len + qpos) * kl + n];
+            let mut max = f32::NEG_INFINITY;
+            for (x, mj) in row.iter_mut().zip(m) {
+                *x += mj;
+                max = max.max(*x);
+            }
+            let mut sum = 0f32;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+        s
+    }
+}
+
+fn dims4(l: &Layout) -> Result<(usize, usize, usize, usize)> {
+    match l.dims() {
+        &[a, b, c, d] => Ok((a, b, c, d)),
+        d => bail!("fused attention: expected a rank-4 tensor, got {d:?}"),
+    }
+}
+
+impl candle_core::CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "collm-fused-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (b, g, r, hd) = dims4(l1)?;
+        let (_, _, kl, _) = dims4(l2)?;
+        if kl != self.mask.k_len || r % self.q_len != 0 || b != self.mask.batch {
+            bail!("fused attention: q {:?} / k {:?} do not match the mask [{}, {}, {}]", l1.dims(), l2.dims(), self.mask.batch, self.q_len, kl);
+        }
+        let blocks = self.blocks(b * g, r);
+        let outs: Vec<Vec<f32>> = blocks
+            .par_iter()
+            .map(|&blk| {
+                let p = self.probs(blk, g, q, k, hd, r);
+                let mut o = vec![0f32; blk.rows * hd];
+                let vo = blk.pair * kl * hd;
+                // SAFETY: p [rows, keys], v [keys, hd], o [rows, hd].
+                unsafe { sgemm(blk.rows, hd, blk.keys, o.as_mut_ptr(), hd, false, p.as_ptr(), blk.keys, 1, v[vo..].as_ptr(), hd, 1, 1.0) };
+                o
+            })
+            .collect();
+        let mut out = vec![0f32; b * g * r * hd];
+        for (blk, o) in blocks.iter().zip(outs) {
+            let at = (blk.pair * r + blk.row0) * hd;
+            out[at..at + o.len()].copy_from_slice(&o);
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, g, r, hd) = q.dims4()?;
+        let kl = k.dim(2)?;
+        let blocks = self.blocks(b * g, r);
+        let (dq, dk, dv) = with_f32(q, |q| {
+            with_f32(k, |k| {
+                with_f32(v, |v| {
+                    with_f32(grad, |go| {
+                        // Each block: its dq rows, and partial dk, dv over the keys it sees.
+                        let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = blocks
+                            .par_iter()
+                            .map(|&blk| {
+                                let n = blk.keys;
+                                let mut p = self.probs(blk, g, q, k, hd, r);
+                                let qo = (blk.pair * r + blk.row0) * hd;
+                                let ko = blk.pair * kl * hd;
+                                let mut dp = vec![0f32; blk.rows * n];
+                                let mut dq = vec![0f32; blk.rows * hd];
+                                let mut dk = vec![0f32; n * hd];
+                                let mut dv = vec![0f32; n * hd];
+                                // SAFETY (all calls): each view stays inside its buffer as sized here.
+                                unsafe {
+                                    // dV = Pᵀ dO
+                                    sgemm(n, hd, blk.rows, dv.as_mut_ptr(), hd, false, p.as_ptr(), 1, n, go[qo..].as_ptr(), hd, 1, 1.0);
+                                    // dP = dO Vᵀ
+                                    sgemm(blk.rows, n, hd, dp.as_mut_ptr(), n, false, go[qo..].as_ptr(), hd, 1, v[ko..].as_ptr(), 1, hd, 1.0);
+                                }
+                                // dS = P ⊙ (dP − rowsum(P ⊙ dP)), kept in p.
+                                for (pr, dpr) in p.chunks_mut(n).zip(dp.chunks(n)) {
+                                    let dot: f32 = pr.iter().zip(dpr).map(|(a, b)| a * b).sum();
+                                    pr.iter_mut().zip(dpr).for_each(|(a, b)| *a *= b - dot);
+                                }
+                                unsafe {
+                                    // dQ = scale · dS K ;  dK = scale · dSᵀ Q
+                                    sgemm(blk.rows, hd, n, dq.as_mut_ptr(), hd, false, p.as_ptr(), n, 1, k[ko..].as_ptr(), hd, 1, self.scale);
+                                    sgemm(n, hd, blk.rows, dk.as_mut_ptr(), hd, false, p.as_ptr(), 1, n, q[qo..].as_ptr(), hd, 1, self.scale);
+                                }
+                                (dq, dk, dv)
+                            })
+                            .collect();
+                        // Sum the partials in block order, so the result does not depend on scheduling.
+                        let mut dq = vec![0f32; b * g * r * hd];
+                        let mut dk = vec![0f32; b * g * kl * hd];
+                        let mut dv = vec![0f32; b * g * kl * hd];
+                        for (blk, (pq, pk, pv)) in blocks.iter().zip(parts) {
+                            let at = (blk.pair * r + blk.row0) * hd;
+                            dq[at..at + pq.len()].copy_from_slice(&pq);
+                            let ko = blk.pair * kl * hd;
+                            dk[ko..ko + pk.len()].iter_mut().zip(&pk).for_each(|(a, b)| *a += b);
+                            dv[ko..ko + pv.len()].iter_mut().zip(&pv).for_each(|(a, b)| *a += b);
+                        }
+                        (dq, dk, dv)
+                    })
+                })
+            })
+        })????;
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), q.device())?),
+            Some(Tensor::from_vec(dk, k.shape(), k.device())?),
+            Some(Tensor::from_vec(dv, v.shape(), v.device())?),
+        ))
+    }
+}
+
+/// softmax(scale · q kᵀ + mask) v for q [b, groups, n_rep · q_len, hd] (the query heads that
+/// share a key/value head, stacked) and k, v [b, groups, k_len, hd]. On CPU in f32 this is the
+/// fused, memory-lean op above; elsewhere the plain composition.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        return q.apply_op3(&k, &v, FusedAttention { mask: mask.clone(), scale, q_len: mask.q_len });
+    }
+    attention_unfused(q, k, v, mask, scale)
+}
+
+/// The same attention through separate ops (scores, masked softmax, weighted sum).
+pub fn attention_unfused(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
+    let scores = q.matmul(&k.t()?)?;
+    attn_softmax(&scores, mask, scale)?.matmul(v)
+}
