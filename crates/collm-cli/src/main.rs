@@ -315,15 +315,22 @@ fn reward(a: RewardArgs) -> Result<()> {
         .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
         .collect::<Result<_>>()?;
     let env: Box<dyn Env> = match a.task.as_str() {
-        "summary" => Box::new(collm_envs::summary::Summary::new(collm_envs::Texts { train: vec![String::new()], eval: vec![] }, a.turn + 1)?),
+        "summary" => {
+            Box::new(collm_envs::summary::Summary::new(collm_envs::Texts { train: vec![String::new()], eval: vec![] }, a.turn + 1)?)
+        }
         "tldr" | "arxiv" => {
             use collm_envs::writing::{Lexicons, Writing, WritingTask};
             let task = if a.task == "tldr" { WritingTask::Tldr } else { WritingTask::Arxiv };
-            Box::new(Writing::new(task, Lexicons::load(&collm_envs::resolve_data_path(&a.lexicons))?, collm_envs::Texts { train: vec![String::new()], eval: vec![] })?)
+            Box::new(Writing::new(
+                task,
+                Lexicons::load(&collm_envs::resolve_data_path(&a.lexicons))?,
+                collm_envs::Texts { train: vec![String::new()], eval: vec![] },
+            )?)
         }
         "coophumaneval" | "humaneval" | "coding" => {
             use collm_envs::coding::{problems_from_rows, Coding, CodingTask, Columns};
-            let row = need_item()?.as_object().cloned().with_context(|| format!("{}: the item is not a JSON object", item_path.display()))?;
+            let row =
+                need_item()?.as_object().cloned().with_context(|| format!("{}: the item is not a JSON object", item_path.display()))?;
             let problems = problems_from_rows(&item_path, &[row], &Columns::default())?;
             let mut c = Coding::with_splits(CodingTask::Sample, problems, vec![], Coding::default_sandbox()?)?;
             c.reward_shift = a.reward_shift.unwrap_or(-4.0);
@@ -332,7 +339,8 @@ fn reward(a: RewardArgs) -> Result<()> {
         "str_build" => {
             use collm_envs::minecraft::{StrBuild, StrTask};
             let it = need_item()?;
-            let text = it.get("string").and_then(|v| v.as_str()).with_context(|| format!("{}: no string field 'string'", item_path.display()))?;
+            let text =
+                it.get("string").and_then(|v| v.as_str()).with_context(|| format!("{}: no string field 'string'", item_path.display()))?;
             let difficulty = it.get("difficulty").and_then(|v| v.as_u64()).unwrap_or(1) as u32;
             let mut e = StrBuild::new(vec![StrTask::new(text, difficulty)?])?;
             e.reward_shift = a.reward_shift.unwrap_or(-2.0);
@@ -391,7 +399,12 @@ fn sandbox(a: SandboxArgs) -> Result<()> {
     } else {
         print!("{}", r.stdout);
         eprint!("{}", r.stderr);
-        eprintln!("[{}{} in {:.2} s]", serde_json::to_value(r.status)?.as_str().unwrap_or("?"), r.reason.as_deref().map(|s| format!(": {s}")).unwrap_or_default(), r.wall_s);
+        eprintln!(
+            "[{}{} in {:.2} s]",
+            serde_json::to_value(r.status)?.as_str().unwrap_or("?"),
+            r.reason.as_deref().map(|s| format!(": {s}")).unwrap_or_default(),
+            r.wall_s
+        );
     }
     Ok(())
 }

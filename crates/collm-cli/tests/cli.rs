@@ -40,13 +40,21 @@ fn reward_scores_a_joint_action_like_training() {
 #[test]
 fn reward_and_sandbox_for_coding_and_minecraft() {
     let d = tmp("reward-tasks");
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(shared().join("data/coding/coop_humaneval.json")).unwrap()).unwrap();
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(shared().join("data/coding/coop_humaneval.json")).unwrap()).unwrap();
     let item = d.join("item.json");
     std::fs::write(&item, rows[0].to_string()).unwrap();
     let (r1, r2) = (d.join("aux.py"), d.join("main.py"));
     std::fs::write(&r1, "def aux(n):\n    return n > 1 and all(n % k for k in range(2, n))\n").unwrap();
     std::fs::write(&r2, "```python\ndef x_or_y(n, x, y):\n    if aux(n):\n        return x\n    return y\n```").unwrap();
-    let out = collm().args(["reward", "--task", "coophumaneval", "--json", "--item"]).arg(&item).arg("--responses").arg(&r1).arg(&r2).output().unwrap();
+    let out = collm()
+        .args(["reward", "--task", "coophumaneval", "--json", "--item"])
+        .arg(&item)
+        .arg("--responses")
+        .arg(&r1)
+        .arg(&r2)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // 0.4 + 0.6 + 0.5 + 1 (5/5 tests) + 1 (aux called) + 1 (not a thin wrapper) - 4.
@@ -58,7 +66,8 @@ fn reward_and_sandbox_for_coding_and_minecraft() {
     std::fs::write(&s, r#"{"string": "I", "difficulty": 1}"#).unwrap();
     std::fs::write(&r1, "/setblock 2 0 0 stone\nplace a block please\n").unwrap();
     std::fs::write(&r2, "/setblock 2 1 0 obsidian\n").unwrap();
-    let out = collm().args(["reward", "--task", "str_build", "--json", "--item"]).arg(&s).arg("--responses").arg(&r1).arg(&r2).output().unwrap();
+    let out =
+        collm().args(["reward", "--task", "str_build", "--json", "--item"]).arg(&s).arg("--responses").arg(&r1).arg(&r2).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["metrics"]["malformed"], 1.0);

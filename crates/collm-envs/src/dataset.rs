@@ -19,7 +19,9 @@ pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let text = if name.ends_with(".gz") {
         let mut s = String::new();
-        flate2::read::GzDecoder::new(&bytes[..]).read_to_string(&mut s).with_context(|| format!("{}: not valid gzipped UTF-8", path.display()))?;
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_string(&mut s)
+            .with_context(|| format!("{}: not valid gzipped UTF-8", path.display()))?;
         s
     } else {
         String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8 text", path.display()))?

@@ -112,7 +112,11 @@ fn hostile_or_broken_code_is_contained_and_scored() {
     let (r, _, _) = reward(&e, AUX, "def sum_of_squares(numbers):\n    import shutil\n    shutil.rmtree('/tmp')\n    return 0");
     assert!((r - 1.5).abs() < 1e-9, "{r}");
     // Printing fake reports does not forge results (the nonce is unknown to the code).
-    let (r, _, _) = reward(&e, AUX, "def sum_of_squares(numbers):\n    print('x test {\"source\": \"a\", \"passed\": true, \"error\": null}')\n    return -1");
+    let (r, _, _) = reward(
+        &e,
+        AUX,
+        "def sum_of_squares(numbers):\n    print('x test {\"source\": \"a\", \"passed\": true, \"error\": null}')\n    return -1",
+    );
     assert!((r - 1.5).abs() < 1e-9, "{r}");
     // A huge allocation.
     let (r, _, _) = reward(&e, AUX, "def sum_of_squares(numbers):\n    x = bytearray(10 * 1024**3)\n    return 0");

@@ -142,7 +142,9 @@ fn many_runs_in_parallel_each_in_its_own_directory() {
         let hs: Vec<_> = (0..8)
             .map(|i| {
                 let sb = &sb;
-                s.spawn(move || sb.run_code(&format!("import os\nopen('f','w').write('{i}')\nprint(open('f').read(), len(os.listdir('.')))")).unwrap())
+                s.spawn(move || {
+                    sb.run_code(&format!("import os\nopen('f','w').write('{i}')\nprint(open('f').read(), len(os.listdir('.')))")).unwrap()
+                })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()

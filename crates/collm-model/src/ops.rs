@@ -762,12 +762,27 @@ impl candle_core::CustomOp3 for FusedAttention {
         "collm-fused-attention"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let (b, g, r, hd) = dims4(l1)?;
         let (_, _, kl, _) = dims4(l2)?;
         if kl != self.mask.k_len || r % self.q_len != 0 || b != self.mask.batch {
-            bail!("fused attention: q {:?} / k {:?} do not match the mask [{}, {}, {}]", l1.dims(), l2.dims(), self.mask.batch, self.q_len, kl);
+            bail!(
+                "fused attention: q {:?} / k {:?} do not match the mask [{}, {}, {}]",
+                l1.dims(),
+                l2.dims(),
+                self.mask.batch,
+                self.q_len,
+                kl
+            );
         }
         let blocks = self.blocks(b * g, r);
         let outs: Vec<Vec<f32>> = blocks
@@ -789,7 +804,14 @@ impl candle_core::CustomOp3 for FusedAttention {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, g, r, hd) = q.dims4()?;
         let kl = k.dim(2)?;
         let blocks = self.blocks(b * g, r);
@@ -814,7 +836,21 @@ impl candle_core::CustomOp3 for FusedAttention {
                                     // dV = Pᵀ dO
                                     sgemm(n, hd, blk.rows, dv.as_mut_ptr(), hd, false, p.as_ptr(), 1, n, go[qo..].as_ptr(), hd, 1, 1.0);
                                     // dP = dO Vᵀ
-                                    sgemm(blk.rows, n, hd, dp.as_mut_ptr(), n, false, go[qo..].as_ptr(), hd, 1, v[ko..].as_ptr(), 1, hd, 1.0);
+                                    sgemm(
+                                        blk.rows,
+                                        n,
+                                        hd,
+                                        dp.as_mut_ptr(),
+                                        n,
+                                        false,
+                                        go[qo..].as_ptr(),
+                                        hd,
+                                        1,
+                                        v[ko..].as_ptr(),
+                                        1,
+                                        hd,
+                                        1.0,
+                                    );
                                 }
                                 // dS = P ⊙ (dP − rowsum(P ⊙ dP)), kept in p.
                                 for (pr, dpr) in p.chunks_mut(n).zip(dp.chunks(n)) {
@@ -823,8 +859,36 @@ impl candle_core::CustomOp3 for FusedAttention {
                                 }
                                 unsafe {
                                     // dQ = scale · dS K ;  dK = scale · dSᵀ Q
-                                    sgemm(blk.rows, hd, n, dq.as_mut_ptr(), hd, false, p.as_ptr(), n, 1, k[ko..].as_ptr(), hd, 1, self.scale);
-                                    sgemm(n, hd, blk.rows, dk.as_mut_ptr(), hd, false, p.as_ptr(), 1, n, q[qo..].as_ptr(), hd, 1, self.scale);
+                                    sgemm(
+                                        blk.rows,
+                                        hd,
+                                        n,
+                                        dq.as_mut_ptr(),
+                                        hd,
+                                        false,
+                                        p.as_ptr(),
+                                        n,
+                                        1,
+                                        k[ko..].as_ptr(),
+                                        hd,
+                                        1,
+                                        self.scale,
+                                    );
+                                    sgemm(
+                                        n,
+                                        hd,
+                                        blk.rows,
+                                        dk.as_mut_ptr(),
+                                        hd,
+                                        false,
+                                        p.as_ptr(),
+                                        1,
+                                        n,
+                                        q[qo..].as_ptr(),
+                                        hd,
+                                        1,
+                                        self.scale,
+                                    );
                                 }
                                 (dq, dk, dv)
                             })

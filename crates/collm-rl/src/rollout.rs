@@ -13,12 +13,12 @@ use crate::config::{HistoryMode, JointMode};
 use crate::returns::terminates;
 use crate::team::{Policy, Team};
 use anyhow::{Context, Result};
-use rayon::prelude::*;
 use candle_core::Tensor;
 use collm_envs::{Env, Split};
 use collm_model::generate::{decode, extend, prefill};
 use collm_model::{Generation, KvCache, SamplingParams};
 use rand::{rngs::StdRng, SeedableRng};
+use rayon::prelude::*;
 
 /// One agent's response at a node.
 #[derive(Clone, Debug)]

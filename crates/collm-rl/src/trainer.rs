@@ -35,7 +35,8 @@ pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
         "tldr" | "arxiv" => {
             use collm_envs::writing::{Lexicons, Writing, WritingTask};
             let task = if t.name == "tldr" { WritingTask::Tldr } else { WritingTask::Arxiv };
-            let lex = Lexicons::load(&collm_envs::resolve_data_path(&t.lexicons)).with_context(|| format!("task.lexicons = {}", t.lexicons.display()))?;
+            let lex = Lexicons::load(&collm_envs::resolve_data_path(&t.lexicons))
+                .with_context(|| format!("task.lexicons = {}", t.lexicons.display()))?;
             let builtin = Writing::builtin_texts(task);
             let held_out = if task == WritingTask::Tldr { 2 } else { 1 };
             let texts = Texts::load(t.data.as_deref(), t.eval_data.as_deref(), &t.text_field, builtin, held_out)?;
@@ -51,8 +52,10 @@ pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
             let cols = Columns::with_overrides(&t.columns)?;
             let problems = match (&t.data, task) {
                 (Some(p), _) => load_problems(p, &cols)?,
-                (None, CodingTask::CoopHumanEval) => load_problems(&collm_envs::resolve_data_path(std::path::Path::new(DEFAULT_COOP_HUMANEVAL)), &cols)
-                    .context("the default CoopHumanEval file (set task.data to another)")?,
+                (None, CodingTask::CoopHumanEval) => {
+                    load_problems(&collm_envs::resolve_data_path(std::path::Path::new(DEFAULT_COOP_HUMANEVAL)), &cols)
+                        .context("the default CoopHumanEval file (set task.data to another)")?
+                }
                 (None, CodingTask::HumanEval) => load_problems(&collm_model::fetch::fetch("humaneval")?, &cols)?,
                 (None, CodingTask::Sample) => Coding::sample_problems(),
             };

@@ -50,7 +50,11 @@ fn run(task: &str, algo: &str, turns: usize, metrics: &[&str]) -> Vec<Value> {
     let train = lines.iter().find(|l| l.get("reward_mean").is_some()).expect("a train line");
     assert!(train["reward_mean"].as_f64().unwrap().is_finite());
     for m in metrics {
-        assert!(train["metrics"].get(m).is_some_and(|v| v.as_f64().is_some_and(f64::is_finite)), "{task}: no metric {m} in {}", train["metrics"]);
+        assert!(
+            train["metrics"].get(m).is_some_and(|v| v.as_f64().is_some_and(f64::is_finite)),
+            "{task}: no metric {m} in {}",
+            train["metrics"]
+        );
     }
     let e = t.evaluate(Split::Eval, 2, true).unwrap();
     for m in metrics {

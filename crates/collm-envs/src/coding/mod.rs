@@ -376,7 +376,10 @@ impl Coding {
             if !f.aux_called {
                 s += &format!("- Aux usage: {} does NOT call aux\n", p.entry_point);
             } else if !f.aux_ignored.is_empty() {
-                s += &format!("- Aux usage: called but misused ({})\n", f.aux_ignored.iter().take(2).cloned().collect::<Vec<_>>().join(", "));
+                s += &format!(
+                    "- Aux usage: called but misused ({})\n",
+                    f.aux_ignored.iter().take(2).cloned().collect::<Vec<_>>().join(", ")
+                );
             } else {
                 s += &format!("- Aux usage: {} calls aux and uses its result\n", p.entry_point);
             }
