@@ -235,6 +235,7 @@ impl Trainer {
         let t0 = Instant::now();
         let step = self.step;
         let r = self.rollout_for_step(step)?;
+        self.log_sample(step + 1, &r)?;
         let kl = if self.references.is_empty() { None } else { Some(kl_to_reference(&self.team, &self.references, &r)?) };
         let t1 = Instant::now();
         let stats = self.update(&r).with_context(|| format!("update at step {}", step + 1))?;
@@ -297,6 +298,24 @@ impl Trainer {
         let turns = per_turn.iter().map(|v| v.len()).max().unwrap_or(0);
         let reward_per_turn = (0..turns).map(|t| per_turn.iter().filter_map(|v| v.get(t)).sum::<f64>() / per_turn.len() as f64).collect();
         Ok(EvalStats { episodes: count, reward_mean, reward_per_turn, metrics })
+    }
+
+    /// Appends the rollout's first episode (each turn's observations, responses and reward) to
+    /// samples.jsonl, so what the agents actually say can be read as training goes.
+    fn log_sample(&self, step: usize, r: &Rollout) -> Result<()> {
+        let Some(&root) = r.roots.first() else { return Ok(()) };
+        let mut turns = vec![];
+        let mut x = Some(root);
+        while let Some(n) = x {
+            let nd = &r.nodes[n];
+            let Some(j) = nd.joints.first() else { break };
+            let responses: Vec<&str> = j.choice.iter().enumerate().map(|(i, &k)| nd.responses[i][k].text.as_str()).collect();
+            turns.push(json!({"turn": nd.turn, "observations": nd.observations, "responses": responses, "reward": j.reward, "metrics": j.metrics}));
+            x = j.child;
+        }
+        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(self.out.join("samples.jsonl"))?;
+        writeln!(f, "{}", json!({"step": step, "item": r.nodes[root].item, "turns": turns}))?;
+        Ok(())
     }
 
     /// Appends a metrics line to metrics.jsonl (and the TensorBoard events).

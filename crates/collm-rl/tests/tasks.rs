@@ -1,7 +1,7 @@
 //! Every paper task runs end to end through the real trainer (rollout with feedback turns,
 //! reward, update, eval, checkpoint) with tiny byte-level models, and reports its metrics.
 
-use collm_envs::Split;
+use collm_envs::{Env, Split};
 use collm_rl::{Config, Trainer};
 use serde_json::Value;
 
@@ -61,6 +61,10 @@ fn run(task: &str, algo: &str, turns: usize, metrics: &[&str]) -> Vec<Value> {
         assert!(e.metrics.contains_key(*m), "{task}: eval has no {m}: {:?}", e.metrics);
     }
     assert!(dir.join("checkpoints/step-000001/trainer.json").exists());
+    // The first episode of each step, turn by turn, in samples.jsonl.
+    let sample: Value = serde_json::from_str(std::fs::read_to_string(dir.join("samples.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(sample["turns"][0]["responses"].as_array().unwrap().len(), t.env.num_agents());
+    assert!(sample["turns"][0]["observations"][0].as_str().unwrap().len() > 20);
     std::fs::remove_dir_all(&dir).unwrap();
     lines
 }

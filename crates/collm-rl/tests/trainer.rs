@@ -296,12 +296,8 @@ fn a_study_writes_its_summary_table_and_plot() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut text = String::from("algos = [\"cc\", \"magrpo\"]\nseeds = [0]\n[algo_set]\nmagrpo = [\"k=2\"]\n[[setting]]\nname = \"tiny-dense\"\nturns = 2\ndensity = \"dense\"\nenv_steps = 100\n[[setting]]\nname = \"tiny-sparse\"\nturns = 3\ndensity = \"sparse\"\nenv_steps = 100\n[base]\n");
     text.push_str(
-        &toml::to_string(&cfg(&[]))
-            .unwrap()
-            .replace("[task]", "[base.task]")
-            .replace("[agents", "[base.agents")
-            .replace("[sampling]", "[base.sampling]")
-            .replace("[critic]", "[base.critic]"),
+        // Every table of the serialized config moves under [base].
+        &toml::to_string(&cfg(&[])).unwrap().replace("\n[", "\n[base."),
     );
     std::fs::write(&path, text).unwrap();
     let study = collm_rl::study::StudyConfig::load(&path, &["seed=5".into()]).unwrap();
