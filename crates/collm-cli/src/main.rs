@@ -314,16 +314,21 @@ fn reward(a: RewardArgs) -> Result<()> {
         .iter()
         .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
         .collect::<Result<_>>()?;
+    // The writing tasks' word lists, read once: for the env and for the level that stopped it.
+    let lexicons = match a.task.as_str() {
+        "tldr" | "arxiv" => Some(collm_envs::writing::Lexicons::load(&collm_envs::resolve_data_path(&a.lexicons))?),
+        _ => None,
+    };
     let env: Box<dyn Env> = match a.task.as_str() {
         "summary" => {
             Box::new(collm_envs::summary::Summary::new(collm_envs::Texts { train: vec![String::new()], eval: vec![] }, a.turn + 1)?)
         }
         "tldr" | "arxiv" => {
-            use collm_envs::writing::{Lexicons, Writing, WritingTask};
+            use collm_envs::writing::{Writing, WritingTask};
             let task = if a.task == "tldr" { WritingTask::Tldr } else { WritingTask::Arxiv };
             Box::new(Writing::new(
                 task,
-                Lexicons::load(&collm_envs::resolve_data_path(&a.lexicons))?,
+                lexicons.clone().context("word lists")?,
                 collm_envs::Texts { train: vec![String::new()], eval: vec![] },
             )?)
         }
@@ -333,7 +338,7 @@ fn reward(a: RewardArgs) -> Result<()> {
                 need_item()?.as_object().cloned().with_context(|| format!("{}: the item is not a JSON object", item_path.display()))?;
             let problems = problems_from_rows(&item_path, &[row], &Columns::default())?;
             let mut c = Coding::with_splits(CodingTask::Sample, problems, vec![], Coding::default_sandbox()?)?;
-            c.reward_shift = a.reward_shift.unwrap_or(-4.0);
+            c.reward_shift = a.reward_shift.unwrap_or_else(|| collm_envs::paper_reward_shift(&a.task));
             Box::new(c)
         }
         "str_build" => {
@@ -343,14 +348,14 @@ fn reward(a: RewardArgs) -> Result<()> {
                 it.get("string").and_then(|v| v.as_str()).with_context(|| format!("{}: no string field 'string'", item_path.display()))?;
             let difficulty = it.get("difficulty").and_then(|v| v.as_u64()).unwrap_or(1) as u32;
             let mut e = StrBuild::new(vec![StrTask::new(text, difficulty)?])?;
-            e.reward_shift = a.reward_shift.unwrap_or(-2.0);
+            e.reward_shift = a.reward_shift.unwrap_or_else(|| collm_envs::paper_reward_shift(&a.task));
             Box::new(e)
         }
         "house_build" => {
             use collm_envs::minecraft::{HouseBuild, HouseTask};
             let task = HouseTask::from_json(need_item()?, &item_path.display().to_string(), 0)?;
             let mut e = HouseBuild::new(vec![task])?;
-            e.reward_shift = a.reward_shift.unwrap_or(-1.0);
+            e.reward_shift = a.reward_shift.unwrap_or_else(|| collm_envs::paper_reward_shift(&a.task));
             Box::new(e)
         }
         other => bail!("--task {other}: unknown task"),
@@ -366,10 +371,10 @@ fn reward(a: RewardArgs) -> Result<()> {
     let metrics: serde_json::Map<String, serde_json::Value> =
         o.metrics.iter().filter(|(k, _)| !k.starts_with("level_")).map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
     let mut out = serde_json::json!({"reward": o.reward, "levels": levels, "metrics": metrics, "next_observations": o.next_observations});
-    if let "tldr" | "arxiv" = a.task.as_str() {
-        use collm_envs::writing::{score, Lexicons, WritingTask};
+    if let Some(lex) = &lexicons {
+        use collm_envs::writing::{score, WritingTask};
         let task = if a.task == "tldr" { WritingTask::Tldr } else { WritingTask::Arxiv };
-        let s = score(task, &joint[a.turn][0], &joint[a.turn][1], &Lexicons::load(&collm_envs::resolve_data_path(&a.lexicons))?);
+        let s = score(task, &joint[a.turn][0], &joint[a.turn][1], lex);
         out["stopped_at"] = serde_json::json!(s.stopped_at);
     }
     if a.json {

@@ -24,6 +24,17 @@ pub struct Scored {
     pub stopped_at: Option<String>,
 }
 
+/// The reward shift the paper uses for a task (coding −4, StrBuild −2, HouseBuild −1, else 0):
+/// the default of `task.reward_shift` and of `collm reward --reward-shift`.
+pub fn paper_reward_shift(task: &str) -> f64 {
+    match task {
+        "coophumaneval" | "humaneval" | "coding" => -4.0,
+        "str_build" => -2.0,
+        "house_build" => -1.0,
+        _ => 0.0,
+    }
+}
+
 /// A default data path such as `../shared/data/...` is relative to the repository root; when it
 /// does not exist from the current directory, the directories above are tried (so tests and
 /// tools run from a crate directory find it too). Other paths are returned as they are.
@@ -69,6 +80,11 @@ impl Outcome {
 
     pub fn with_metric(mut self, name: &str, value: f64) -> Self {
         self.metrics.insert(name.to_string(), value);
+        self
+    }
+
+    pub fn with_metrics<K: Into<String>>(mut self, metrics: impl IntoIterator<Item = (K, f64)>) -> Self {
+        self.metrics.extend(metrics.into_iter().map(|(k, v)| (k.into(), v)));
         self
     }
 }

@@ -64,7 +64,7 @@ pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
                 Some(e) => Coding::with_splits(task, problems, load_problems(e, &cols)?, Coding::default_sandbox()?)?,
                 None => Coding::new(task, problems, Coding::default_sandbox()?)?,
             };
-            c.reward_shift = t.reward_shift.unwrap_or(-4.0);
+            c.reward_shift = t.reward_shift.unwrap_or_else(|| collm_envs::paper_reward_shift(&t.name));
             c.per_test_timeout = std::time::Duration::from_secs_f64(t.per_test_timeout);
             Box::new(c)
         }
@@ -72,14 +72,14 @@ pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
             use collm_envs::minecraft::StrBuild;
             let path = collm_envs::resolve_data_path(&t.data.clone().unwrap_or_else(|| DEFAULT_STR_BUILD.into()));
             let mut e = StrBuild::load(&path)?;
-            e.reward_shift = t.reward_shift.unwrap_or(-2.0);
+            e.reward_shift = t.reward_shift.unwrap_or_else(|| collm_envs::paper_reward_shift(&t.name));
             Box::new(e)
         }
         "house_build" => {
             use collm_envs::minecraft::HouseBuild;
             let path = collm_envs::resolve_data_path(&t.data.clone().unwrap_or_else(|| DEFAULT_HOUSE_BUILD.into()));
             let mut e = HouseBuild::load(&path)?;
-            e.reward_shift = t.reward_shift.unwrap_or(-1.0);
+            e.reward_shift = t.reward_shift.unwrap_or_else(|| collm_envs::paper_reward_shift(&t.name));
             Box::new(e)
         }
         other => bail!("unknown task '{other}'"),
@@ -310,7 +310,9 @@ impl Trainer {
             let nd = &r.nodes[n];
             let Some(j) = nd.joints.first() else { break };
             let responses: Vec<&str> = j.choice.iter().enumerate().map(|(i, &k)| nd.responses[i][k].text.as_str()).collect();
-            turns.push(json!({"turn": nd.turn, "observations": nd.observations, "responses": responses, "reward": j.reward, "metrics": j.metrics}));
+            turns.push(
+                json!({"turn": nd.turn, "observations": nd.observations, "responses": responses, "reward": j.reward, "metrics": j.metrics}),
+            );
             x = j.child;
         }
         let mut f = std::fs::OpenOptions::new().append(true).create(true).open(self.out.join("samples.jsonl"))?;

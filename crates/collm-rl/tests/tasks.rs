@@ -1,7 +1,7 @@
 //! Every paper task runs end to end through the real trainer (rollout with feedback turns,
 //! reward, update, eval, checkpoint) with tiny byte-level models, and reports its metrics.
 
-use collm_envs::{Env, Split};
+use collm_envs::Split;
 use collm_rl::{Config, Trainer};
 use serde_json::Value;
 

@@ -239,7 +239,7 @@ impl Coding {
                 (problems, t)
             }
         };
-        Ok(Self { task, train, eval, sandbox, reward_shift: -4.0, per_test_timeout: Duration::from_secs(2) })
+        Self::with_splits(task, train, eval, sandbox)
     }
 
     /// Explicit splits (an eval file of the user's).
@@ -247,7 +247,7 @@ impl Coding {
         if train.is_empty() {
             bail!("{task:?}: no problems to train on");
         }
-        Ok(Self { task, train, eval, sandbox, reward_shift: -4.0, per_test_timeout: Duration::from_secs(2) })
+        Ok(Self { task, train, eval, sandbox, reward_shift: crate::paper_reward_shift("coding"), per_test_timeout: Duration::from_secs(2) })
     }
 
     /// A sandbox with the limits coding rewards use.
@@ -467,15 +467,14 @@ impl Env for Coding {
         let s = score(&f);
         let reward = s.reward + self.reward_shift;
         let next_observations = (0..2).map(|i| self.feedback(p, &f, i, reward)).collect();
-        let mut o = Outcome::new(reward, next_observations)
+        Ok(Outcome::new(reward, next_observations)
             .with_metric("pass_rate", f.pass_rate())
             .with_metric("all_passed", if f.tests_total > 0 && f.passed() == f.tests_total { 1.0 } else { 0.0 })
             .with_metric("format_ok", if f.format_ok[0] && f.format_ok[1] { 1.0 } else { 0.0 })
             .with_metric("syntax_ok", if f.syntax_error.is_none() && f.main_defined { 1.0 } else { 0.0 })
-            .with_metric("aux_called", if f.aux_called { 1.0 } else { 0.0 });
-        o.metrics.insert("raw_reward".into(), s.reward);
-        o.metrics.extend(s.levels.iter().map(|(k, v)| (format!("level_{k}"), *v)));
-        Ok(o)
+            .with_metric("aux_called", if f.aux_called { 1.0 } else { 0.0 })
+            .with_metric("raw_reward", s.reward)
+            .with_metrics(s.levels.iter().map(|(k, v)| (format!("level_{k}"), *v))))
     }
 }
 

@@ -302,13 +302,12 @@ impl HouseBuild {
         })
     }
 
-    /// Reads a JSON list of houses.
+    /// Reads the houses of a dataset file (a JSON list, JSONL, `.gz` or Parquet; one house a row).
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let file = path.display().to_string();
-        let v: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{file}: not JSON: {e}"))?;
-        let items = v.as_array().ok_or_else(|| anyhow!("{file}: expected a list of houses"))?;
-        let tasks = items.iter().enumerate().map(|(i, t)| HouseTask::from_json(t, &file, i)).collect::<Result<Vec<_>>>()?;
+        let rows = crate::dataset::read_rows(path)?;
+        let tasks =
+            rows.into_iter().enumerate().map(|(i, r)| HouseTask::from_json(&Value::Object(r), &file, i)).collect::<Result<Vec<_>>>()?;
         if tasks.is_empty() {
             bail!("{file}: no houses");
         }
@@ -490,16 +489,13 @@ impl Env for HouseBuild {
         let responses: Vec<&str> = joint_actions[turn].iter().map(|s| s.as_str()).collect();
         let sc = self.score(task, &self.spider_attacks(item, turn), &responses);
         let next = responses.iter().enumerate().map(|(a, r)| self.feedback(item, a, turn, sc.reward, r)).collect::<Result<_>>()?;
-        let mut out = Outcome::new(sc.reward + self.reward_shift, next)
+        Ok(Outcome::new(sc.reward + self.reward_shift, next)
             .with_metric("iou", sc.iou)
             .with_metric("match_fraction", sc.match_fraction)
             .with_metric("damage", sc.damage)
             .with_metric("spider_penalty", sc.spider_penalty)
-            .with_metric("killed", f64::from(u8::from(sc.killed)));
-        for (k, v) in sc.tally.metrics() {
-            out = out.with_metric(k, v);
-        }
-        Ok(out)
+            .with_metric("killed", f64::from(u8::from(sc.killed)))
+            .with_metrics(sc.tally.metrics()))
     }
 }
 
@@ -747,7 +743,7 @@ mod tests {
         assert!(e.contains("no layer y=1"), "{e}");
         let p = dir.join("bad.json");
         std::fs::write(&p, "{").unwrap();
-        assert!(format!("{:#}", HouseBuild::load(&p).err().unwrap()).contains("bad.json: not JSON"));
+        assert!(format!("{:#}", HouseBuild::load(&p).err().unwrap()).contains("bad.json: line 1: not JSON"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -372,16 +372,13 @@ impl Env for StrBuild {
         let responses: Vec<&str> = joint_actions[turn].iter().map(|s| s.as_str()).collect();
         let sc = self.score(task, &responses);
         let next = responses.iter().enumerate().map(|(a, r)| self.feedback(task, a, turn, r)).collect();
-        let mut out = Outcome::new(sc.reward + self.reward_shift, next)
+        Ok(Outcome::new(sc.reward + self.reward_shift, next)
             .with_metric("iou", sc.iou)
             .with_metric("coverage", sc.coverage)
             .with_metric("extra_ratio", sc.extra_ratio)
             .with_metric("same_texture_ratio", sc.same_texture_ratio)
-            .with_metric("missing_palettes", sc.missing_palettes as f64);
-        for (k, v) in sc.tally.metrics() {
-            out = out.with_metric(k, v);
-        }
-        Ok(out)
+            .with_metric("missing_palettes", sc.missing_palettes as f64)
+            .with_metrics(sc.tally.metrics()))
     }
 }
 
