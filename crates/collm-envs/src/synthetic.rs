@@ -12,8 +12,12 @@
 //! `dense` rewards r_t = score_t / T; with `sparse` ones r_t = 0 before the last turn and
 //! r_{T-1} = mean_t score_t. Either way the return lies in [0, 1].
 //!
-//! Observations are plain text: `0:b>` at the start, then `|1:c>` (the turn, then what the
-//! others said, `-` for an empty response).
+//! Observations are plain text: `0:b` at the start, then `|1:c` (the turn, then what the
+//! others said, `-` for an empty response). The symbol comes last, so at turns 0 and 1 the
+//! right answer is the observation's last character: a lookup that a tiny model learns from
+//! the reward alone. (With a closing `>` after it, answering needs attention to the token
+//! before; in the study of 2026-11-25 every method then collapsed to one constant symbol,
+//! which scores 1/m per turn, on the short dense task too.)
 
 use crate::{check_step, Env, Outcome, Split};
 use anyhow::{bail, Result};
@@ -111,7 +115,7 @@ impl Env for Synthetic {
         if item >= self.len(split) {
             bail!("{}: item {item} is outside the {split:?} split ({} items)", self.name, self.len(split));
         }
-        Ok(self.secrets(item).iter().map(|&s| format!("0:{}>", self.symbol(s))).collect())
+        Ok(self.secrets(item).iter().map(|&s| format!("0:{}", self.symbol(s))).collect())
     }
 
     fn step(&self, split: Split, item: usize, turn: usize, joint_actions: &[Vec<String>]) -> Result<Outcome> {
@@ -129,7 +133,7 @@ impl Env for Synthetic {
         let next_observations = (0..self.agents)
             .map(|i| {
                 let others: String = (0..self.agents).filter(|&j| j != i).map(|j| first_char(&now[j])).collect();
-                format!("|{}:{others}>", turn + 1)
+                format!("|{}:{others}", turn + 1)
             })
             .collect();
         Ok(Outcome::new(reward, next_observations))
@@ -149,7 +153,7 @@ mod tests {
         let e = Synthetic::new(4, 2, 2, Density::Dense).unwrap();
         assert_eq!(e.len(Split::Train), 16);
         assert_eq!(e.secrets(6), vec![2, 1]);
-        assert_eq!(e.reset(Split::Train, 6).unwrap(), s(&["0:c>", "0:b>"]));
+        assert_eq!(e.reset(Split::Train, 6).unwrap(), s(&["0:c", "0:b"]));
         assert!(e.reset(Split::Train, 16).is_err());
     }
 
@@ -160,7 +164,7 @@ mod tests {
         let t0 = s(&["c", "X"]);
         let o = e.step(Split::Train, 6, 0, &[t0.clone()]).unwrap();
         assert_eq!(o.reward, 0.5 / 2.0);
-        assert_eq!(o.next_observations, s(&["|1:->", "|1:c>"]));
+        assert_eq!(o.next_observations, s(&["|1:-", "|1:c"]));
         let o = e.step(Split::Train, 6, 1, &[t0, s(&["b", " c!"])]).unwrap();
         assert_eq!(o.reward, 1.0 / 2.0);
         let o = e.step(Split::Train, 6, 1, &[s(&["c", "b"]), s(&["c", "c"])]).unwrap();

@@ -29,6 +29,9 @@ pub struct Response {
     /// log π of each token under the sampling pass's raw distribution (the old policy).
     pub logprobs: Vec<f32>,
     pub stopped: bool,
+    /// The seed of the random stream it was sampled with (one stream per response, so a
+    /// response does not depend on what it was batched with).
+    pub seed: u64,
 }
 
 /// A joint action at a node: which of each agent's responses it takes, its reward, its child.
@@ -122,10 +125,10 @@ fn agent_turn(
     Ok((cache, gens))
 }
 
-fn to_response(policy: &Policy, g: Generation) -> Result<Response> {
+fn to_response(policy: &Policy, g: Generation, seed: u64) -> Result<Response> {
     let body = if g.stopped { &g.tokens[..g.tokens.len() - 1] } else { &g.tokens[..] };
     let text = policy.tokenizer.decode(body, false)?;
-    Ok(Response { tokens: g.tokens, text, logprobs: g.logprobs, stopped: g.stopped })
+    Ok(Response { tokens: g.tokens, text, logprobs: g.logprobs, stopped: g.stopped, seed })
 }
 
 /// Runs one buffer of episodes.
@@ -168,6 +171,18 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
         if frontier.is_empty() {
             break;
         }
+        // One random stream per response, seeded by who samples it and where in the tree.
+        let seeds: Vec<Vec<u64>> = (0..n)
+            .map(|i| {
+                frontier
+                    .iter()
+                    .flat_map(|&x| {
+                        let nd = &nodes[x];
+                        (0..k).map(move |kk| mix(mix(mix(spec.seed, i as u64), (turn * 1_000_003 + nd.episode) as u64), (x * 131 + kk) as u64))
+                    })
+                    .collect()
+            })
+            .collect();
         // Every agent samples K responses per frontier node, concurrently.
         let results: Vec<Result<(KvCache, Vec<Generation>)>> = std::thread::scope(|s| {
             let handles: Vec<_> = team
@@ -178,17 +193,9 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
                     let cache = caches[i].take();
                     let chunks = &chunks[i];
                     let hist: Vec<Vec<u32>> = frontier.iter().map(|&x| nodes[x].histories[i].clone()).collect();
-                    let seeds: Vec<u64> = frontier
-                        .iter()
-                        .flat_map(|&x| {
-                            let nd = &nodes[x];
-                            (0..k).map(move |kk| {
-                                mix(mix(mix(spec.seed, i as u64), (turn * 1_000_003 + nd.episode) as u64), (x * 131 + kk) as u64)
-                            })
-                        })
-                        .collect();
+                    let seeds = &seeds[i];
                     s.spawn(move || {
-                        agent_turn(p, cache, chunks, &hist, spec, &seeds).with_context(|| format!("agent {i}: sampling at turn {turn}"))
+                        agent_turn(p, cache, chunks, &hist, spec, seeds).with_context(|| format!("agent {i}: sampling at turn {turn}"))
                     })
                 })
                 .collect();
@@ -198,9 +205,14 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
         for (i, r) in results.into_iter().enumerate() {
             let (cache, gens) = r?;
             generated += gens.iter().map(|g| g.tokens.len()).sum::<usize>();
-            let mut it = gens.into_iter();
+            let mut it = gens.into_iter().zip(seeds[i].iter().copied());
             for &x in &frontier {
-                let rs = (0..k).map(|_| to_response(&team.agents[i], it.next().unwrap())).collect::<Result<Vec<_>>>()?;
+                let rs = (0..k)
+                    .map(|_| {
+                        let (g, seed) = it.next().unwrap();
+                        to_response(&team.agents[i], g, seed)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
                 nodes[x].responses.push(rs);
             }
             expanded.push(cache);

@@ -57,16 +57,20 @@ fn mean(x: &[f64]) -> f64 {
 
 #[test]
 fn every_algorithm_raises_the_reward_on_a_short_dense_task() {
-    // A uniformly random policy over the ~46-token vocabulary scores about 0.02 here.
-    for (name, extra) in [
-        ("cc", vec![]),
-        ("cc", vec!["critic.kind=\"q\""]),
-        ("dc", vec![]),
-        ("dc", vec!["critic.dc=\"head\""]),
-        ("magrpo", vec![]),
-        ("rloo", vec![]),
-        ("remax", vec![]),
-        ("reinforce", vec![]),
+    // A uniformly random policy over the ~46-token vocabulary scores about 0.02 here, and the best
+    // policy that ignores its observations (one constant symbol) scores 1/4 = 0.25. The last
+    // number of each row is the floor its final reward must clear: above that constant policy
+    // wherever the method learns the task in this budget (measured: 0.95 to 1.0), at the constant
+    // policy's level for ReMax and for DC with value heads on the actors (measured 0.25 and 0.51).
+    for (name, extra, floor) in [
+        ("cc", vec![], 0.6),
+        ("cc", vec!["critic.kind=\"q\""], 0.6),
+        ("dc", vec![], 0.6),
+        ("dc", vec!["critic.dc=\"head\""], 0.2),
+        ("magrpo", vec![], 0.6),
+        ("rloo", vec![], 0.6),
+        ("remax", vec![], 0.2),
+        ("reinforce", vec![], 0.6),
     ] {
         let mut o = vec![format!("algo=\"{name}\"")];
         o.extend(extra.iter().map(|s| s.to_string()));
@@ -75,7 +79,7 @@ fn every_algorithm_raises_the_reward_on_a_short_dense_task() {
         let r = rewards(&t.run(false).unwrap());
         let (first, last) = (mean(&r[..10]), mean(&r[r.len() - 20..]));
         assert!(first < 0.08, "{name} {extra:?}: starts at {first}");
-        assert!(last > 0.15 && last > 3.0 * first, "{name} {extra:?}: reward went from {first} to {last}");
+        assert!(last > floor && last > 3.0 * first, "{name} {extra:?}: reward went from {first} to {last}");
     }
 }
 

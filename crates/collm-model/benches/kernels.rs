@@ -1,0 +1,127 @@
+//! Criterion benchmarks of the hot kernels, on a randomly initialised model of SmolLM2-135M's
+//! shape (30 layers, hidden 576, 9 query / 3 key-value heads, vocabulary 49152), f32 on the CPU:
+//! - `decode_step/bN`: one sampling step for N rows (forward of one new token each over a
+//!   128-token KV cache, then the last position's logits);
+//! - `forward_backward/BxT`: the teacher-forced pass of the policy loss (token log-probs of a
+//!   padded batch) and its backward;
+//! - `adamw_step`: one fused AdamW step over every parameter;
+//! - `attention/…`: the fused block-wise attention and the plain ops, forward and backward.
+//!
+//! `cargo bench -p collm-model --bench kernels` (criterion keeps the last run in target/criterion
+//! and reports the change against it).
+
+use candle_core::{Device, Tensor, Var};
+use collm_model::generate::prefill;
+use collm_model::*;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use std::time::Duration;
+
+fn smollm2_shape() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Llama,
+        vocab_size: 49152,
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_layers: 30,
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        rope_theta: 100000.0,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+        qkv_bias: false,
+        qk_norm: false,
+        max_position_embeddings: 8192,
+    }
+}
+
+fn tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
+    (0..n as u64).map(|i| ((i * 7919 + seed * 104729 + 13) % vocab as u64) as u32).collect()
+}
+
+fn kernels(c: &mut Criterion) {
+    let model = Transformer::random(smollm2_shape(), 0).expect("random model");
+    let vocab = model.cfg.vocab_size;
+
+    let mut g = c.benchmark_group("decode_step");
+    g.sample_size(20).measurement_time(Duration::from_secs(8));
+    for b in [1usize, 8] {
+        let prompts: Vec<Vec<u32>> = (0..b).map(|i| tokens(128, i as u64, vocab)).collect();
+        let (cache, _) = prefill(&model, &prompts, 0).expect("prefill");
+        let next: Vec<Vec<u32>> = (0..b).map(|i| vec![(i * 31 + 7) as u32]).collect();
+        let valid = vec![vec![true]; b];
+        g.bench_function(format!("b{b}"), |bench| {
+            bench.iter_batched(
+                || cache.clone(),
+                |mut c| {
+                    let h = model.forward(&next, &valid, &mut c, false).unwrap();
+                    model.logits(&h.squeeze(1).unwrap(), false).unwrap()
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("forward_backward");
+    g.sample_size(10).measurement_time(Duration::from_secs(20));
+    for (b, t) in [(2usize, 64usize), (4, 128)] {
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> = (0..b)
+            .map(|i| {
+                let s = tokens(t, 100 + i as u64, vocab);
+                (s[..t / 2].to_vec(), s[t / 2..].to_vec())
+            })
+            .collect();
+        g.bench_function(format!("{b}x{t}"), |bench| {
+            bench.iter(|| {
+                let s = score(&model, &pairs, 0, true).unwrap();
+                let loss = s.token_logprobs.mean_all().unwrap().neg().unwrap();
+                loss.backward().unwrap()
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("adamw_step");
+    g.sample_size(10).measurement_time(Duration::from_secs(10));
+    let mut grads = Grads::new();
+    {
+        let pairs = vec![(tokens(8, 1, vocab), tokens(8, 2, vocab))];
+        let s = score(&model, &pairs, 0, true).unwrap();
+        let store = s.token_logprobs.mean_all().unwrap().backward().unwrap();
+        grads.accumulate(&store, model.trainable()).unwrap();
+    }
+    let mut opt = AdamW::new(AdamWConfig { lr: 1e-6, ..Default::default() });
+    g.bench_function(format!("{}M_params", model.num_params() / 1_000_000), |bench| {
+        bench.iter(|| opt.step(model.trainable(), &grads).unwrap())
+    });
+    g.finish();
+
+    // Attention of one layer's shape (9 query heads over 3 key-value heads, head size 64).
+    let mut g = c.benchmark_group("attention");
+    g.sample_size(10).measurement_time(Duration::from_secs(10));
+    let dev = Device::Cpu;
+    for t in [256usize, 1024] {
+        // Grouped heads ride in the query rows: q is [batch, kv heads, 3·t, head size].
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 3 * t, 64), &dev).unwrap()).unwrap();
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, t, 64), &dev).unwrap()).unwrap();
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, t, 64), &dev).unwrap()).unwrap();
+        let mask = ops::AttnMask::causal(&vec![vec![true; t]; 2], 0, t);
+        for (name, fused) in [("fused", true), ("unfused", false)] {
+            g.bench_function(format!("{name}_fwd_bwd_2x{t}"), |bench| {
+                bench.iter(|| {
+                    let o = if fused {
+                        ops::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, 0.125).unwrap()
+                    } else {
+                        ops::attention_unfused(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, 0.125).unwrap()
+                    };
+                    o.sqr().unwrap().sum_all().unwrap().backward().unwrap()
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, kernels);
+criterion_main!(benches);
