@@ -8,6 +8,13 @@
 //! at turn 0, and from turn 2 on an agent must look back in its history to the turn-1
 //! observation (the last one shows what the others said at the previous turn, not their secrets).
 //!
+//! With `rule = "echo"` the task keeps the horizon and the reward density but drops the
+//! communication: at every turn each agent observes a fresh private symbol and its target is
+//! that symbol (`0:c`, then `|1:a`, …). Each turn's decision is the same lookup, and each agent
+//! sees only its own symbols, so what is hard is credit assignment: with sparse rewards the
+//! return mixes all turns of all agents, and a critic that reads only one agent's history cannot
+//! see the other agents' part of it.
+//!
 //! A turn's score is the fraction of agents whose response starts with their target. With
 //! `dense` rewards r_t = score_t / T; with `sparse` ones r_t = 0 before the last turn and
 //! r_{T-1} = mean_t score_t. Either way the return lies in [0, 1].
@@ -34,6 +41,20 @@ pub enum Density {
     Sparse,
 }
 
+/// Which targets the agents have (see the module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rule {
+    /// Announce your secret, then answer your partner's (communication and memory).
+    #[default]
+    Relay,
+    /// Answer the fresh private symbol of each turn (credit assignment only).
+    Echo,
+}
+
+/// Items of the echo rule (their symbols are drawn from the item index).
+const ECHO_ITEMS: usize = 4096;
+
 #[derive(Clone, Debug)]
 pub struct Synthetic {
     name: String,
@@ -42,6 +63,7 @@ pub struct Synthetic {
     pub agents: usize,
     pub turns: usize,
     pub density: Density,
+    pub rule: Rule,
 }
 
 impl Synthetic {
@@ -59,7 +81,24 @@ impl Synthetic {
             Density::Dense => "dense",
             Density::Sparse => "sparse",
         };
-        Ok(Self { name: format!("synthetic-m{symbols}-n{agents}-t{turns}-{d}"), symbols, agents, turns, density })
+        Ok(Self { name: format!("synthetic-m{symbols}-n{agents}-t{turns}-{d}"), symbols, agents, turns, density, rule: Rule::Relay })
+    }
+
+    pub fn with_rule(mut self, rule: Rule) -> Self {
+        if rule == Rule::Echo {
+            self.name = self.name.replacen("synthetic-", "synthetic-echo-", 1);
+        }
+        self.rule = rule;
+        self
+    }
+
+    /// Echo rule: agent `agent`'s private symbol at `turn` of `item`.
+    fn echo_symbol(&self, item: usize, turn: usize, agent: usize) -> usize {
+        let mut x = (item as u64) << 16 | (turn as u64) << 8 | agent as u64;
+        // splitmix64's finalizer: a fixed, well-mixed function of (item, turn, agent).
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((x ^ (x >> 31)) % self.symbols as u64) as usize
     }
 
     fn symbol(&self, i: usize) -> char {
@@ -78,7 +117,7 @@ impl Synthetic {
             .collect()
     }
 
-    /// Agent `agent`'s target symbol at `turn`.
+    /// Agent `agent`'s target symbol at `turn` (relay rule).
     pub fn target(&self, secrets: &[usize], agent: usize, turn: usize) -> char {
         if turn == 0 {
             self.symbol(secrets[agent])
@@ -87,9 +126,22 @@ impl Synthetic {
         }
     }
 
+    /// The symbol agent `agent` observes at turn 0.
+    fn first_symbol(&self, item: usize, agent: usize) -> char {
+        self.target_of(item, agent, 0)
+    }
+
+    /// Agent `agent`'s target symbol at `turn` of `item`, under the task's rule.
+    pub fn target_of(&self, item: usize, agent: usize, turn: usize) -> char {
+        match self.rule {
+            Rule::Relay => self.target(&self.secrets(item), agent, turn),
+            Rule::Echo => self.symbol(self.echo_symbol(item, turn, agent)),
+        }
+    }
+
     /// Fraction of agents whose response starts with their target.
-    pub fn score(&self, secrets: &[usize], turn: usize, responses: &[String]) -> f64 {
-        let hits = responses.iter().enumerate().filter(|(i, r)| r.trim_start().starts_with(self.target(secrets, *i, turn))).count();
+    pub fn score(&self, item: usize, turn: usize, responses: &[String]) -> f64 {
+        let hits = responses.iter().enumerate().filter(|(i, r)| r.trim_start().starts_with(self.target_of(item, *i, turn))).count();
         hits as f64 / self.agents as f64
     }
 }
@@ -108,32 +160,37 @@ impl Env for Synthetic {
     }
 
     fn len(&self, _split: Split) -> usize {
-        self.symbols.pow(self.agents as u32)
+        match self.rule {
+            Rule::Relay => self.symbols.pow(self.agents as u32),
+            Rule::Echo => ECHO_ITEMS,
+        }
     }
 
     fn reset(&self, split: Split, item: usize) -> Result<Vec<String>> {
         if item >= self.len(split) {
             bail!("{}: item {item} is outside the {split:?} split ({} items)", self.name, self.len(split));
         }
-        Ok(self.secrets(item).iter().map(|&s| format!("0:{}", self.symbol(s))).collect())
+        Ok((0..self.agents).map(|i| format!("0:{}", self.first_symbol(item, i))).collect())
     }
 
     fn step(&self, split: Split, item: usize, turn: usize, joint_actions: &[Vec<String>]) -> Result<Outcome> {
         check_step(self, split, item, turn, joint_actions)?;
-        let secrets = self.secrets(item);
         let t = self.turns as f64;
         let reward = match self.density {
-            Density::Dense => self.score(&secrets, turn, &joint_actions[turn]) / t,
+            Density::Dense => self.score(item, turn, &joint_actions[turn]) / t,
             Density::Sparse if turn + 1 == self.turns => {
-                joint_actions.iter().enumerate().map(|(k, a)| self.score(&secrets, k, a)).sum::<f64>() / t
+                joint_actions.iter().enumerate().map(|(k, a)| self.score(item, k, a)).sum::<f64>() / t
             }
             Density::Sparse => 0.0,
         };
         let now = &joint_actions[turn];
         let next_observations = (0..self.agents)
             .map(|i| {
-                let others: String = (0..self.agents).filter(|&j| j != i).map(|j| first_char(&now[j])).collect();
-                format!("|{}:{others}", turn + 1)
+                let shown: String = match self.rule {
+                    Rule::Relay => (0..self.agents).filter(|&j| j != i).map(|j| first_char(&now[j])).collect(),
+                    Rule::Echo => self.target_of(item, i, turn + 1).to_string(),
+                };
+                format!("|{}:{shown}", turn + 1)
             })
             .collect();
         Ok(Outcome::new(reward, next_observations))
@@ -180,6 +237,33 @@ mod tests {
         assert_eq!(e.step(Split::Train, 6, 1, &j[..2]).unwrap().reward, 0.0);
         // scores 1, 0.5, 1 → mean 2.5 / 3.
         assert!((e.step(Split::Train, 6, 2, &j).unwrap().reward - 2.5 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn echo_asks_for_each_turns_private_symbol() {
+        let e = Synthetic::new(4, 2, 3, Density::Sparse).unwrap().with_rule(Rule::Echo);
+        assert_eq!(e.len(Split::Train), ECHO_ITEMS);
+        let item = 77;
+        let t: Vec<Vec<char>> = (0..3).map(|turn| (0..2).map(|i| e.target_of(item, i, turn)).collect()).collect();
+        let obs = e.reset(Split::Train, item).unwrap();
+        assert_eq!(obs, vec![format!("0:{}", t[0][0]), format!("0:{}", t[0][1])]);
+        // Right at turn 0 (both), wrong at turn 1 (agent 0 only), right at turn 2.
+        let wrong = if t[1][0] == 'a' { "b" } else { "a" };
+        let j = vec![
+            vec![t[0][0].to_string(), t[0][1].to_string()],
+            vec![wrong.to_string(), t[1][1].to_string()],
+            vec![t[2][0].to_string(), t[2][1].to_string()],
+        ];
+        let o = e.step(Split::Train, item, 0, &j[..1]).unwrap();
+        assert_eq!(o.reward, 0.0);
+        // Each agent's next observation is its own next symbol, whatever the partner said.
+        assert_eq!(o.next_observations, vec![format!("|1:{}", t[1][0]), format!("|1:{}", t[1][1])]);
+        assert!((e.step(Split::Train, item, 2, &j).unwrap().reward - 2.5 / 3.0).abs() < 1e-12);
+        // The symbols are a fixed function of the item, and they vary across items and turns.
+        let other = Synthetic::new(4, 2, 3, Density::Sparse).unwrap().with_rule(Rule::Echo);
+        assert_eq!(other.target_of(item, 1, 2), t[2][1]);
+        let distinct: std::collections::HashSet<char> = (0..64).map(|it| e.target_of(it, 0, 1)).collect();
+        assert_eq!(distinct.len(), 4);
     }
 
     #[test]

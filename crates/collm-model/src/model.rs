@@ -14,8 +14,13 @@ use std::collections::BTreeMap;
 
 /// A weight and whether the optimizer updates it.
 /// Attention-matrix elements (batch · heads · queries · keys, per layer) above which the fused
-/// attention is used: 8M f32 = 32 MiB per layer, about 1 GiB over 30 layers.
-pub const FUSED_ATTENTION_MIN: usize = 8 << 20;
+/// attention is used: 256K f32 = 1 MiB per layer. Measured with `cargo bench --bench kernels`
+/// (2026-11-25, 2 cores): forward + backward at SmolLM2's shape, 2×9 heads × 256 tokens, fused
+/// 21.8 ms against 48.6 ms for the plain ops (1024 tokens: 259 against 552 ms), and the training
+/// step of `collm bench model` (4×256 tokens) 12.96 s against 15.09 s when only matrices above
+/// 32 MiB took the fused path; tiny models (the synthetic tasks, a few thousand elements per
+/// layer) stay faster on the plain ops.
+pub const FUSED_ATTENTION_MIN: usize = 1 << 18;
 
 pub struct Param {
     pub var: Var,

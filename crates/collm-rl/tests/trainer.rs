@@ -242,6 +242,7 @@ fn bad_configs_name_the_key() {
         ("algo = \"magrpo\"\nk = 1", "'k'"),
         ("[sampling]\ntop_p = 0.0", "top_p"),
         ("[critic]\nvalue_coeff = 0.5", "value_coeff"),
+        ("init = \"/nonexistent/step-000001\"", "'init'"),
     ] {
         let r = Config::from_toml(text, "bad.toml", &[]).map(|c| collm_rl::trainer::make_env(&c).map(|_| ()));
         let err = match r {
@@ -321,4 +322,46 @@ fn a_study_writes_its_summary_table_and_plot() {
     }
     assert!(std::fs::read_to_string(out.join("table.md")).unwrap().contains("tiny-sparse"));
     assert!(out.join("curves.png").exists());
+}
+
+fn weights(m: &collm_model::Transformer) -> Vec<Vec<f32>> {
+    m.tensors().values().map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+}
+
+#[test]
+fn init_starts_from_a_trained_team_and_the_critic_warm_up_freezes_the_actors() {
+    // A trained team (CoLLM-DC: its checkpoint has agents and per-agent critics).
+    let src = tmp("init-src");
+    let mut t = Trainer::new(cfg(&["algo=\"dc\"", "steps=3", "checkpoint_every=3"]), &src).unwrap();
+    t.run(false).unwrap();
+    let ckpt = latest_checkpoint(&src).unwrap().unwrap();
+    let trained: Vec<_> = t.team.agents.iter().map(|p| weights(&p.model)).collect();
+    let fresh = Trainer::new(cfg(&["algo=\"cc\""]), &tmp("init-fresh")).unwrap();
+    assert_ne!(weights(&fresh.team.agents[0].model), trained[0]);
+
+    // init: every agent takes its trained weights; the centralized critic's backbone agent 0's.
+    let init = format!("init=\"{}\"", ckpt.display());
+    let mut w = Trainer::new(cfg(&["algo=\"cc\"", &init, "critic.warmup=2"]), &tmp("init-dst")).unwrap();
+    for (p, tw) in w.team.agents.iter().zip(&trained) {
+        assert_eq!(&weights(&p.model), tw);
+    }
+    assert_eq!(weights(&w.team.critics[0].model), trained[0]);
+
+    // Warm-up: two updates move the critic and leave the actors; the third moves the actors.
+    let critic0 = weights(&w.team.critics[0].model);
+    for _ in 0..2 {
+        let line = w.train_step().unwrap();
+        assert!(line["value_loss"].as_f64().is_some());
+    }
+    for (p, tw) in w.team.agents.iter().zip(&trained) {
+        assert_eq!(&weights(&p.model), tw, "an actor moved during the critic warm-up");
+    }
+    assert_ne!(weights(&w.team.critics[0].model), critic0, "the critic did not learn during its warm-up");
+    w.train_step().unwrap();
+    assert_ne!(weights(&w.team.agents[0].model), trained[0], "the actors did not learn after the warm-up");
+
+    // A checkpoint of another model shape is refused, naming the file.
+    let bad = Trainer::new(cfg(&["algo=\"cc\"", &init, "agents.tiny.hidden=48"]), &tmp("init-bad")).err().unwrap();
+    let err = format!("{bad:#}");
+    assert!(err.contains("'init'") && err.contains("collm_model.json"), "{err}");
 }

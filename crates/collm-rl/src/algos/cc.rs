@@ -39,7 +39,9 @@ pub fn joint_sequence(tok: &Tokenizer, rollout: &Rollout, chain: &[usize], kind:
     Ok((tokens, positions))
 }
 
-pub fn update(team: &mut Team, rollout: &Rollout, cfg: &Config) -> Result<UpdateStats> {
+/// One update: the critic's TD step, then (unless `actors` is false: the critic warm-up) every
+/// agent's policy-gradient step.
+pub fn update(team: &mut Team, rollout: &Rollout, cfg: &Config, actors: bool) -> Result<UpdateStats> {
     if team.critics.len() != 1 {
         bail!("CoLLM-CC needs exactly one critic, the team has {}", team.critics.len());
     }
@@ -61,7 +63,7 @@ pub fn update(team: &mut Team, rollout: &Rollout, cfg: &Config) -> Result<Update
         advantage_mean: vs.iter().zip(&ys).map(|(v, y)| y - v).sum::<f64>() / vs.len().max(1) as f64,
         ..Default::default()
     };
-    for (i, p) in team.agents.iter_mut().enumerate() {
+    for (i, p) in team.agents.iter_mut().enumerate().filter(|_| actors) {
         let (loss, norm, _) = update_agent(p, i, rollout, |x, _| adv_of[x], cfg)?;
         stats.policy_loss.push(loss);
         stats.grad_norm.push(norm);

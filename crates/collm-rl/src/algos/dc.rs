@@ -36,10 +36,12 @@ pub fn local_sequence(tok: &Tokenizer, rollout: &Rollout, chain: &[usize], i: us
     Ok((tokens, positions))
 }
 
-pub fn update(team: &mut Team, rollout: &Rollout, cfg: &Config) -> Result<UpdateStats> {
+/// One update: each critic's TD step, then (unless `actors` is false: the critic warm-up) each
+/// agent's policy-gradient step with its own critic's advantages.
+pub fn update(team: &mut Team, rollout: &Rollout, cfg: &Config, actors: bool) -> Result<UpdateStats> {
     match cfg.critic.dc {
-        DcCritic::Separate => update_separate(team, rollout, cfg),
-        DcCritic::Head => update_heads(team, rollout, cfg),
+        DcCritic::Separate => update_separate(team, rollout, cfg, actors),
+        DcCritic::Head => update_heads(team, rollout, cfg, actors),
     }
 }
 
@@ -47,7 +49,7 @@ fn chain_rewards(rollout: &Rollout, chains: &[Vec<usize>]) -> Vec<Vec<f64>> {
     chains.iter().map(|c| c.iter().map(|&x| rollout.nodes[x].joints[0].reward).collect()).collect()
 }
 
-fn update_separate(team: &mut Team, rollout: &Rollout, cfg: &Config) -> Result<UpdateStats> {
+fn update_separate(team: &mut Team, rollout: &Rollout, cfg: &Config, actors: bool) -> Result<UpdateStats> {
     if team.critics.len() != team.agents.len() {
         bail!("CoLLM-DC needs a critic per agent: {} critics for {} agents", team.critics.len(), team.agents.len());
     }
@@ -65,9 +67,11 @@ fn update_separate(team: &mut Team, rollout: &Rollout, cfg: &Config) -> Result<U
         raw.extend(v.iter().zip(&y).map(|(v, y)| y - v));
         vs.extend(v);
         ys.extend(y);
-        let (loss, norm, _) = update_agent(p, i, rollout, |x, _| adv_of[x], cfg)?;
-        stats.policy_loss.push(loss);
-        stats.grad_norm.push(norm);
+        if actors {
+            let (loss, norm, _) = update_agent(p, i, rollout, |x, _| adv_of[x], cfg)?;
+            stats.policy_loss.push(loss);
+            stats.grad_norm.push(norm);
+        }
     }
     stats.value_loss = Some(mean(&losses));
     stats.value_mean = Some(mean(&vs));
@@ -84,11 +88,11 @@ pub fn clipped_value_loss_t(v: &Tensor, v_old: &Tensor, y: &Tensor, eps: f64) ->
     Ok(a.maximum(&b)?)
 }
 
-fn update_heads(team: &mut Team, rollout: &Rollout, cfg: &Config) -> Result<UpdateStats> {
+fn update_heads(team: &mut Team, rollout: &Rollout, cfg: &Config, actors: bool) -> Result<UpdateStats> {
     let mut stats = UpdateStats::default();
     let (mut losses, mut vs, mut ys, mut raw) = (vec![], vec![], vec![], vec![]);
     for (i, p) in team.agents.iter_mut().enumerate() {
-        let (pl, vl, norm, v_old, y) = head_step(p, i, rollout, cfg)?;
+        let (pl, vl, norm, v_old, y) = head_step(p, i, rollout, cfg, actors)?;
         stats.policy_loss.push(pl);
         stats.grad_norm.push(norm);
         losses.push(vl);
@@ -104,8 +108,9 @@ fn update_heads(team: &mut Team, rollout: &Rollout, cfg: &Config) -> Result<Upda
 }
 
 /// One joint actor + value-head step for agent i, in one teacher-forced pass over every chain.
+/// During the critic warm-up (`actors` false) only the value head learns, from the value loss.
 #[allow(clippy::type_complexity)]
-fn head_step(p: &mut Policy, i: usize, rollout: &Rollout, cfg: &Config) -> Result<(f64, f64, f64, Vec<f64>, Vec<f64>)> {
+fn head_step(p: &mut Policy, i: usize, rollout: &Rollout, cfg: &Config, actors: bool) -> Result<(f64, f64, f64, Vec<f64>, Vec<f64>)> {
     let Some(head) = &p.head else { bail!("agent {i} has no value head (critic.dc = \"head\")") };
     let seqs = rollout.agent_sequences(i);
     let mut positions = Vec::new();
@@ -139,13 +144,18 @@ fn head_step(p: &mut Policy, i: usize, rollout: &Rollout, cfg: &Config) -> Resul
     let f = |x: &[f64]| Tensor::from_vec(x.iter().map(|&v| v as f32).collect::<Vec<_>>(), x.len(), dev);
     let policy_loss = ((sc.sums()? * f(&adv_n)?)?.sum_all()? / -n)?;
     let value_loss = (clipped_value_loss_t(&v, &f(&v_old)?, &f(&y)?, cfg.critic.value_clip)?.sum_all()? * (cfg.critic.value_coef / n))?;
-    let loss = (&policy_loss + &value_loss)?;
+    let loss = if actors { (&policy_loss + &value_loss)? } else { value_loss.clone() };
     let store = loss.backward()?;
     let mut grads = Grads::new();
-    grads.accumulate(&store, p.trainable())?;
+    let head_params: Vec<_> = p.head.as_ref().unwrap().trainable().collect();
+    if actors {
+        grads.accumulate(&store, p.trainable())?;
+    } else {
+        grads.accumulate(&store, head_params.iter().copied())?;
+    }
     let norm = grads.clip_norm(cfg.max_grad_norm as f32)?;
-    let mut params: Vec<_> = p.model.trainable().collect();
-    params.extend(p.head.as_ref().unwrap().trainable());
+    let mut params: Vec<_> = if actors { p.model.trainable().collect() } else { vec![] };
+    params.extend(head_params);
     p.opt.step(params, &grads)?;
     Ok((policy_loss.to_scalar::<f32>()? as f64, value_loss.to_scalar::<f32>()? as f64, norm as f64, v_old, y))
 }
