@@ -15,6 +15,11 @@
 //! return mixes all turns of all agents, and a critic that reads only one agent's history cannot
 //! see the other agents' part of it.
 //!
+//! With `rule = "cipher"` the private symbols are the same, but at turn t the target is the symbol
+//! t places after the one observed (mod m; `|2:a` asks for `c`): each turn needs its own mapping,
+//! read off the turn number in the observation. A policy must then learn every turn's decision,
+//! not one lookup shared by all turns.
+//!
 //! A turn's score is the fraction of agents whose response starts with their target. With
 //! `dense` rewards r_t = score_t / T; with `sparse` ones r_t = 0 before the last turn and
 //! r_{T-1} = mean_t score_t. Either way the return lies in [0, 1].
@@ -50,6 +55,8 @@ pub enum Rule {
     Relay,
     /// Answer the fresh private symbol of each turn (credit assignment only).
     Echo,
+    /// Answer the fresh private symbol shifted by the turn number (a different mapping per turn).
+    Cipher,
 }
 
 /// Items of the echo rule (their symbols are drawn from the item index).
@@ -85,8 +92,10 @@ impl Synthetic {
     }
 
     pub fn with_rule(mut self, rule: Rule) -> Self {
-        if rule == Rule::Echo {
-            self.name = self.name.replacen("synthetic-", "synthetic-echo-", 1);
+        match rule {
+            Rule::Relay => {}
+            Rule::Echo => self.name = self.name.replacen("synthetic-", "synthetic-echo-", 1),
+            Rule::Cipher => self.name = self.name.replacen("synthetic-", "synthetic-cipher-", 1),
         }
         self.rule = rule;
         self
@@ -126,9 +135,13 @@ impl Synthetic {
         }
     }
 
-    /// The symbol agent `agent` observes at turn 0.
-    fn first_symbol(&self, item: usize, agent: usize) -> char {
-        self.target_of(item, agent, 0)
+    /// The private symbol agent `agent` observes at `turn` (echo and cipher rules; at turn 0 also
+    /// the relay rule's secret).
+    fn shown_symbol(&self, item: usize, agent: usize, turn: usize) -> char {
+        match self.rule {
+            Rule::Relay => self.target_of(item, agent, 0),
+            Rule::Echo | Rule::Cipher => self.symbol(self.echo_symbol(item, turn, agent)),
+        }
     }
 
     /// Agent `agent`'s target symbol at `turn` of `item`, under the task's rule.
@@ -136,6 +149,7 @@ impl Synthetic {
         match self.rule {
             Rule::Relay => self.target(&self.secrets(item), agent, turn),
             Rule::Echo => self.symbol(self.echo_symbol(item, turn, agent)),
+            Rule::Cipher => self.symbol(self.echo_symbol(item, turn, agent) + turn),
         }
     }
 
@@ -162,7 +176,7 @@ impl Env for Synthetic {
     fn len(&self, _split: Split) -> usize {
         match self.rule {
             Rule::Relay => self.symbols.pow(self.agents as u32),
-            Rule::Echo => ECHO_ITEMS,
+            Rule::Echo | Rule::Cipher => ECHO_ITEMS,
         }
     }
 
@@ -170,7 +184,7 @@ impl Env for Synthetic {
         if item >= self.len(split) {
             bail!("{}: item {item} is outside the {split:?} split ({} items)", self.name, self.len(split));
         }
-        Ok((0..self.agents).map(|i| format!("0:{}", self.first_symbol(item, i))).collect())
+        Ok((0..self.agents).map(|i| format!("0:{}", self.shown_symbol(item, i, 0))).collect())
     }
 
     fn step(&self, split: Split, item: usize, turn: usize, joint_actions: &[Vec<String>]) -> Result<Outcome> {
@@ -188,7 +202,7 @@ impl Env for Synthetic {
             .map(|i| {
                 let shown: String = match self.rule {
                     Rule::Relay => (0..self.agents).filter(|&j| j != i).map(|j| first_char(&now[j])).collect(),
-                    Rule::Echo => self.target_of(item, i, turn + 1).to_string(),
+                    Rule::Echo | Rule::Cipher => self.shown_symbol(item, i, turn + 1).to_string(),
                 };
                 format!("|{}:{shown}", turn + 1)
             })
@@ -264,6 +278,27 @@ mod tests {
         assert_eq!(other.target_of(item, 1, 2), t[2][1]);
         let distinct: std::collections::HashSet<char> = (0..64).map(|it| e.target_of(it, 0, 1)).collect();
         assert_eq!(distinct.len(), 4);
+    }
+
+    #[test]
+    fn cipher_shifts_each_turns_symbol_by_the_turn() {
+        let e = Synthetic::new(4, 2, 4, Density::Sparse).unwrap().with_rule(Rule::Cipher);
+        let echo = Synthetic::new(4, 2, 4, Density::Sparse).unwrap().with_rule(Rule::Echo);
+        let item = 5;
+        let shift = |c: char, t: usize| (b'a' + ((c as u8 - b'a') as usize + t) as u8 % 4) as char;
+        // Same observations as echo; the target at turn t is the observed symbol shifted by t.
+        assert_eq!(e.reset(Split::Train, item).unwrap(), echo.reset(Split::Train, item).unwrap());
+        for t in 0..4 {
+            for i in 0..2 {
+                assert_eq!(e.target_of(item, i, t), shift(echo.target_of(item, i, t), t), "turn {t}, agent {i}");
+            }
+        }
+        // Answering the observed symbol is right at turn 0 only.
+        let j: Vec<Vec<String>> = (0..4).map(|t| (0..2).map(|i| echo.target_of(item, i, t).to_string()).collect()).collect();
+        let o = e.step(Split::Train, item, 0, &j[..1]).unwrap();
+        assert_eq!(o.next_observations, echo.step(Split::Train, item, 0, &j[..1]).unwrap().next_observations);
+        assert!((e.step(Split::Train, item, 3, &j).unwrap().reward - 0.25).abs() < 1e-12);
+        assert!(e.name().contains("cipher"));
     }
 
     #[test]

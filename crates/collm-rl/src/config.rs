@@ -102,6 +102,16 @@ pub struct TinyModel {
     pub vocab: TinyVocab,
 }
 
+/// The groups within which advantages are z-normalized (always per agent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdvantageNorm {
+    /// One group per turn: each turn's advantages get unit scale (CoMLRL's MAAC, IAC and MAGRPO).
+    Turn,
+    /// One group over all the agent's turns: a turn whose advantages are small stays small.
+    Agent,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TinyVocab {
@@ -266,6 +276,9 @@ pub struct Config {
     pub joint_mode: JointMode,
     /// MAGRPO: advantage mode (set by the algo for reinforce / rloo / remax).
     pub advantage: AdvantageMode,
+    /// How advantages are z-normalized within the rollout buffer: per agent and per `turn`
+    /// (CoMLRL's way, the default) or per `agent` over all its turns.
+    pub advantage_norm: AdvantageNorm,
     /// End an episode after a turn whose mean reward exceeds this.
     pub early_termination: Option<f64>,
     pub max_grad_norm: f64,
@@ -303,6 +316,7 @@ impl Default for Config {
             k: 4,
             joint_mode: JointMode::Aligned,
             advantage: AdvantageMode::Mean,
+            advantage_norm: AdvantageNorm::Turn,
             early_termination: None,
             max_grad_norm: 1.0,
             micro_batch: 0,
@@ -340,6 +354,22 @@ pub fn set_key(root: &mut toml::Table, path: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// `'key': ` for the key a config table fails to deserialize at (dotted for nested tables), found
+/// by parsing the table's text, whose errors carry a position; empty when none is found.
+fn bad_key(table: &toml::Table) -> String {
+    let Ok(text) = toml::to_string(table) else { return String::new() };
+    let Err(e) = toml::from_str::<Config>(&text) else { return String::new() };
+    let Some(span) = e.span() else { return String::new() };
+    let before = &text[..span.start.min(text.len())];
+    let line = text[before.rfind('\n').map_or(0, |i| i + 1)..].lines().next().unwrap_or("");
+    let Some((key, _)) = line.split_once('=') else { return String::new() };
+    let table = before.lines().rev().find_map(|l| l.trim().strip_prefix('[').and_then(|l| l.strip_suffix(']')));
+    match table {
+        Some(t) => format!("'{}.{}': ", t.trim_matches(['[', ']']), key.trim()),
+        None => format!("'{}': ", key.trim()),
+    }
+}
+
 impl Config {
     /// Parses TOML text (`source` names it in errors), applies `key=value` overrides, validates.
     pub fn from_toml(text: &str, source: &str, overrides: &[String]) -> Result<Self> {
@@ -349,8 +379,9 @@ impl Config {
             set_key(&mut table, k.trim(), v.trim())?;
         }
         let cfg: Config = table
+            .clone()
             .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("{source}: {}", e.message().trim()))
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{source}: {}{}", bad_key(&table), e.message().trim()))
             .with_context(|| format!("{source}: invalid config"))?;
         cfg.validate().with_context(|| format!("{source}: invalid config"))?;
         Ok(cfg)

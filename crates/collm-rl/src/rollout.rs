@@ -178,7 +178,9 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
                     .iter()
                     .flat_map(|&x| {
                         let nd = &nodes[x];
-                        (0..k).map(move |kk| mix(mix(mix(spec.seed, i as u64), (turn * 1_000_003 + nd.episode) as u64), (x * 131 + kk) as u64))
+                        (0..k).map(move |kk| {
+                            mix(mix(mix(spec.seed, i as u64), (turn * 1_000_003 + nd.episode) as u64), (x * 131 + kk) as u64)
+                        })
                     })
                     .collect()
             })

@@ -2,7 +2,8 @@
 //!
 //!   y_t  = r_t + γ·V_old(h_{t+1})          (y_T = r_T at the last executed turn)
 //!   A_t  = y_t − V_old(h_t)                (the advantage of every agent)
-//!   Â_t  = A_t normalized per agent and per turn within the rollout buffer
+//!   Â_t  = A_t normalized per agent and per turn within the rollout buffer (`advantage_norm =
+//!          "agent"`: per agent over all its turns)
 //!   L_actor_i  = −Σ log π_i(a_i,t | h_i,t) · Â_t   (mean over the buffer)
 //!   L_critic   = c_v · (y_t − V_φ(h_t))²          (mean over the buffer)
 //!

@@ -2,6 +2,7 @@
 //!
 //!   y_i,t = r_t + γ·V_i,old(h_i,t+1)        (y_i,T = r_T at the last executed turn)
 //!   A_i,t = y_i,t − V_i,old(h_i,t),  normalized per agent and per turn within the buffer
+//!           (or per agent over all its turns: `advantage_norm = "agent"`)
 //!   L_actor_i = −Σ log π_i(a_i,t | h_i,t) · Â_i,t
 //!
 //! `critic.dc = "separate"`: critic i is its own model; L_critic_i = c_v · (y_i,t − V_i(h_i,t))².
@@ -11,7 +12,7 @@
 use super::cc::mean;
 use super::{critic_step, td_advantages, update_agent, UpdateStats};
 use crate::config::{Config, CriticKind, DcCritic};
-use crate::returns::{normalize_by, td_targets};
+use crate::returns::td_targets;
 use crate::rollout::Rollout;
 use crate::team::{Policy, Team};
 use anyhow::{bail, Result};
@@ -138,7 +139,7 @@ fn head_step(p: &mut Policy, i: usize, rollout: &Rollout, cfg: &Config, actors: 
         off += n;
     }
     let mut adv_n = adv.clone();
-    normalize_by(&mut adv_n, &turns);
+    super::normalize_advantages(&mut adv_n, &turns, cfg.advantage_norm);
     let n = adv.len() as f64;
     let dev = &p.model.device;
     let f = |x: &[f64]| Tensor::from_vec(x.iter().map(|&v| v as f32).collect::<Vec<_>>(), x.len(), dev);

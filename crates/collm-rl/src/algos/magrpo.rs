@@ -7,7 +7,8 @@
 //! Agent i's sample k at a node gets the return of its joint action (`cross`: the mean over the
 //! joint actions that use it); within the node's group of K:
 //!   mean: A = R − mean(R)   rloo: A = R − mean(others)   max: A = R − max(R)   raw: A = R
-//! then Â = A z-normalized per agent and per turn over the buffer, and
+//! then Â = A z-normalized per agent and per turn over the buffer (`advantage_norm = "agent"`: per
+//! agent over all its turns), and
 //!   L_i = −Σ Â · log π_i(a_i | h_i)   (mean over the buffer).
 
 use super::cc::mean;

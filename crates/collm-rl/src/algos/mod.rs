@@ -5,7 +5,7 @@ pub mod cc;
 pub mod dc;
 pub mod magrpo;
 
-use crate::config::Config;
+use crate::config::{AdvantageNorm, Config};
 use crate::returns::normalize_by;
 use crate::rollout::Rollout;
 use crate::team::{Critic, Policy};
@@ -122,7 +122,8 @@ pub(crate) fn critic_step(
 }
 
 /// The actor step every algorithm ends with: agent i's responses get the advantages `adv(node, k)`,
-/// normalized per turn within the buffer, then one policy-gradient step. Returns (loss, grad
+/// z-normalized within the buffer per turn (or over all turns: `advantage_norm`), then one
+/// policy-gradient step. Returns (loss, grad
 /// norm) and the advantages before normalization.
 pub(crate) fn update_agent(
     p: &mut Policy,
@@ -136,10 +137,19 @@ pub(crate) fn update_agent(
     let raw: Vec<f64> = ids.iter().map(|&(x, k)| adv(x, k)).collect();
     let turns: Vec<usize> = ids.iter().map(|&(x, _)| rollout.nodes[x].turn).collect();
     let mut a = raw.clone();
-    normalize_by(&mut a, &turns);
+    normalize_advantages(&mut a, &turns, cfg.advantage_norm);
     let s: Vec<_> = seqs.into_iter().map(|(t, sp, _)| (t, sp)).collect();
     let (loss, norm) = actor_step(p, &s, &a, cfg.micro_batch, cfg.max_grad_norm)?;
     Ok((loss, norm, raw))
+}
+
+/// z-normalizes one agent's advantages (`turns[j]`: the turn of advantage j) per turn or over all
+/// its turns.
+pub(crate) fn normalize_advantages(a: &mut [f64], turns: &[usize], norm: AdvantageNorm) {
+    match norm {
+        AdvantageNorm::Turn => normalize_by(a, turns),
+        AdvantageNorm::Agent => crate::returns::normalize(a),
+    }
 }
 
 /// TD advantages per node from a critic step's (V_old, y) pairs along each chain:
@@ -155,4 +165,31 @@ pub(crate) fn td_advantages(rollout: &Rollout, chains: &[Vec<usize>], vy: &[Vec<
         }
     }
     (adv_of, vs, ys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advantages_normalize_per_turn_or_over_all_turns() {
+        // Turn 0: a critic's tiny, noisy advantages; turn 1: the real signal.
+        let raw = [0.01, -0.01, 1.0, -1.0, 3.0];
+        let turns = [0, 0, 1, 1, 1];
+        let mut per_turn = raw;
+        normalize_advantages(&mut per_turn, &turns, AdvantageNorm::Turn);
+        // Per turn, the ±0.01 of turn 0 become ±1: as large as the signal.
+        assert!((per_turn[0] - 1.0).abs() < 1e-9 && (per_turn[1] + 1.0).abs() < 1e-9);
+        // Turn 1: mean 1, population std sqrt(8/3).
+        let s = (8.0f64 / 3.0).sqrt();
+        assert!((per_turn[2] - 0.0).abs() < 1e-9 && (per_turn[3] + 2.0 / s).abs() < 1e-9 && (per_turn[4] - 2.0 / s).abs() < 1e-9);
+        // Over all turns: mean 0.6, population std sqrt(mean of squares − 0.36); turn 0 stays small.
+        let mut all = raw;
+        normalize_advantages(&mut all, &turns, AdvantageNorm::Agent);
+        let var = raw.iter().map(|x| x * x).sum::<f64>() / 5.0 - 0.36;
+        for (a, r) in all.iter().zip(raw) {
+            assert!((a - (r - 0.6) / var.sqrt()).abs() < 1e-9);
+        }
+        assert!((all[0] - all[1]).abs() < 0.02);
+    }
 }
