@@ -148,7 +148,7 @@ impl Synthetic {
     pub fn target_of(&self, item: usize, agent: usize, turn: usize) -> char {
         match self.rule {
             Rule::Relay => self.target(&self.secrets(item), agent, turn),
-            Rule::Echo => self.symbol(self.echo_symbol(item, turn, agent)),
+            Rule::Echo => self.shown_symbol(item, agent, turn),
             Rule::Cipher => self.symbol(self.echo_symbol(item, turn, agent) + turn),
         }
     }

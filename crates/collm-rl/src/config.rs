@@ -354,11 +354,9 @@ pub fn set_key(root: &mut toml::Table, path: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
-/// `'key': ` for the key a config table fails to deserialize at (dotted for nested tables), found
-/// by parsing the table's text, whose errors carry a position; empty when none is found.
-fn bad_key(table: &toml::Table) -> String {
-    let Ok(text) = toml::to_string(table) else { return String::new() };
-    let Err(e) = toml::from_str::<Config>(&text) else { return String::new() };
+/// `'key': ` for the key at which `text` failed to deserialize (dotted for nested tables), from
+/// the error's position; empty when it has none.
+fn bad_key(text: &str, e: &toml::de::Error) -> String {
     let Some(span) = e.span() else { return String::new() };
     let before = &text[..span.start.min(text.len())];
     let line = text[before.rfind('\n').map_or(0, |i| i + 1)..].lines().next().unwrap_or("");
@@ -378,10 +376,10 @@ impl Config {
             let (k, v) = o.split_once('=').with_context(|| format!("--set {o}: expected key=value"))?;
             set_key(&mut table, k.trim(), v.trim())?;
         }
-        let cfg: Config = table
-            .clone()
-            .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("{source}: {}{}", bad_key(&table), e.message().trim()))
+        // Deserialized from the table's text, whose errors carry a position that names the key.
+        let text = toml::to_string(&table).with_context(|| format!("{source}: invalid config"))?;
+        let cfg: Config = toml::from_str(&text)
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{source}: {}{}", bad_key(&text, &e), e.message().trim()))
             .with_context(|| format!("{source}: invalid config"))?;
         cfg.validate().with_context(|| format!("{source}: invalid config"))?;
         Ok(cfg)

@@ -498,7 +498,6 @@ pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
     Ok(best.map(|b| b.1))
 }
 
-/// Loads a checkpoint into a team built from the same config; returns its step.
 /// Starts a team from a trained one's checkpoint (the config key `init`): agent i takes `agent_i`'s
 /// weights, each critic's backbone an agent's (DC: its own agent's, CC: agent 0's). Value heads
 /// and optimizer state stay fresh.
@@ -513,6 +512,7 @@ pub fn init_from(team: &mut Team, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Loads a checkpoint into a team built from the same config; returns its step.
 pub fn load_checkpoint(team: &mut Team, dir: &Path) -> Result<usize> {
     let state: Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("trainer.json")).with_context(|| format!("reading {}/trainer.json", dir.display()))?,

@@ -64,10 +64,12 @@ pub fn update(team: &mut Team, rollout: &Rollout, cfg: &Config, actors: bool) ->
         advantage_mean: vs.iter().zip(&ys).map(|(v, y)| y - v).sum::<f64>() / vs.len().max(1) as f64,
         ..Default::default()
     };
-    for (i, p) in team.agents.iter_mut().enumerate().filter(|_| actors) {
-        let (loss, norm, _) = update_agent(p, i, rollout, |x, _| adv_of[x], cfg)?;
-        stats.policy_loss.push(loss);
-        stats.grad_norm.push(norm);
+    if actors {
+        for (i, p) in team.agents.iter_mut().enumerate() {
+            let (loss, norm, _) = update_agent(p, i, rollout, |x, _| adv_of[x], cfg)?;
+            stats.policy_loss.push(loss);
+            stats.grad_norm.push(norm);
+        }
     }
     Ok(stats)
 }

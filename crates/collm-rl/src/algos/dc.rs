@@ -148,7 +148,7 @@ fn head_step(p: &mut Policy, i: usize, rollout: &Rollout, cfg: &Config, actors: 
     let loss = if actors { (&policy_loss + &value_loss)? } else { value_loss.clone() };
     let store = loss.backward()?;
     let mut grads = Grads::new();
-    let head_params: Vec<_> = p.head.as_ref().unwrap().trainable().collect();
+    let head_params: Vec<_> = head.trainable().collect();
     if actors {
         grads.accumulate(&store, p.trainable())?;
     } else {
