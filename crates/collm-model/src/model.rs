@@ -12,16 +12,17 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::BTreeMap;
 
-/// A weight and whether the optimizer updates it.
 /// Attention-matrix elements (batch · heads · queries · keys, per layer) above which the fused
-/// attention is used: 256K f32 = 1 MiB per layer. Measured with `cargo bench --bench kernels`
-/// (2026-11-25, 2 cores): forward + backward at SmolLM2's shape, 2×9 heads × 256 tokens, fused
-/// 21.8 ms against 48.6 ms for the plain ops (1024 tokens: 259 against 552 ms), and the training
-/// step of `collm bench model` (4×256 tokens) 12.96 s against 15.09 s when only matrices above
-/// 32 MiB took the fused path; tiny models (the synthetic tasks, a few thousand elements per
-/// layer) stay faster on the plain ops.
+/// attention is used: 256K f32 = 1 MiB per layer. Measured on 2 cores, 2026-12-01:
+/// `cargo bench -p collm-model --bench kernels -- attention` (forward + backward at SmolLM2's
+/// shape, 2×9 heads): fused 16.7 ms against 26.9 ms for the plain ops at 256 tokens, 192 against
+/// 394 ms at 1024. `collm bench model` in one session, 4×256-token train step: 9.30 and 9.36 s
+/// with this threshold against 10.11 s with 32 MiB; peak RSS 4.6 against 5.1 GB. Tiny models
+/// (the synthetic tasks, a few thousand elements per layer) stay on the plain ops, which are
+/// faster there.
 pub const FUSED_ATTENTION_MIN: usize = 1 << 18;
 
+/// A weight and whether the optimizer updates it.
 pub struct Param {
     pub var: Var,
     pub trainable: bool,
