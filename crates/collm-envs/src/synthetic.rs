@@ -24,6 +24,13 @@
 //! `dense` rewards r_t = score_t / T; with `sparse` ones r_t = 0 before the last turn and
 //! r_{T-1} = mean_t score_t. Either way the return lies in [0, 1].
 //!
+//! With `noise` σ > 0 every reward-bearing turn of the train split adds σ·z, z a standard normal
+//! drawn from a hash of the item, the turn and the joint actions so far: the same episode always
+//! gets the same noise (the env stays a function, so trees branch and runs reproduce), but the
+//! agents cannot predict it, since it depends on the item's index, which they never see. Monte
+//! Carlo returns then carry that variance; a critic averages it away over items. The eval split
+//! is noiseless, so evaluation measures the task itself.
+//!
 //! Observations are plain text: `0:b` at the start, then `|1:c` (the turn, then what the
 //! others said, `-` for an empty response). The symbol comes last, so at turns 0 and 1 the
 //! right answer is the observation's last character: a lookup that a tiny model learns from
@@ -71,6 +78,8 @@ pub struct Synthetic {
     pub turns: usize,
     pub density: Density,
     pub rule: Rule,
+    /// σ of the train split's reward noise (0: none).
+    pub noise: f64,
 }
 
 impl Synthetic {
@@ -88,7 +97,44 @@ impl Synthetic {
             Density::Dense => "dense",
             Density::Sparse => "sparse",
         };
-        Ok(Self { name: format!("synthetic-m{symbols}-n{agents}-t{turns}-{d}"), symbols, agents, turns, density, rule: Rule::Relay })
+        Ok(Self {
+            name: format!("synthetic-m{symbols}-n{agents}-t{turns}-{d}"),
+            symbols,
+            agents,
+            turns,
+            density,
+            rule: Rule::Relay,
+            noise: 0.0,
+        })
+    }
+
+    /// Adds reward noise of standard deviation σ to the train split (see the module docs).
+    pub fn with_noise(mut self, sigma: f64) -> Result<Self> {
+        if !(sigma >= 0.0 && sigma.is_finite()) {
+            bail!("synthetic: noise must be a finite σ ≥ 0, got {sigma}");
+        }
+        if sigma > 0.0 {
+            self.name.push_str(&format!("-noise{sigma}"));
+        }
+        self.noise = sigma;
+        Ok(self)
+    }
+
+    /// A standard normal drawn from (item, turn, joint actions so far): Box-Muller on two hashes.
+    fn noise_draw(item: usize, turn: usize, joint_actions: &[Vec<String>]) -> f64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (item, turn, joint_actions).hash(&mut h);
+        let mut x = h.finish();
+        let mut uniform = || {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let (u1, u2) = (uniform().max(f64::MIN_POSITIVE), uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 
     pub fn with_rule(mut self, rule: Rule) -> Self {
@@ -197,6 +243,12 @@ impl Env for Synthetic {
             }
             Density::Sparse => 0.0,
         };
+        let bears_reward = self.density == Density::Dense || turn + 1 == self.turns;
+        let reward = if self.noise > 0.0 && split == Split::Train && bears_reward {
+            reward + self.noise * Self::noise_draw(item, turn, joint_actions)
+        } else {
+            reward
+        };
         let now = &joint_actions[turn];
         let next_observations = (0..self.agents)
             .map(|i| {
@@ -214,6 +266,22 @@ impl Env for Synthetic {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reward_noise_is_a_fixed_function_of_the_episode_with_the_given_spread() {
+        let clean = Synthetic::new(4, 2, 2, Density::Sparse).unwrap().with_rule(Rule::Echo);
+        let noisy = clean.clone().with_noise(0.5).unwrap();
+        let j = vec![s(&["a", "b"]), s(&["c", "d"])];
+        let at = |e: &Synthetic, sp, item| e.step(sp, item, 1, &j).unwrap().reward;
+        assert_eq!(at(&noisy, Split::Train, 3), at(&noisy, Split::Train, 3), "the same episode, the same noise");
+        assert_eq!(at(&noisy, Split::Eval, 3), at(&clean, Split::Eval, 3), "the eval split is noiseless");
+        assert_eq!(noisy.step(Split::Train, 3, 0, &j[..1]).unwrap().reward, 0.0, "no noise where no reward is due");
+        let d: Vec<f64> = (0..4000).map(|i| at(&noisy, Split::Train, i) - at(&clean, Split::Train, i)).collect();
+        let m = d.iter().sum::<f64>() / d.len() as f64;
+        let sd = (d.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / d.len() as f64).sqrt();
+        assert!(m.abs() < 0.03 && (sd - 0.5).abs() < 0.03, "mean {m}, std {sd}");
+        assert!(Synthetic::new(4, 2, 2, Density::Sparse).unwrap().with_noise(f64::NAN).is_err());
+    }
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()

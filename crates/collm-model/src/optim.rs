@@ -75,12 +75,24 @@ impl Default for AdamWConfig {
 }
 
 /// AdamW with decoupled weight decay and bias correction, as in PyTorch:
-/// p ← p·(1 − lr·wd) − lr · m̂ / (√v̂ + eps).
+/// p ← p·(1 − lr·wd) − lr · m̂ / (√v̂ + eps). As in PyTorch, each parameter counts its own
+/// steps: a parameter that had no gradient in an update (a frozen backbone during a value-head
+/// warm-up) is not stepped, and its bias correction starts at its own first step.
 pub struct AdamW {
     pub cfg: AdamWConfig,
+    /// Updates taken (calls of `step`), for logs.
     pub t: u64,
-    /// First and second moments per parameter.
-    pub state: HashMap<String, (Vec<f32>, Vec<f32>)>,
+    /// Per parameter: its first and second moments and its own step count.
+    pub state: HashMap<String, ParamState>,
+}
+
+/// One parameter's AdamW state.
+#[derive(Clone, Debug, Default)]
+pub struct ParamState {
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    /// Steps this parameter has taken.
+    pub t: u64,
 }
 
 struct AdamWUpdate<'a> {
@@ -140,18 +152,22 @@ impl AdamW {
     pub fn step<'a>(&mut self, params: impl IntoIterator<Item = (&'a String, &'a Var)>, grads: &Grads) -> Result<()> {
         self.t += 1;
         let c = &self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (name, var) in params {
             let Some(g) = grads.map.get(name) else { continue };
             if g.dims() != var.dims() {
                 bail!("gradient of '{name}' has shape {:?}, parameter {:?}", g.dims(), var.dims());
             }
             let n = var.elem_count();
-            let (m, v) = self.state.entry(name.clone()).or_insert_with(|| (vec![0.0; n], vec![0.0; n]));
+            let st = self.state.entry(name.clone()).or_insert_with(|| ParamState { m: vec![0.0; n], v: vec![0.0; n], t: 0 });
+            if st.m.len() != n || st.v.len() != n {
+                bail!("AdamW state of '{name}' holds {} values, the parameter {n}", st.m.len());
+            }
+            st.t += 1;
+            let bc1 = 1.0 - c.beta1.powf(st.t as f64);
+            let bc2 = 1.0 - c.beta2.powf(st.t as f64);
             let op = AdamWUpdate {
-                m: RefCell::new(m),
-                v: RefCell::new(v),
+                m: RefCell::new(&mut st.m),
+                v: RefCell::new(&mut st.v),
                 lr: c.lr as f32,
                 b1: c.beta1 as f32,
                 b2: c.beta2 as f32,
@@ -167,24 +183,36 @@ impl AdamW {
         Ok(())
     }
 
-    /// The moments as tensors, for checkpoints.
+    /// The moments as tensors, for checkpoints (the step counts: `param_steps`).
     pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
-        for (k, (m, v)) in &self.state {
-            out.insert(format!("{k}.exp_avg"), Tensor::from_slice(m, m.len(), &candle_core::Device::Cpu)?);
-            out.insert(format!("{k}.exp_avg_sq"), Tensor::from_slice(v, v.len(), &candle_core::Device::Cpu)?);
+        for (k, st) in &self.state {
+            out.insert(format!("{k}.exp_avg"), Tensor::from_slice(&st.m, st.m.len(), &candle_core::Device::Cpu)?);
+            out.insert(format!("{k}.exp_avg_sq"), Tensor::from_slice(&st.v, st.v.len(), &candle_core::Device::Cpu)?);
         }
         Ok(out)
     }
 
-    pub fn load_state_tensors(&mut self, t: u64, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    /// Each parameter's step count, for checkpoints.
+    pub fn param_steps(&self) -> BTreeMap<String, u64> {
+        self.state.iter().map(|(k, st)| (k.clone(), st.t)).collect()
+    }
+
+    /// Restores the state: `t` updates taken, the moments, and each parameter's step count from
+    /// `steps` (a parameter missing there, as in checkpoints written before per-parameter counts,
+    /// takes `t`).
+    pub fn load_state_tensors(&mut self, t: u64, steps: &BTreeMap<String, u64>, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
         self.t = t;
         self.state.clear();
         for (k, m) in tensors {
             if let Some(name) = k.strip_suffix(".exp_avg") {
                 let v =
                     tensors.get(&format!("{name}.exp_avg_sq")).with_context(|| format!("optimizer state: '{name}.exp_avg_sq' missing"))?;
-                self.state.insert(name.to_string(), (m.to_vec1()?, v.to_vec1()?));
+                let st = ParamState { m: m.to_vec1()?, v: v.to_vec1()?, t: steps.get(name).copied().unwrap_or(t) };
+                if st.m.len() != st.v.len() {
+                    bail!("optimizer state: '{name}' has {} first and {} second moments", st.m.len(), st.v.len());
+                }
+                self.state.insert(name.to_string(), st);
             }
         }
         Ok(())

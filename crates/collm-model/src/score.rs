@@ -117,6 +117,34 @@ pub fn score_spans(
     pad: u32,
     grad: bool,
 ) -> Result<SpanScores> {
+    score_spans_impl(model, seqs, spans, positions, pad, grad, 1.0)
+}
+
+/// `score_spans` without gradients under the distribution tempered by `temperature`:
+/// log softmax(logits / T) (what sampling at temperature T draws from, before top-p / top-k).
+pub fn score_spans_at(
+    model: &Transformer,
+    seqs: &[Vec<u32>],
+    spans: &[Vec<(usize, usize)>],
+    positions: &[Vec<usize>],
+    pad: u32,
+    temperature: f64,
+) -> Result<SpanScores> {
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        bail!("score_spans_at: the temperature must be a positive number, got {temperature}");
+    }
+    score_spans_impl(model, seqs, spans, positions, pad, false, temperature)
+}
+
+fn score_spans_impl(
+    model: &Transformer,
+    seqs: &[Vec<u32>],
+    spans: &[Vec<(usize, usize)>],
+    positions: &[Vec<usize>],
+    pad: u32,
+    grad: bool,
+    temperature: f64,
+) -> Result<SpanScores> {
     let b = seqs.len();
     if b == 0 || spans.len() != b || positions.len() != b {
         bail!("score_spans: {b} sequences, {} span lists, {} position lists", spans.len(), positions.len());
@@ -168,7 +196,10 @@ pub fn score_spans(
         Tensor::zeros(0, candle_core::DType::F32, &model.device)?
     } else {
         let idx = Tensor::from_vec(rows, targets.len(), &Device::Cpu)?.to_device(&model.device)?;
-        let logits = model.logits(&h.index_select(&idx, 0)?, grad)?;
+        let mut logits = model.logits(&h.index_select(&idx, 0)?, grad)?;
+        if temperature != 1.0 {
+            logits = (logits / temperature)?;
+        }
         ops::token_logprobs(&logits, &targets)?
     };
     let hidden = if pos_rows.is_empty() {

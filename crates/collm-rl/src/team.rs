@@ -22,8 +22,10 @@ pub fn tiny_alphabet() -> String {
 /// conversation with placeholder contents.
 #[derive(Clone, Debug)]
 pub struct ChatPieces {
-    /// What follows a response that ended with a stop token (the rest of the end-of-turn text).
-    pub after_stop: String,
+    /// What follows a response that ended with a stop token, per stop token: the rest of the
+    /// end-of-turn text when the token begins it (`<|im_end|>` → "\n"), else the whole
+    /// end-of-turn text (`<|endoftext|>` → "<|im_end|>\n"), so every turn ends as the template ends it.
+    pub after_stop: Vec<(u32, String)>,
     /// What follows a response cut at max_new_tokens (the whole end-of-turn text).
     pub after_truncation: String,
     /// The next user message around its content, with the generation prompt.
@@ -40,9 +42,24 @@ impl ChatPieces {
         let cont = full.strip_prefix(base.as_str()).context("the chat template does not extend a conversation by appending to it")?;
         let (before_obs, after_obs) = cont.split_once(o).context("the chat template drops the user message")?;
         let after_y = &base[base.rfind(y).context("the chat template drops the assistant message")? + y.len()..];
-        let stop_texts: Vec<String> = tok.stop_ids.iter().filter_map(|&id| tok.decode(&[id], false).ok()).collect();
-        let after_stop = stop_texts.iter().find_map(|s| after_y.strip_prefix(s.as_str())).unwrap_or(after_y).to_string();
+        let after_stop = tok
+            .stop_ids
+            .iter()
+            .map(|&id| {
+                let text = tok.decode(&[id], false).unwrap_or_default();
+                let rest = if text.is_empty() { None } else { after_y.strip_prefix(text.as_str()) };
+                (id, rest.unwrap_or(after_y).to_string())
+            })
+            .collect();
         Ok(Self { after_stop, after_truncation: after_y.to_string(), before_obs: before_obs.into(), after_obs: after_obs.into() })
+    }
+
+    /// What follows a response whose last token is `last` (`stopped`: a stop token ended it).
+    pub fn after(&self, last: Option<u32>, stopped: bool) -> &str {
+        match (stopped, last) {
+            (true, Some(t)) => self.after_stop.iter().find(|(id, _)| *id == t).map_or(self.after_truncation.as_str(), |(_, s)| s.as_str()),
+            _ => &self.after_truncation,
+        }
     }
 }
 
@@ -66,15 +83,19 @@ impl Policy {
         })
     }
 
-    /// The text appended after a response (`stopped`: it ended with a stop token) to bring in the
-    /// next observation.
-    pub fn continuation_text(&self, obs: &str, stopped: bool) -> String {
+    /// The first history's tokens. A rendered chat template is tokenized without added special
+    /// tokens (as transformers does: a template that renders `{{ bos_token }}` gets one BOS, not
+    /// two); raw text gets the tokenizer's BOS when it adds one.
+    pub fn encode_first(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer.encode(text, self.format == PromptFormat::Raw)
+    }
+
+    /// The text appended after a response (its last token `last`; `stopped`: a stop token ended
+    /// it) to bring in the next observation.
+    pub fn continuation_text(&self, obs: &str, last: Option<u32>, stopped: bool) -> String {
         match &self.chat {
             None => obs.to_string(),
-            Some(c) => {
-                let end = if stopped { &c.after_stop } else { &c.after_truncation };
-                format!("{end}{}{obs}{}", c.before_obs, c.after_obs)
-            }
+            Some(c) => format!("{}{}{obs}{}", c.after(last, stopped), c.before_obs, c.after_obs),
         }
     }
 
@@ -179,11 +200,7 @@ impl Team {
             };
             agents.push(Policy { model, tokenizer, format: spec.format, chat, opt: adamw(spec), head });
         }
-        let n_critics = match cfg.algo {
-            Algo::Cc => 1,
-            Algo::Dc if cfg.critic.dc == DcCritic::Separate => num_agents,
-            _ => 0,
-        };
+        let n_critics = crate::algos::algorithm(cfg.algo).critics(cfg, num_agents);
         let mut critics = Vec::new();
         let cspec = cfg.critic_spec();
         for j in 0..n_critics {
@@ -208,12 +225,39 @@ mod tests {
 
     #[test]
     fn chat_pieces_of_an_im_start_template() {
-        let mut tok = Tokenizer::char_level(&["<|im_end|>", "<|im_start|>"], &tiny_alphabet()).unwrap();
+        let mut tok = Tokenizer::char_level(&["<|endoftext|>", "<|im_end|>", "<|im_start|>"], &tiny_alphabet()).unwrap();
         tok.chat_template = Some("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into());
+        tok.stop_ids = vec![0, 1];
         let c = ChatPieces::new(&tok).unwrap();
-        assert_eq!(c.after_stop, "\n");
+        assert_eq!(c.after(Some(1), true), "\n", "after <|im_end|>: the rest of the end of turn");
         assert_eq!(c.after_truncation, "<|im_end|>\n");
         assert_eq!(c.before_obs, "<|im_start|>user\n");
         assert_eq!(c.after_obs, "<|im_end|>\n<|im_start|>assistant\n");
+        // A response that <|endoftext|> ended still gets the template's end of turn: before, the
+        // next history went on with "\n<|im_start|>user" and no <|im_end|>.
+        assert_eq!(c.after(Some(0), true), "<|im_end|>\n");
+        assert_eq!(c.after(Some(1), false), "<|im_end|>\n", "cut at max_new_tokens");
+    }
+
+    #[test]
+    fn a_template_that_renders_bos_gets_one_bos() {
+        let mut tok = Tokenizer::byte_level(&["<eos>", "<s>"]).unwrap();
+        tok.bos = Some((1, "<s>".into()));
+        tok.add_bos = true;
+        tok.chat_template = Some("{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}".into());
+        let (model, _) = load_model(&ModelSpec { model: "tiny".into(), ..Default::default() }, 1).unwrap();
+        let p = Policy {
+            model,
+            tokenizer: Arc::new(tok),
+            format: PromptFormat::Chat,
+            chat: None,
+            opt: adamw(&ModelSpec::default()),
+            head: None,
+        };
+        let text = p.first_text("ab").unwrap();
+        assert_eq!(text, "<s>[ab]");
+        let ids = p.encode_first(&text).unwrap();
+        assert_eq!(ids.iter().filter(|&&t| t == 1).count(), 1, "{ids:?}");
+        assert_eq!(ids[0], 1);
     }
 }

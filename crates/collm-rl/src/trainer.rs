@@ -5,8 +5,8 @@
 //! then renamed, so a kill never leaves half a checkpoint). Every random choice is a function of
 //! (seed, step), so `resume` continues exactly as the uninterrupted run would have.
 
-use crate::algos::{self, UpdateStats};
-use crate::config::{Algo, Config, JointMode};
+use crate::algos::{self, UpdateCtx, UpdateStats};
+use crate::config::{Config, JointMode};
 use crate::rollout::{rollout, Rollout, RolloutSpec};
 use crate::team::{Critic, Policy, Team};
 use anyhow::{bail, Context, Result};
@@ -25,7 +25,7 @@ use std::time::Instant;
 pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
     let t = &cfg.task;
     Ok(match t.name.as_str() {
-        "synthetic" => Box::new(Synthetic::new(t.symbols, t.agents, t.turns, t.density)?.with_rule(t.rule)),
+        "synthetic" => Box::new(Synthetic::new(t.symbols, t.agents, t.turns, t.density)?.with_rule(t.rule).with_noise(t.noise)?),
         "summary" => {
             let texts = Texts::load(t.data.as_deref(), t.eval_data.as_deref(), &t.text_field, &collm_envs::summary::BUILTIN, 2)?;
             let mut s = Summary::new(texts, t.turns)?;
@@ -111,19 +111,23 @@ fn references(cfg: &Config, team: &Team) -> Result<Vec<collm_model::Transformer>
     team.agents.iter().map(|p| p.model.deep_clone()).collect()
 }
 
-/// KL(π_i || π_i,ref) per agent, estimated on the rollout's own responses as the mean over
-/// their tokens of log π_i(token) − log π_ref(token) (the sampling pass gives log π_i).
-pub fn kl_to_reference(team: &Team, references: &[collm_model::Transformer], r: &Rollout) -> Result<Vec<f64>> {
+/// KL(π_i,T || π_i,ref,T) per agent, estimated on the rollout's own responses (drawn from π_i at
+/// the sampling temperature T) as the mean over their tokens of log π_i,T(token) −
+/// log π_ref,T(token), both distributions tempered by T as the samples were (T = 1 when sampling
+/// is greedy).
+pub fn kl_to_reference(team: &Team, references: &[collm_model::Transformer], r: &Rollout, temperature: f64) -> Result<Vec<f64>> {
+    let t = if temperature > 0.0 { temperature } else { 1.0 };
     let mut out = vec![];
     for (i, (p, reference)) in team.agents.iter().zip(references).enumerate() {
         let seqs = r.agent_sequences(i);
-        let toks: Vec<Vec<u32>> = seqs.iter().map(|s| s.0.clone()).collect();
-        let spans: Vec<Vec<(usize, usize)>> = seqs.iter().map(|s| s.1.clone()).collect();
-        let s = collm_model::score_spans(reference, &toks, &spans, &vec![vec![]; toks.len()], p.tokenizer.pad_id(), false)?;
-        let ref_lp = s.token_logprobs.to_vec1::<f32>()?;
-        let old: Vec<f32> = seqs.iter().flat_map(|s| s.2.iter().flat_map(|&(x, k)| r.nodes[x].responses[i][k].logprobs.clone())).collect();
-        let n = old.len().max(1) as f64;
-        out.push(old.iter().zip(&ref_lp).map(|(a, b)| (*a - *b) as f64).sum::<f64>() / n);
+        let toks: Vec<Vec<u32>> = seqs.iter().map(|s| s.tokens.clone()).collect();
+        let spans: Vec<Vec<(usize, usize)>> = seqs.iter().map(|s| s.spans.clone()).collect();
+        let none = vec![vec![]; toks.len()];
+        let pad = p.tokenizer.pad_id();
+        let cur = collm_model::score::score_spans_at(&p.model, &toks, &spans, &none, pad, t)?.token_logprobs.to_vec1::<f32>()?;
+        let refs = collm_model::score::score_spans_at(reference, &toks, &spans, &none, pad, t)?.token_logprobs.to_vec1::<f32>()?;
+        let n = cur.len().max(1) as f64;
+        out.push(cur.iter().zip(&refs).map(|(a, b)| (*a - *b) as f64).sum::<f64>() / n);
     }
     Ok(out)
 }
@@ -171,6 +175,10 @@ impl Trainer {
         let ckpt = latest_checkpoint(out)?.with_context(|| format!("{}: no checkpoint to resume from", out.display()))?;
         let env = make_env(&cfg)?;
         let mut team = Team::load(&cfg, env.num_agents())?;
+        // The KL references are the policies the run started from: with `init`, the trained team.
+        if let Some(dir) = &cfg.init {
+            init_from(&mut team, dir).with_context(|| format!("'init': starting from {}", dir.display()))?;
+        }
         let references = references(&cfg, &team)?;
         let step = load_checkpoint(&mut team, &ckpt)?;
         // Keep the metrics up to the checkpoint's step.
@@ -227,12 +235,8 @@ impl Trainer {
 
     pub fn update(&mut self, r: &Rollout) -> Result<UpdateStats> {
         // During the critic warm-up the actors keep their weights.
-        let actors = self.step >= self.cfg.critic.warmup;
-        match self.cfg.algo {
-            Algo::Cc => algos::cc::update(&mut self.team, r, &self.cfg, actors),
-            Algo::Dc => algos::dc::update(&mut self.team, r, &self.cfg, actors),
-            _ => algos::magrpo::update(&mut self.team, r, &self.cfg),
-        }
+        let ctx = UpdateCtx { actors: self.step >= self.cfg.critic.warmup, seed: mix(self.cfg.seed ^ 0x5ced, self.step as u64) };
+        algos::algorithm(self.cfg.algo).update(&mut self.team, r, &self.cfg, ctx)
     }
 
     /// One training step; returns its metrics line.
@@ -241,7 +245,11 @@ impl Trainer {
         let step = self.step;
         let r = self.rollout_for_step(step)?;
         self.log_sample(step + 1, &r)?;
-        let kl = if self.references.is_empty() { None } else { Some(kl_to_reference(&self.team, &self.references, &r)?) };
+        let kl = if self.references.is_empty() {
+            None
+        } else {
+            Some(kl_to_reference(&self.team, &self.references, &r, self.cfg.sampling.temperature)?)
+        };
         let t1 = Instant::now();
         let stats = self.update(&r).with_context(|| format!("update at step {}", step + 1))?;
         let update_s = t1.elapsed().as_secs_f64();
@@ -259,6 +267,8 @@ impl Trainer {
             "value_mean": stats.value_mean,
             "target_mean": stats.target_mean,
             "advantage_mean": stats.advantage_mean,
+            "agent_steps": stats.agent_steps,
+            "critic_steps": stats.critic_steps,
             "kl": kl,
             "env_steps": r.nodes.iter().map(|n| n.joints.len()).sum::<usize>(),
             "generated_tokens": r.generated_tokens,
@@ -269,17 +279,16 @@ impl Trainer {
         }))
     }
 
-    /// Mean reward on `items` episodes of a split (all when 0), greedy or sampled.
-    pub fn evaluate(&self, split: Split, items: usize, greedy: bool) -> Result<EvalStats> {
+    /// The eval rollouts over `items` episodes of a split (all when 0), greedy or sampled, in
+    /// chunks of 4 buffers; each chunk samples with its own random streams.
+    pub fn eval_rollouts(&self, split: Split, items: usize, greedy: bool) -> Result<Vec<(Vec<usize>, Rollout)>> {
         let n = self.env.len(split);
         if n == 0 {
             bail!("{}: the {split:?} split is empty", self.env.name());
         }
         let count = if items == 0 { n } else { items.min(n) };
         let ids: Vec<usize> = (0..count).collect();
-        let mut rewards = vec![];
-        let mut per_turn: Vec<Vec<f64>> = vec![];
-        let mut metrics: std::collections::BTreeMap<String, f64> = Default::default();
+        let mut out = vec![];
         for chunk in ids.chunks(self.cfg.buffer.max(1) * 4) {
             let spec = RolloutSpec {
                 split,
@@ -290,19 +299,38 @@ impl Trainer {
                 history: self.cfg.history,
                 sampling: self.sampling(greedy),
                 early_termination: self.cfg.early_termination,
-                seed: mix(self.cfg.seed ^ 0xe7a1, self.step as u64),
+                // A stream follows an episode's place in its chunk, so each chunk needs its own.
+                seed: mix(mix(self.cfg.seed ^ 0xe7a1, self.step as u64), chunk[0] as u64),
             };
-            let r = rollout(&self.team, self.env.as_ref(), &spec)?;
-            rewards.push((r.mean_episode_reward(), chunk.len()));
-            per_turn.push(r.mean_reward_per_turn());
+            out.push((chunk.to_vec(), rollout(&self.team, self.env.as_ref(), &spec)?));
+        }
+        Ok(out)
+    }
+
+    /// Mean reward on `items` episodes of a split (all when 0), greedy or sampled.
+    pub fn evaluate(&self, split: Split, items: usize, greedy: bool) -> Result<EvalStats> {
+        let rollouts = self.eval_rollouts(split, items, greedy)?;
+        let count: usize = rollouts.iter().map(|(c, _)| c.len()).sum();
+        let mut reward_sum = 0.0;
+        // Per turn: the sum of the joint actions' rewards and their count, over every chunk.
+        let mut per_turn: Vec<(f64, usize)> = vec![];
+        let mut metrics: std::collections::BTreeMap<String, f64> = Default::default();
+        for (chunk, r) in &rollouts {
+            reward_sum += r.mean_episode_reward() * chunk.len() as f64;
+            for (t, (sum, n)) in r.reward_sums_per_turn().into_iter().enumerate() {
+                if per_turn.len() <= t {
+                    per_turn.resize(t + 1, (0.0, 0));
+                }
+                per_turn[t].0 += sum;
+                per_turn[t].1 += n;
+            }
             for (k, v) in r.final_metrics() {
                 *metrics.entry(k).or_default() += v * chunk.len() as f64 / count as f64;
             }
         }
-        let reward_mean = rewards.iter().map(|(r, c)| r * *c as f64).sum::<f64>() / count as f64;
-        let turns = per_turn.iter().map(|v| v.len()).max().unwrap_or(0);
-        let reward_per_turn = (0..turns).map(|t| per_turn.iter().filter_map(|v| v.get(t)).sum::<f64>() / per_turn.len() as f64).collect();
-        Ok(EvalStats { episodes: count, reward_mean, reward_per_turn, metrics })
+        // The mean over the joint actions executed at turn t (episodes that ended earlier do not count).
+        let reward_per_turn = per_turn.iter().map(|&(s, n)| s / n.max(1) as f64).collect();
+        Ok(EvalStats { episodes: count, reward_mean: reward_sum / count as f64, reward_per_turn, metrics })
     }
 
     /// Appends the rollout's first episode (each turn's observations, responses and reward) to
@@ -422,9 +450,16 @@ fn save_opt(opt: &AdamW, path: &Path) -> Result<()> {
     loader::write_safetensors(&opt.state_tensors()?, path)
 }
 
-fn load_opt(opt: &mut AdamW, path: &Path, t: u64) -> Result<()> {
+/// Restores an optimizer from its file and its entry in trainer.json (`adam_t`, and `adam_steps`:
+/// each parameter's step count; checkpoints without it give every parameter `adam_t`).
+fn load_opt(opt: &mut AdamW, path: &Path, entry: &Value) -> Result<()> {
     let tensors = if opt_has_state(path) { loader::read_safetensors(path)? } else { BTreeMap::new() };
-    opt.load_state_tensors(t, &tensors)
+    let t = entry["adam_t"].as_u64().unwrap_or(0);
+    let steps: BTreeMap<String, u64> = match entry.get("adam_steps") {
+        Some(v) => serde_json::from_value(v.clone()).with_context(|| format!("{}: bad 'adam_steps' in trainer.json", path.display()))?,
+        None => BTreeMap::new(),
+    };
+    opt.load_state_tensors(t, &steps, &tensors)
 }
 
 fn opt_has_state(path: &Path) -> bool {
@@ -437,14 +472,14 @@ fn save_policy(p: &Policy, dir: &Path) -> Result<Value> {
     if let Some(h) = &p.head {
         loader::write_safetensors(&h.tensors(), &dir.join("value_head.safetensors"))?;
     }
-    Ok(json!({"adam_t": p.opt.t}))
+    Ok(json!({"adam_t": p.opt.t, "adam_steps": p.opt.param_steps()}))
 }
 
 fn save_critic(c: &Critic, dir: &Path) -> Result<Value> {
     checkpoint::save(&c.model, dir, c.model.lora.is_some())?;
     save_opt(&c.opt, &dir.join("optimizer.safetensors"))?;
     loader::write_safetensors(&c.head.tensors(), &dir.join("value_head.safetensors"))?;
-    Ok(json!({"adam_t": c.opt.t}))
+    Ok(json!({"adam_t": c.opt.t, "adam_steps": c.opt.param_steps()}))
 }
 
 fn load_head(params: &BTreeMap<String, collm_model::model::Param>, path: &Path) -> Result<()> {
@@ -522,7 +557,7 @@ pub fn load_checkpoint(team: &mut Team, dir: &Path) -> Result<usize> {
     for (i, p) in team.agents.iter_mut().enumerate() {
         let d = dir.join(format!("agent_{i}"));
         checkpoint::load_into(&mut p.model, &d)?;
-        load_opt(&mut p.opt, &d.join("optimizer.safetensors"), state["agents"][i]["adam_t"].as_u64().unwrap_or(0))?;
+        load_opt(&mut p.opt, &d.join("optimizer.safetensors"), &state["agents"][i])?;
         if let Some(h) = &p.head {
             load_head(&h.params, &d.join("value_head.safetensors"))?;
         }
@@ -530,7 +565,7 @@ pub fn load_checkpoint(team: &mut Team, dir: &Path) -> Result<usize> {
     for (j, c) in team.critics.iter_mut().enumerate() {
         let d = dir.join(format!("critic_{j}"));
         checkpoint::load_into(&mut c.model, &d)?;
-        load_opt(&mut c.opt, &d.join("optimizer.safetensors"), state["critics"][j]["adam_t"].as_u64().unwrap_or(0))?;
+        load_opt(&mut c.opt, &d.join("optimizer.safetensors"), &state["critics"][j])?;
         load_head(&c.head.params, &d.join("value_head.safetensors"))?;
     }
     Ok(step)

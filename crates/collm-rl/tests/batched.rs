@@ -37,7 +37,12 @@ lr = 3e-3
 "#;
 
 fn trainer(algo: &str, k: usize, micro_batch: usize, name: &str) -> Trainer {
-    let o: Vec<String> = vec![format!("algo=\"{algo}\""), format!("k={}", k.max(2)), format!("micro_batch={micro_batch}")];
+    trainer_with(algo, k, micro_batch, name, &[])
+}
+
+fn trainer_with(algo: &str, k: usize, micro_batch: usize, name: &str, extra: &[&str]) -> Trainer {
+    let mut o: Vec<String> = vec![format!("algo=\"{algo}\""), format!("k={}", k.max(2)), format!("micro_batch={micro_batch}")];
+    o.extend(extra.iter().map(|s| s.to_string()));
     let c = Config::from_toml(BASE, "test config", &o).unwrap();
     let d: PathBuf = std::env::temp_dir().join(format!("collm-rl-batched-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -111,16 +116,25 @@ fn close(a: &Value, b: &Value, what: &str) {
 
 #[test]
 fn padded_batch_updates_equal_one_sequence_at_a_time() {
-    for (algo, k) in [("cc", 1), ("dc", 1), ("magrpo", 2)] {
-        let mut batched = trainer(algo, k, 0, &format!("upd-b-{algo}"));
-        let mut single = trainer(algo, k, 1, &format!("upd-s-{algo}"));
+    let cases: [(&str, usize, &[&str]); 6] = [
+        ("cc", 1, &[]),
+        ("dc", 1, &[]),
+        ("dc", 1, &["critic.dc=\"head\""]),
+        ("magrpo", 2, &[]),
+        ("cc", 1, &["schedule=\"buffer\""]),
+        ("magrpo", 2, &["schedule=\"buffer\"", "mini_batch=2"]),
+    ];
+    for (n, (algo, k, extra)) in cases.into_iter().enumerate() {
+        let mut batched = trainer_with(algo, k, 0, &format!("upd-b-{algo}-{n}"), extra);
+        let mut single = trainer_with(algo, k, 1, &format!("upd-s-{algo}-{n}"), extra);
+        let algo = &format!("{algo} {extra:?}");
         // Two steps: the second compares after one update (the weights agree to rounding).
         for step in 0..2 {
             let a = batched.train_step().unwrap();
             let b = single.train_step().unwrap();
             assert_eq!(a["reward_mean"], b["reward_mean"], "{algo}, step {step}: the same rewards");
             let mut keys = vec!["policy_loss", "advantage_mean", "return_mean"];
-            if algo != "magrpo" {
+            if !algo.starts_with("magrpo") {
                 keys.extend(["value_loss", "value_mean", "target_mean"]);
             }
             for key in keys {

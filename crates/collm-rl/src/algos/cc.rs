@@ -1,27 +1,38 @@
-//! CoLLM-CC: one centralized critic V_φ(h_t) over the joint history (or Q_φ(h_t, a_t)).
+//! CoLLM-CC: one centralized critic V_φ(h_t) over the joint history (or Q_φ(h_t, a_t)), as
+//! CoMLRL 1.3.6's `MAACTrainer`.
 //!
+//!   V_old(h_t) = the critic's value when the buffer was collected (before this update)
 //!   y_t  = r_t + γ·V_old(h_{t+1})          (y_T = r_T at the last executed turn)
 //!   A_t  = y_t − V_old(h_t)                (the advantage of every agent)
-//!   Â_t  = A_t normalized per agent and per turn within the rollout buffer (`advantage_norm =
-//!          "agent"`: per agent over all its turns)
-//!   L_actor_i  = −Σ log π_i(a_i,t | h_i,t) · Â_t   (mean over the buffer)
-//!   L_critic   = c_v · (y_t − V_φ(h_t))²          (mean over the buffer)
+//!   Â_t  = A_t z-normalized per agent and per turn within the buffer (`advantage_norm`)
+//!   L_actor_i  = −mean Â_t · log π_i(a_i,t | h_i,t)   (over a mini-batch)
+//!   L_critic   = c_v · mean (y_t − V_φ(h_t))²         (over the same mini-batch)
+//!
+//! Schedule (`schedule = "turn"`, CoMLRL's): for each agent, for each turn group in order, for
+//! each mini-batch: the agent's step, then the critic's step on the same nodes (so the shared
+//! critic steps once per agent). `"buffer"`: per mini-batch of episodes, the critic's step over
+//! whole chains, then every agent's.
 //!
 //! The critic reads the joint history as `[Agent i] …` blocks, turn by turn: every agent's
 //! observation, then (for Q) every agent's response. One pass over an episode's whole joint
 //! history gives V at every turn, since attention is causal.
 
-use super::{critic_step, td_advantages, update_agent, UpdateStats};
-use crate::config::{Config, CriticKind};
-use crate::returns::td_targets;
-use crate::rollout::Rollout;
+use super::{
+    actor_step, agent_batch, critic_batch, critic_step, critic_values, mean, mini_batches, normalize_advantages, schedule_groups,
+    td_by_node, Algorithm, CriticSeq, Tally, UpdateCtx, UpdateStats,
+};
+use crate::config::{Config, CriticKind, Schedule};
+use crate::rollout::{ResponseId, Rollout};
 use crate::team::Team;
 use anyhow::{bail, Result};
 use collm_model::Tokenizer;
+use std::collections::BTreeMap;
+
+pub struct CoLlmCc;
 
 /// The joint history of one episode chain as critic tokens, and the position whose hidden state
 /// gives V(h_t) (end of turn t's observations) or Q(h_t, a_t) (end of its responses).
-pub fn joint_sequence(tok: &Tokenizer, rollout: &Rollout, chain: &[usize], kind: CriticKind) -> Result<(Vec<u32>, Vec<usize>)> {
+pub fn joint_sequence(tok: &Tokenizer, rollout: &Rollout, chain: &[usize], kind: CriticKind) -> Result<CriticSeq> {
     let mut tokens = Vec::new();
     let mut positions = Vec::new();
     for &x in chain {
@@ -37,43 +48,73 @@ pub fn joint_sequence(tok: &Tokenizer, rollout: &Rollout, chain: &[usize], kind:
             positions.push(tokens.len() - 1);
         }
     }
-    Ok((tokens, positions))
+    Ok(CriticSeq { tokens, positions, nodes: chain.to_vec() })
 }
 
-/// One update: the critic's TD step, then (unless `actors` is false: the critic warm-up) every
-/// agent's policy-gradient step.
-pub fn update(team: &mut Team, rollout: &Rollout, cfg: &Config, actors: bool) -> Result<UpdateStats> {
-    if team.critics.len() != 1 {
-        bail!("CoLLM-CC needs exactly one critic, the team has {}", team.critics.len());
+impl Algorithm for CoLlmCc {
+    fn samples_per_node(&self, _: &Config) -> usize {
+        1
     }
-    let chains = rollout.chains();
-    let critic = &mut team.critics[0];
-    let seqs: Vec<(Vec<u32>, Vec<usize>)> =
-        chains.iter().map(|c| joint_sequence(&critic.tokenizer, rollout, c, cfg.critic.kind)).collect::<Result<_>>()?;
-    let rewards: Vec<Vec<f64>> = chains.iter().map(|c| c.iter().map(|&x| rollout.nodes[x].joints[0].reward).collect()).collect();
-    let gamma = cfg.gamma;
-    let targets = |j: usize, v_old: &[f64]| td_targets(&rewards[j], v_old, gamma);
-    let (vy, value_loss) = critic_step(critic, &seqs, &targets, cfg.critic.value_coef, cfg.micro_batch, cfg.max_grad_norm)?;
 
-    // A_t = y_t − V_old(h_t), per node; every agent gets the same advantage.
-    let (adv_of, vs, ys) = td_advantages(rollout, &chains, &vy);
-    let mut stats = UpdateStats {
-        value_loss: Some(value_loss),
-        value_mean: Some(mean(&vs)),
-        target_mean: Some(mean(&ys)),
-        advantage_mean: vs.iter().zip(&ys).map(|(v, y)| y - v).sum::<f64>() / vs.len().max(1) as f64,
-        ..Default::default()
-    };
-    if actors {
-        for (i, p) in team.agents.iter_mut().enumerate() {
-            let (loss, norm, _) = update_agent(p, i, rollout, |x, _| adv_of[x], cfg)?;
-            stats.policy_loss.push(loss);
-            stats.grad_norm.push(norm);
+    fn critics(&self, _: &Config, _: usize) -> usize {
+        1
+    }
+
+    fn update(&self, team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx) -> Result<UpdateStats> {
+        if team.critics.len() != 1 {
+            bail!("CoLLM-CC needs exactly one critic, the team has {}", team.critics.len());
         }
+        let chains = rollout.chains();
+        let critic = &mut team.critics[0];
+        let seqs: Vec<CriticSeq> =
+            chains.iter().map(|c| joint_sequence(&critic.tokenizer, rollout, c, cfg.critic.kind)).collect::<Result<_>>()?;
+        let v_old = critic_values(critic, &seqs, cfg.micro_batch, rollout.nodes.len())?;
+        let (y, a) = td_by_node(rollout, &chains, &v_old, cfg.gamma);
+        let nodes: Vec<usize> = chains.iter().flatten().copied().collect();
+        let stats = UpdateStats {
+            value_mean: Some(mean(&nodes.iter().map(|&x| v_old[x]).collect::<Vec<_>>())),
+            target_mean: Some(mean(&nodes.iter().map(|&x| y[x]).collect::<Vec<_>>())),
+            advantage_mean: mean(&nodes.iter().map(|&x| a[x]).collect::<Vec<_>>()),
+            ..Default::default()
+        };
+        // Every agent gets the same advantage A_t, normalized over its own responses.
+        let mut adv: Vec<BTreeMap<ResponseId, f64>> = vec![];
+        for _ in 0..team.agents.len() {
+            let mut m: BTreeMap<ResponseId, f64> = nodes.iter().map(|&x| (ResponseId { node: x, k: 0 }, a[x])).collect();
+            normalize_advantages(&mut m, rollout, cfg.advantage_norm());
+            adv.push(m);
+        }
+        let groups = schedule_groups(rollout, cfg.schedule);
+        let all: Vec<_> = (0..team.agents.len()).map(|i| rollout.agent_sequences(i)).collect();
+        let mut tally = Tally::new(team.agents.len());
+        for epoch in 0..cfg.epochs {
+            match cfg.schedule {
+                Schedule::Turn => {
+                    for (i, p) in team.agents.iter_mut().enumerate() {
+                        for units in mini_batches(&groups, cfg.mini_batch, ctx.seed ^ ((i as u64) << 32) ^ epoch as u64) {
+                            if ctx.actors {
+                                let batch = agent_batch(rollout, i, &units, cfg.schedule, &all[i]);
+                                tally.agent(i, actor_step(p, i, rollout, &batch, &adv[i], cfg)?);
+                            }
+                            let batch = critic_batch(rollout, &units, cfg.schedule, &seqs);
+                            tally.value_loss.push(critic_step(critic, &batch, &y, cfg)?);
+                        }
+                    }
+                }
+                Schedule::Buffer => {
+                    for units in mini_batches(&groups, cfg.mini_batch, ctx.seed ^ epoch as u64) {
+                        let batch = critic_batch(rollout, &units, cfg.schedule, &seqs);
+                        tally.value_loss.push(critic_step(critic, &batch, &y, cfg)?);
+                        if ctx.actors {
+                            for (i, p) in team.agents.iter_mut().enumerate() {
+                                let batch = agent_batch(rollout, i, &units, cfg.schedule, &all[i]);
+                                tally.agent(i, actor_step(p, i, rollout, &batch, &adv[i], cfg)?);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(tally.into_stats(stats))
     }
-    Ok(stats)
-}
-
-pub(crate) fn mean(x: &[f64]) -> f64 {
-    x.iter().sum::<f64>() / x.len().max(1) as f64
 }

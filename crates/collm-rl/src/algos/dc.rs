@@ -1,31 +1,60 @@
-//! CoLLM-DC: a critic per agent, V_φi(h_i,t) (or Q_φi(h_i,t, a_i,t)), on the agent's own history.
+//! CoLLM-DC: a critic per agent, V_φi(h_i,t) (or Q_φi(h_i,t, a_i,t)), on the agent's own history,
+//! as CoMLRL 1.3.6's `IACTrainer`.
 //!
+//!   V_i,old = critic i's value when the buffer was collected (before this update)
 //!   y_i,t = r_t + γ·V_i,old(h_i,t+1)        (y_i,T = r_T at the last executed turn)
-//!   A_i,t = y_i,t − V_i,old(h_i,t),  normalized per agent and per turn within the buffer
-//!           (or per agent over all its turns: `advantage_norm = "agent"`)
-//!   L_actor_i = −Σ log π_i(a_i,t | h_i,t) · Â_i,t
+//!   A_i,t = y_i,t − V_i,old(h_i,t),  z-normalized per agent and per turn (`advantage_norm`)
+//!   L_actor_i = −mean Â_i,t · log π_i(a_i,t | h_i,t)   (over a mini-batch)
 //!
-//! `critic.dc = "separate"`: critic i is its own model; L_critic_i = c_v · (y_i,t − V_i(h_i,t))².
-//! `critic.dc = "head"`: a value head on actor i's backbone, trained jointly with the clipped
-//! value loss c_v · max((y − V)², (y − V_old − clip(V − V_old, −ε, ε))²) in the same pass.
+//! `critic.dc = "separate"`: critic i is its own model; L_critic_i = c_v · mean (y_i,t − V_i)²,
+//! stepped right after agent i on the same mini-batch (`schedule = "turn"`).
+//! `critic.dc = "head"`: a value head on actor i's backbone, trained jointly in one pass with the
+//! clipped value loss c_v · mean max((y − V)², (y − V_old − clip(V − V_old, −ε, ε))²). Clipping
+//! acts once the backbone has moved since the rollout: on the later mini-batches and turn groups
+//! of an update, and on later `epochs`.
 
-use super::cc::mean;
-use super::{critic_step, td_advantages, update_agent, UpdateStats};
-use crate::config::{Config, CriticKind, DcCritic};
-use crate::returns::td_targets;
-use crate::rollout::Rollout;
+use super::{
+    actor_step, agent_batch, clipped_value_loss, critic_batch, critic_step, critic_values, mean, micro_batches, mini_batches,
+    normalize_advantages, policy_loss, schedule_groups, td_by_node, tensor, Algorithm, CriticSeq, Tally, UpdateCtx, UpdateStats,
+};
+use crate::config::{Config, CriticKind, DcCritic, PromptFormat, Schedule};
+use crate::rollout::{AgentSeq, ResponseId, Rollout};
 use crate::team::{Policy, Team};
 use anyhow::{bail, Result};
-use candle_core::Tensor;
 use collm_model::{score_spans, Grads, Tokenizer};
+use std::collections::BTreeMap;
+
+pub struct CoLlmDc;
+
+impl Algorithm for CoLlmDc {
+    fn samples_per_node(&self, _: &Config) -> usize {
+        1
+    }
+
+    fn critics(&self, cfg: &Config, num_agents: usize) -> usize {
+        match cfg.critic.dc {
+            DcCritic::Separate => num_agents,
+            DcCritic::Head => 0,
+        }
+    }
+
+    fn update(&self, team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx) -> Result<UpdateStats> {
+        match cfg.critic.dc {
+            DcCritic::Separate => update_separate(team, rollout, cfg, ctx),
+            DcCritic::Head => update_heads(team, rollout, cfg, ctx),
+        }
+    }
+}
 
 /// Agent i's history of one chain as the critic's tokens, with the V (or Q) positions.
-pub fn local_sequence(tok: &Tokenizer, rollout: &Rollout, chain: &[usize], i: usize, kind: CriticKind) -> Result<(Vec<u32>, Vec<usize>)> {
+/// `special`: the first chunk gets the tokenizer's special tokens (raw text; a rendered chat
+/// template already has them).
+pub fn local_sequence(tok: &Tokenizer, rollout: &Rollout, chain: &[usize], i: usize, kind: CriticKind, special: bool) -> Result<CriticSeq> {
     let mut tokens = Vec::new();
     let mut positions = Vec::new();
     for &x in chain {
         let nd = &rollout.nodes[x];
-        tokens.extend(tok.encode(&nd.chunk_texts[i], tokens.is_empty())?);
+        tokens.extend(tok.encode(&nd.chunk_texts[i], special && tokens.is_empty())?);
         if kind == CriticKind::V {
             positions.push(tokens.len() - 1);
         }
@@ -34,129 +63,176 @@ pub fn local_sequence(tok: &Tokenizer, rollout: &Rollout, chain: &[usize], i: us
             positions.push(tokens.len() - 1);
         }
     }
-    Ok((tokens, positions))
+    Ok(CriticSeq { tokens, positions, nodes: chain.to_vec() })
 }
 
-/// One update: each critic's TD step, then (unless `actors` is false: the critic warm-up) each
-/// agent's policy-gradient step with its own critic's advantages.
-pub fn update(team: &mut Team, rollout: &Rollout, cfg: &Config, actors: bool) -> Result<UpdateStats> {
-    match cfg.critic.dc {
-        DcCritic::Separate => update_separate(team, rollout, cfg, actors),
-        DcCritic::Head => update_heads(team, rollout, cfg, actors),
+/// Values, targets and advantages of one agent's critic, collected into the update's stats.
+#[derive(Default)]
+struct Values {
+    v: Vec<f64>,
+    y: Vec<f64>,
+    a: Vec<f64>,
+}
+
+impl Values {
+    fn add(&mut self, nodes: &[usize], v_old: &[f64], y: &[f64], a: &[f64]) {
+        for &x in nodes {
+            self.v.push(v_old[x]);
+            self.y.push(y[x]);
+            self.a.push(a[x]);
+        }
+    }
+    fn stats(&self) -> UpdateStats {
+        UpdateStats {
+            value_mean: Some(mean(&self.v)),
+            target_mean: Some(mean(&self.y)),
+            advantage_mean: mean(&self.a),
+            ..Default::default()
+        }
     }
 }
 
-fn chain_rewards(rollout: &Rollout, chains: &[Vec<usize>]) -> Vec<Vec<f64>> {
-    chains.iter().map(|c| c.iter().map(|&x| rollout.nodes[x].joints[0].reward).collect()).collect()
+fn normalized(rollout: &Rollout, nodes: &[usize], a: &[f64], cfg: &Config) -> BTreeMap<ResponseId, f64> {
+    let mut m: BTreeMap<ResponseId, f64> = nodes.iter().map(|&x| (ResponseId { node: x, k: 0 }, a[x])).collect();
+    normalize_advantages(&mut m, rollout, cfg.advantage_norm());
+    m
 }
 
-fn update_separate(team: &mut Team, rollout: &Rollout, cfg: &Config, actors: bool) -> Result<UpdateStats> {
+fn update_separate(team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx) -> Result<UpdateStats> {
     if team.critics.len() != team.agents.len() {
         bail!("CoLLM-DC needs a critic per agent: {} critics for {} agents", team.critics.len(), team.agents.len());
     }
     let chains = rollout.chains();
-    let rewards = chain_rewards(rollout, &chains);
-    let mut stats = UpdateStats::default();
-    let (mut losses, mut vs, mut ys, mut raw) = (vec![], vec![], vec![], vec![]);
+    let nodes: Vec<usize> = chains.iter().flatten().copied().collect();
+    let groups = schedule_groups(rollout, cfg.schedule);
+    let mut tally = Tally::new(team.agents.len());
+    let mut values = Values::default();
     for (i, (p, critic)) in team.agents.iter_mut().zip(team.critics.iter_mut()).enumerate() {
-        let seqs: Vec<_> =
-            chains.iter().map(|c| local_sequence(&critic.tokenizer, rollout, c, i, cfg.critic.kind)).collect::<Result<_>>()?;
-        let targets = |j: usize, v_old: &[f64]| td_targets(&rewards[j], v_old, cfg.gamma);
-        let (vy, loss) = critic_step(critic, &seqs, &targets, cfg.critic.value_coef, cfg.micro_batch, cfg.max_grad_norm)?;
-        losses.push(loss);
-        let (adv_of, v, y) = td_advantages(rollout, &chains, &vy);
-        raw.extend(v.iter().zip(&y).map(|(v, y)| y - v));
-        vs.extend(v);
-        ys.extend(y);
-        if actors {
-            let (loss, norm, _) = update_agent(p, i, rollout, |x, _| adv_of[x], cfg)?;
-            stats.policy_loss.push(loss);
-            stats.grad_norm.push(norm);
+        let seqs: Vec<CriticSeq> = chains
+            .iter()
+            .map(|c| local_sequence(&critic.tokenizer, rollout, c, i, cfg.critic.kind, p.format == PromptFormat::Raw))
+            .collect::<Result<_>>()?;
+        let v_old = critic_values(critic, &seqs, cfg.micro_batch, rollout.nodes.len())?;
+        let (y, a) = td_by_node(rollout, &chains, &v_old, cfg.gamma);
+        values.add(&nodes, &v_old, &y, &a);
+        let adv = normalized(rollout, &nodes, &a, cfg);
+        let all = rollout.agent_sequences(i);
+        for epoch in 0..cfg.epochs {
+            for units in mini_batches(&groups, cfg.mini_batch, ctx.seed ^ ((i as u64) << 32) ^ epoch as u64) {
+                let critic_first = cfg.schedule == Schedule::Buffer;
+                if critic_first {
+                    tally.value_loss.push(critic_step(critic, &critic_batch(rollout, &units, cfg.schedule, &seqs), &y, cfg)?);
+                }
+                if ctx.actors {
+                    let batch = agent_batch(rollout, i, &units, cfg.schedule, &all);
+                    tally.agent(i, actor_step(p, i, rollout, &batch, &adv, cfg)?);
+                }
+                if !critic_first {
+                    tally.value_loss.push(critic_step(critic, &critic_batch(rollout, &units, cfg.schedule, &seqs), &y, cfg)?);
+                }
+            }
         }
     }
-    stats.value_loss = Some(mean(&losses));
-    stats.value_mean = Some(mean(&vs));
-    stats.target_mean = Some(mean(&ys));
-    stats.advantage_mean = mean(&raw);
-    Ok(stats)
+    Ok(tally.into_stats(values.stats()))
 }
 
-/// The clipped value loss as a differentiable tensor (see `returns::clipped_value_loss`).
-pub fn clipped_value_loss_t(v: &Tensor, v_old: &Tensor, y: &Tensor, eps: f64) -> Result<Tensor> {
-    let v_clip = (v_old + (v - v_old)?.clamp(-eps, eps)?)?;
-    let a = (y - v)?.sqr()?;
-    let b = (y - v_clip)?.sqr()?;
-    Ok(a.maximum(&b)?)
+/// Where a value head reads a response's value: the last history token before it (V) or its
+/// own last token (Q).
+fn head_positions(seqs: &[AgentSeq], kind: CriticKind) -> Vec<Vec<usize>> {
+    seqs.iter().map(|s| s.spans.iter().map(|&(a, e)| if kind == CriticKind::V { a - 1 } else { e - 1 }).collect()).collect()
 }
 
-fn update_heads(team: &mut Team, rollout: &Rollout, cfg: &Config, actors: bool) -> Result<UpdateStats> {
-    let mut stats = UpdateStats::default();
-    let (mut losses, mut vs, mut ys, mut raw) = (vec![], vec![], vec![], vec![]);
+fn update_heads(team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx) -> Result<UpdateStats> {
+    let chains = rollout.chains();
+    let nodes: Vec<usize> = chains.iter().flatten().copied().collect();
+    let groups = schedule_groups(rollout, cfg.schedule);
+    let mut tally = Tally::new(team.agents.len());
+    let mut values = Values::default();
     for (i, p) in team.agents.iter_mut().enumerate() {
-        let (pl, vl, norm, v_old, y) = head_step(p, i, rollout, cfg, actors)?;
-        stats.policy_loss.push(pl);
-        stats.grad_norm.push(norm);
-        losses.push(vl);
-        raw.extend(y.iter().zip(&v_old).map(|(a, b)| a - b));
-        vs.extend(v_old);
-        ys.extend(y);
+        let all = rollout.agent_sequences(i);
+        let v_old = head_values(p, i, &all, cfg, rollout.nodes.len())?;
+        let (y, a) = td_by_node(rollout, &chains, &v_old, cfg.gamma);
+        values.add(&nodes, &v_old, &y, &a);
+        let adv = normalized(rollout, &nodes, &a, cfg);
+        for epoch in 0..cfg.epochs {
+            for units in mini_batches(&groups, cfg.mini_batch, ctx.seed ^ ((i as u64) << 32) ^ epoch as u64) {
+                let batch = agent_batch(rollout, i, &units, cfg.schedule, &all);
+                let (pl, vl, norm) = head_step(p, i, rollout, &batch, &adv, &v_old, &y, cfg, ctx.actors)?;
+                tally.agent(i, (pl, norm));
+                tally.value_loss.push(vl);
+            }
+        }
     }
-    stats.value_loss = Some(mean(&losses));
-    stats.value_mean = Some(mean(&vs));
-    stats.target_mean = Some(mean(&ys));
-    stats.advantage_mean = mean(&raw);
-    Ok(stats)
+    Ok(tally.into_stats(values.stats()))
 }
 
-/// One joint actor + value-head step for agent i, in one teacher-forced pass over every chain.
-/// During the critic warm-up (`actors` false) only the value head learns, from the value loss.
-#[allow(clippy::type_complexity)]
-fn head_step(p: &mut Policy, i: usize, rollout: &Rollout, cfg: &Config, actors: bool) -> Result<(f64, f64, f64, Vec<f64>, Vec<f64>)> {
+/// Agent i's value head at rollout time (no gradient): V_old by node.
+fn head_values(p: &Policy, i: usize, seqs: &[AgentSeq], cfg: &Config, num_nodes: usize) -> Result<Vec<f64>> {
     let Some(head) = &p.head else { bail!("agent {i} has no value head (critic.dc = \"head\")") };
-    let seqs = rollout.agent_sequences(i);
-    let mut positions = Vec::new();
-    for (_, spans, _) in &seqs {
-        positions.push(spans.iter().map(|&(s, e)| if cfg.critic.kind == CriticKind::V { s - 1 } else { e - 1 }).collect::<Vec<_>>());
-    }
-    let toks: Vec<Vec<u32>> = seqs.iter().map(|s| s.0.clone()).collect();
-    let spans: Vec<Vec<(usize, usize)>> = seqs.iter().map(|s| s.1.clone()).collect();
-    let sc = score_spans(&p.model, &toks, &spans, &positions, p.tokenizer.pad_id(), true)?;
-    let Some(h) = &sc.hidden else { return Ok((0.0, 0.0, 0.0, vec![], vec![])) };
-    let v = head.forward(h, true)?;
-    let v_old: Vec<f64> = v.to_vec1::<f32>()?.into_iter().map(|x| x as f64).collect();
-    // Targets and advantages chain by chain (the spans of a chain are its turns in order).
-    let (mut y, mut adv, mut turns) = (vec![], vec![], vec![]);
-    let mut off = 0;
-    for (_, sp, ids) in &seqs {
-        let n = sp.len();
-        let r: Vec<f64> = ids.iter().map(|&(x, _)| rollout.nodes[x].joints[0].reward).collect();
-        let yy = td_targets(&r, &v_old[off..off + n], cfg.gamma);
-        for (j, &(x, _)) in ids.iter().enumerate() {
-            adv.push(yy[j] - v_old[off + j]);
-            turns.push(rollout.nodes[x].turn);
+    let mut out = vec![f64::NAN; num_nodes];
+    for r in micro_batches(seqs.len(), cfg.micro_batch) {
+        let part = &seqs[r];
+        let toks: Vec<Vec<u32>> = part.iter().map(|s| s.tokens.clone()).collect();
+        let s =
+            score_spans(&p.model, &toks, &vec![vec![]; toks.len()], &head_positions(part, cfg.critic.kind), p.tokenizer.pad_id(), false)?;
+        let Some(h) = s.hidden else { continue };
+        for (id, v) in part.iter().flat_map(|s| s.ids.iter()).zip(head.forward(&h, false)?.to_vec1::<f32>()?) {
+            out[id.node] = v as f64;
         }
-        y.extend(yy);
-        off += n;
     }
-    let mut adv_n = adv.clone();
-    super::normalize_advantages(&mut adv_n, &turns, cfg.advantage_norm);
-    let n = adv.len() as f64;
-    let dev = &p.model.device;
-    let f = |x: &[f64]| Tensor::from_vec(x.iter().map(|&v| v as f32).collect::<Vec<_>>(), x.len(), dev);
-    let policy_loss = ((sc.sums()? * f(&adv_n)?)?.sum_all()? / -n)?;
-    let value_loss = (clipped_value_loss_t(&v, &f(&v_old)?, &f(&y)?, cfg.critic.value_clip)?.sum_all()? * (cfg.critic.value_coef / n))?;
-    let loss = if actors { (&policy_loss + &value_loss)? } else { value_loss.clone() };
-    let store = loss.backward()?;
-    let mut grads = Grads::new();
+    Ok(out)
+}
+
+/// One joint actor + value-head step for agent i on a mini-batch, one teacher-forced pass per
+/// micro-batch: L = L_actor + c_v · clipped value loss. During the critic warm-up (`actors`
+/// false) only the value head learns, from the value loss. Returns (policy loss, value loss, norm).
+#[allow(clippy::too_many_arguments)]
+fn head_step(
+    p: &mut Policy,
+    i: usize,
+    rollout: &Rollout,
+    seqs: &[AgentSeq],
+    adv: &BTreeMap<ResponseId, f64>,
+    v_old: &[f64],
+    y: &[f64],
+    cfg: &Config,
+    actors: bool,
+) -> Result<(f64, f64, f64)> {
+    let Some(head) = &p.head else { bail!("agent {i} has no value head (critic.dc = \"head\")") };
+    let total: usize = seqs.iter().map(|s| s.ids.len()).sum();
+    if total == 0 {
+        return Ok((0.0, 0.0, 0.0));
+    }
+    let dev = p.model.device.clone();
     let head_params: Vec<_> = head.trainable().collect();
-    if actors {
-        grads.accumulate(&store, p.trainable())?;
-    } else {
-        grads.accumulate(&store, head_params.iter().copied())?;
+    let mut grads = Grads::new();
+    let (mut pl_sum, mut vl_sum) = (0.0, 0.0);
+    for r in micro_batches(seqs.len(), cfg.micro_batch) {
+        let part = &seqs[r];
+        let toks: Vec<Vec<u32>> = part.iter().map(|s| s.tokens.clone()).collect();
+        let spans: Vec<Vec<(usize, usize)>> = part.iter().map(|s| s.spans.clone()).collect();
+        let ids: Vec<ResponseId> = part.iter().flat_map(|s| s.ids.iter().copied()).collect();
+        let sc = score_spans(&p.model, &toks, &spans, &head_positions(part, cfg.critic.kind), p.tokenizer.pad_id(), true)?;
+        let Some(h) = &sc.hidden else { continue };
+        let v = head.forward(h, true)?;
+        let f = |g: &dyn Fn(&ResponseId) -> f64| tensor(&ids.iter().map(g).collect::<Vec<_>>(), &dev);
+        let old_lp = f(&|id| rollout.nodes[id.node].responses[i][id.k].logprobs.iter().map(|&l| l as f64).sum())?;
+        let pl = policy_loss(&sc.sums()?, &f(&|id| adv[id])?, &old_lp, cfg.clip_ratio, total)?;
+        let vl =
+            clipped_value_loss(&v, &f(&|id| v_old[id.node])?, &f(&|id| y[id.node])?, cfg.critic.value_clip, cfg.critic.value_coef, total)?;
+        let loss = if actors { (&pl + &vl)? } else { vl.clone() };
+        pl_sum += pl.to_scalar::<f32>()? as f64;
+        vl_sum += vl.to_scalar::<f32>()? as f64;
+        let store = loss.backward()?;
+        if actors {
+            grads.accumulate(&store, p.trainable())?;
+        } else {
+            grads.accumulate(&store, head_params.iter().copied())?;
+        }
     }
-    let norm = grads.clip_norm(cfg.max_grad_norm as f32)?;
+    let norm = grads.clip_norm(cfg.max_grad_norm as f32).map_err(|e| e.context(format!("agent {i}: policy and value loss")))?;
     let mut params: Vec<_> = if actors { p.model.trainable().collect() } else { vec![] };
     params.extend(head_params);
     p.opt.step(params, &grads)?;
-    Ok((policy_loss.to_scalar::<f32>()? as f64, value_loss.to_scalar::<f32>()? as f64, norm as f64, v_old, y))
+    Ok((pl_sum, vl_sum, norm as f64))
 }

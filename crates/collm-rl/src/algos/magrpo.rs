@@ -1,23 +1,59 @@
-//! MAGRPO and its Monte Carlo relatives (GRPO for one agent, MA-REINFORCE, MA-RLOO, MA-ReMax).
+//! MAGRPO and its Monte Carlo relatives (GRPO for one agent, MA-REINFORCE, MA-RLOO, MA-ReMax),
+//! as CoMLRL 1.3.6's `MAGRPOTrainer` and its subclasses.
 //!
 //! Each agent samples K responses at every node. Joint actions take the k-th sample of every
-//! agent (`aligned`, K of them) or every combination (`cross`, K^n, one turn). Over turns the
+//! agent (`aligned`, K of them) or every combination (`cross`, K^n at every node). Over turns the
 //! rollout is a tree; a joint action's return is
 //!   R = r + γ · mean(returns of the child node's joint actions)      (R = r at a leaf).
-//! Agent i's sample k at a node gets the return of its joint action (`cross`: the mean over the
-//! joint actions that use it); within the node's group of K:
+//! Agent i's sample k at a node gets the return of its joint action (`cross`: the sum over the
+//! joint actions that use it, as CoMLRL). Within the node's group of K:
 //!   mean: A = R − mean(R)   rloo: A = R − mean(others)   max: A = R − max(R)   raw: A = R
-//! then Â = A z-normalized per agent and per turn over the buffer (`advantage_norm = "agent"`: per
-//! agent over all its turns), and
-//!   L_i = −Σ Â · log π_i(a_i | h_i)   (mean over the buffer).
+//! then, by default (`advantage_norm = "group"`, CoMLRL's `advantage_normalization = True`),
+//!   Â = (A − mean(A)) / max(std(A), 1e-6)  within the group,
+//! (under which the four modes coincide: use `advantage_norm = "none"` for the estimators as
+//! written), and per mini-batch of nodes (a turn group of the buffer, turns in order):
+//!   L_i = −mean over the batch's responses of Â · log π_i(a_i | h_i).
 
-use super::cc::mean;
-use super::{update_agent, UpdateStats};
-use crate::config::Config;
+use super::{actor_step, agent_batch, mean, mini_batches, normalize_advantages, schedule_groups, Algorithm, Tally, UpdateCtx, UpdateStats};
+use crate::config::{Config, JointMode};
 use crate::returns::{group_advantages, tree_return};
-use crate::rollout::Rollout;
+use crate::rollout::{ResponseId, Rollout};
 use crate::team::Team;
 use anyhow::Result;
+use std::collections::BTreeMap;
+
+pub struct Magrpo;
+
+impl Algorithm for Magrpo {
+    fn samples_per_node(&self, cfg: &Config) -> usize {
+        cfg.k
+    }
+
+    fn critics(&self, _: &Config, _: usize) -> usize {
+        0
+    }
+
+    fn update(&self, team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx) -> Result<UpdateStats> {
+        let returns = joint_returns(rollout, cfg.gamma);
+        let groups = schedule_groups(rollout, cfg.schedule);
+        let mut tally = Tally::new(team.agents.len());
+        let mut raw_all = vec![];
+        for (i, p) in team.agents.iter_mut().enumerate() {
+            let mut adv = advantages(rollout, &returns, i, cfg);
+            raw_all.extend(adv.values().copied());
+            normalize_advantages(&mut adv, rollout, cfg.advantage_norm());
+            let all = rollout.agent_sequences(i);
+            for epoch in 0..cfg.epochs {
+                let seed = ctx.seed ^ ((i as u64) << 32) ^ (epoch as u64);
+                for units in mini_batches(&groups, cfg.mini_batch, seed) {
+                    let seqs = agent_batch(rollout, i, &units, cfg.schedule, &all);
+                    tally.agent(i, actor_step(p, i, rollout, &seqs, &adv, cfg)?);
+                }
+            }
+        }
+        Ok(tally.into_stats(UpdateStats { advantage_mean: mean(&raw_all), ..Default::default() }))
+    }
+}
 
 /// R of every joint action of every node: returns[node][joint].
 pub fn joint_returns(rollout: &Rollout, gamma: f64) -> Vec<Vec<f64>> {
@@ -37,31 +73,101 @@ pub fn joint_returns(rollout: &Rollout, gamma: f64) -> Vec<Vec<f64>> {
     out
 }
 
-/// Agent i's K sample returns at node x.
-pub fn sample_returns(rollout: &Rollout, returns: &[Vec<f64>], x: usize, i: usize) -> Vec<f64> {
+/// Agent i's K sample returns at node x: the return of the joint action its sample is in
+/// (`aligned`), or the sum over the joint actions that use it (`cross`).
+pub fn sample_returns(rollout: &Rollout, returns: &[Vec<f64>], x: usize, i: usize, mode: JointMode) -> Vec<f64> {
     let nd = &rollout.nodes[x];
-    let k = nd.responses[i].len();
-    (0..k)
+    (0..nd.responses[i].len())
         .map(|kk| {
-            let r: Vec<f64> = nd.joints.iter().zip(&returns[x]).filter(|(j, _)| j.choice[i] == kk).map(|(_, &r)| r).collect();
-            mean(&r)
+            let r = nd.joints.iter().zip(&returns[x]).filter(|(j, _)| j.choice[i] == kk).map(|(_, &r)| r);
+            match mode {
+                JointMode::Aligned => mean(&r.collect::<Vec<_>>()),
+                JointMode::Cross => r.sum(),
+            }
         })
         .collect()
 }
 
-pub fn update(team: &mut Team, rollout: &Rollout, cfg: &Config) -> Result<UpdateStats> {
-    let returns = joint_returns(rollout, cfg.gamma);
-    let mode = cfg.advantage_mode();
-    let mut stats = UpdateStats::default();
-    let mut raw_all = vec![];
-    for (i, p) in team.agents.iter_mut().enumerate() {
-        let adv_of: Vec<Vec<f64>> =
-            (0..rollout.nodes.len()).map(|x| group_advantages(&sample_returns(rollout, &returns, x, i), mode)).collect();
-        let (loss, norm, raw) = update_agent(p, i, rollout, |x, k| adv_of[x][k], cfg)?;
-        raw_all.extend(raw);
-        stats.policy_loss.push(loss);
-        stats.grad_norm.push(norm);
+/// Agent i's advantages (before normalization) of every response in the rollout.
+pub fn advantages(rollout: &Rollout, returns: &[Vec<f64>], i: usize, cfg: &Config) -> BTreeMap<ResponseId, f64> {
+    let mut out = BTreeMap::new();
+    for x in 0..rollout.nodes.len() {
+        let a = group_advantages(&sample_returns(rollout, returns, x, i, cfg.joint_mode), cfg.advantage_mode());
+        for (k, v) in a.into_iter().enumerate() {
+            out.insert(ResponseId { node: x, k }, v);
+        }
     }
-    stats.advantage_mean = mean(&raw_all);
-    Ok(stats)
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::{Joint, Node, Response};
+
+    /// A one-agent, one-turn buffer: one node per group of rewards, K = group size.
+    fn buffer(groups: &[&[f64]]) -> Rollout {
+        let resp = || Response { tokens: vec![1], text: "a".into(), logprobs: vec![0.0], stopped: true, seed: 0 };
+        let nodes = groups
+            .iter()
+            .enumerate()
+            .map(|(e, g)| Node {
+                episode: e,
+                item: e,
+                turn: 0,
+                observations: vec!["o".into()],
+                histories: vec![vec![0]],
+                chunk_texts: vec!["o".into()],
+                chunk_lens: vec![1],
+                responses: vec![g.iter().map(|_| resp()).collect()],
+                joints: g
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &r)| Joint { choice: vec![k], reward: r, child: None, metrics: Default::default() })
+                    .collect(),
+                past: vec![],
+            })
+            .collect();
+        Rollout { nodes, roots: (0..groups.len()).collect(), num_agents: 1, generated_tokens: 0, gen_s: 0.0 }
+    }
+
+    fn adv(algo: &str, norm: Option<&str>, groups: &[&[f64]]) -> Vec<Vec<f64>> {
+        let mut o = vec![format!("algo=\"{algo}\"")];
+        if let Some(n) = norm {
+            o.push(format!("advantage_norm=\"{n}\""));
+        }
+        let cfg = Config::from_toml("", "t", &o).unwrap();
+        let r = buffer(groups);
+        let mut a = advantages(&r, &joint_returns(&r, cfg.gamma), 0, &cfg);
+        normalize_advantages(&mut a, &r, cfg.advantage_norm());
+        groups.iter().enumerate().map(|(x, g)| (0..g.len()).map(|k| a[&ResponseId { node: x, k }]).collect()).collect()
+    }
+
+    fn close(a: &[Vec<f64>], b: &[Vec<f64>]) {
+        for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+            assert!((x - y).abs() < 1e-9, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn monte_carlo_advantages_are_comlrls() {
+        let groups: &[&[f64]] = &[&[0.0, 0.0, 0.0, 0.0], &[1.0, 0.0, 0.0, 0.0]];
+        // As written (advantage_norm = "none"): the estimators differ.
+        close(&adv("remax", Some("none"), groups), &[vec![0.0; 4], vec![0.0, -1.0, -1.0, -1.0]]);
+        close(&adv("magrpo", Some("none"), groups), &[vec![0.0; 4], vec![0.75, -0.25, -0.25, -0.25]]);
+        // RLOO: R − mean(others) = K/(K−1) · (R − mean).
+        close(&adv("rloo", Some("none"), groups), &[vec![0.0; 4], vec![1.0, -1.0 / 3.0, -1.0 / 3.0, -1.0 / 3.0]]);
+        close(&adv("reinforce", Some("none"), groups), &[vec![0.0; 4], vec![1.0, 0.0, 0.0, 0.0]]);
+        // CoMLRL's default: z-normalized within each node's group, not across the buffer. A group
+        // where every sample scored the same learns nothing, in every mode.
+        let s = 3f64.sqrt() / 4.0; // the population std of (1, 0, 0, 0)
+        let z = vec![0.75 / s, -0.25 / s, -0.25 / s, -0.25 / s];
+        for algo in ["magrpo", "rloo", "remax", "reinforce"] {
+            close(&adv(algo, None, groups), &[vec![0.0; 4], z.clone()]);
+        }
+        // Before, per-turn normalization over the buffer gave ReMax's four failures of the first
+        // group a positive advantage (they are above the buffer's mean).
+        let per_turn = adv("remax", Some("turn"), groups);
+        assert!(per_turn[0].iter().all(|&a| a > 0.0), "{per_turn:?}");
+    }
 }

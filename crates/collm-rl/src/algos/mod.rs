@@ -1,170 +1,354 @@
-//! The algorithms, one file each; the shared pieces (a policy-gradient step, a critic's TD step)
-//! are here.
+//! The algorithms, one file each behind the small `Algorithm` trait; what they share is here:
+//! the loss terms written as formulas, advantage normalization, the optimizer steps of an agent
+//! and of a critic, and the update schedule (which samples each step learns from).
 
 pub mod cc;
 pub mod dc;
 pub mod magrpo;
 
-use crate::config::{AdvantageNorm, Config};
+use crate::config::{AdvantageNorm, Algo, Config, Schedule};
 use crate::returns::normalize_by;
-use crate::rollout::Rollout;
-use crate::team::{Critic, Policy};
+use crate::rollout::{AgentSeq, ResponseId, Rollout};
+use crate::team::{Critic, Policy, Team};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use collm_model::{score_spans, Grads};
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use std::collections::BTreeMap;
 
 /// What one update reports.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct UpdateStats {
-    /// Per agent: the policy loss −(1/N) Σ Â·log π.
+    /// Per agent: the policy loss, mean over its optimizer steps.
     pub policy_loss: Vec<f64>,
-    /// Per agent: the gradient norm before clipping.
+    /// Per agent: the gradient norm before clipping, mean over its optimizer steps.
     pub grad_norm: Vec<f64>,
-    /// Critic: c_v · mean squared TD error (mean over critics).
+    /// Critic: c_v · mean squared TD error, mean over the critics' steps.
     pub value_loss: Option<f64>,
+    /// Mean rollout-time value V_old and TD target y.
     pub value_mean: Option<f64>,
     pub target_mean: Option<f64>,
     /// Mean advantage before normalization.
     pub advantage_mean: f64,
+    /// Optimizer steps taken by the agents (all together) and by the critics.
+    pub agent_steps: usize,
+    pub critic_steps: usize,
 }
 
-/// Splits `n` items into micro-batches of `size` (0: one batch).
+/// What the trainer tells an update besides the config.
+#[derive(Clone, Copy, Debug)]
+pub struct UpdateCtx {
+    /// False during the critic warm-up: only the critics learn.
+    pub actors: bool,
+    /// Seeds the shuffling of mini-batches.
+    pub seed: u64,
+}
+
+/// What an algorithm is to the trainer.
+pub trait Algorithm: Sync {
+    /// Samples per agent per node: K for the Monte Carlo methods, 1 for the actor-critic ones.
+    fn samples_per_node(&self, cfg: &Config) -> usize;
+    /// Critic models the team needs besides its agents.
+    fn critics(&self, cfg: &Config, num_agents: usize) -> usize;
+    /// One update from a rollout buffer.
+    fn update(&self, team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx) -> Result<UpdateStats>;
+}
+
+/// The algorithm a config names.
+pub fn algorithm(a: Algo) -> &'static dyn Algorithm {
+    match a {
+        Algo::Cc => &cc::CoLlmCc,
+        Algo::Dc => &dc::CoLlmDc,
+        Algo::Magrpo | Algo::Grpo | Algo::Reinforce | Algo::Rloo | Algo::Remax => &magrpo::Magrpo,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loss terms.
+
+/// The policy-gradient loss summed over a batch's responses and divided by `n` (the mini-batch's
+/// response count, so micro-batches add up to the mean):
+///   plain:            L = −Σ Â · log π(a|h) / n
+///   clipped (ε):      L = −Σ min(ρ·Â, clip(ρ, 1−ε, 1+ε)·Â) / n,   ρ = exp(log π(a|h) − log π_old(a|h))
+/// `logp` and `old_logp` are per response: sums of token log-probs.
+pub fn policy_loss(logp: &Tensor, adv: &Tensor, old_logp: &Tensor, clip: Option<f64>, n: usize) -> Result<Tensor> {
+    let per = match clip {
+        None => (logp * adv)?,
+        Some(eps) => {
+            let ratio = (logp - old_logp)?.exp()?;
+            let unclipped = (&ratio * adv)?;
+            let clipped = (ratio.clamp(1.0 - eps, 1.0 + eps)? * adv)?;
+            unclipped.minimum(&clipped)?
+        }
+    };
+    Ok((per.sum_all()? / -(n as f64))?)
+}
+
+/// The critic's loss: c_v · Σ (y − V)² / n.
+pub fn value_loss(v: &Tensor, y: &Tensor, coef: f64, n: usize) -> Result<Tensor> {
+    Ok(((y - v)?.sqr()?.sum_all()? * (coef / n as f64))?)
+}
+
+/// The clipped value loss: c_v · Σ max((y − V)², (y − V_clip)²) / n with
+/// V_clip = V_old + clip(V − V_old, −ε, ε) (see `returns::clipped_value_loss`).
+pub fn clipped_value_loss(v: &Tensor, v_old: &Tensor, y: &Tensor, eps: f64, coef: f64, n: usize) -> Result<Tensor> {
+    let v_clip = (v_old + (v - v_old)?.clamp(-eps, eps)?)?;
+    let a = (y - v)?.sqr()?;
+    let b = (y - v_clip)?.sqr()?;
+    Ok((a.maximum(&b)?.sum_all()? * (coef / n as f64))?)
+}
+
+pub(crate) fn tensor(x: &[f64], dev: &candle_core::Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(x.iter().map(|&v| v as f32).collect::<Vec<_>>(), x.len(), dev)?)
+}
+
+pub(crate) fn mean(x: &[f64]) -> f64 {
+    x.iter().sum::<f64>() / x.len().max(1) as f64
+}
+
+// ---------------------------------------------------------------------------------------------
+// Advantages.
+
+/// z-normalizes one agent's advantages within the groups `norm` names: a node's K samples
+/// (`group`), a turn (`turn`), all of them (`agent`), or not at all (`none`).
+pub fn normalize_advantages(adv: &mut BTreeMap<ResponseId, f64>, rollout: &Rollout, norm: AdvantageNorm) {
+    let ids: Vec<ResponseId> = adv.keys().copied().collect();
+    let keys: Vec<usize> = match norm {
+        AdvantageNorm::None => return,
+        AdvantageNorm::Group => ids.iter().map(|id| id.node).collect(),
+        AdvantageNorm::Turn => ids.iter().map(|id| rollout.nodes[id.node].turn).collect(),
+        AdvantageNorm::Agent => vec![0; ids.len()],
+    };
+    let mut vals: Vec<f64> = ids.iter().map(|id| adv[id]).collect();
+    normalize_by(&mut vals, &keys);
+    for (id, v) in ids.into_iter().zip(vals) {
+        adv.insert(id, v);
+    }
+}
+
+/// TD targets and advantages along each chain from rollout-time values `v_old[node]`:
+///   y_t = r_t + γ·V_old(h_{t+1}) (y = r at the chain's last turn),   A_t = y_t − V_old(h_t).
+/// Returns (y, A) by node.
+pub fn td_by_node(rollout: &Rollout, chains: &[Vec<usize>], v_old: &[f64], gamma: f64) -> (Vec<f64>, Vec<f64>) {
+    let mut y = vec![0.0; rollout.nodes.len()];
+    let mut a = vec![0.0; rollout.nodes.len()];
+    for c in chains {
+        let r: Vec<f64> = c.iter().map(|&x| rollout.nodes[x].joints[0].reward).collect();
+        let v: Vec<f64> = c.iter().map(|&x| v_old[x]).collect();
+        for (j, yy) in crate::returns::td_targets(&r, &v, gamma).into_iter().enumerate() {
+            y[c[j]] = yy;
+            a[c[j]] = yy - v[j];
+        }
+    }
+    (y, a)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The schedule.
+
+/// The mini-batches of one pass over a buffer, in the order the optimizers step on them. `groups`
+/// are the units of each group (`schedule = "turn"`: the nodes of each turn, turns in order;
+/// `"buffer"`: all episodes at once). A group larger than `size` is shuffled (seeded) and cut into
+/// mini-batches of `size` (0: the whole group in one).
+pub fn mini_batches(groups: &[Vec<usize>], size: usize, seed: u64) -> Vec<Vec<usize>> {
+    let mut out = vec![];
+    for (g, units) in groups.iter().enumerate() {
+        if units.is_empty() {
+            continue;
+        }
+        if size == 0 || size >= units.len() {
+            out.push(units.clone());
+            continue;
+        }
+        let mut u = units.clone();
+        u.shuffle(&mut StdRng::seed_from_u64(seed ^ (g as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        out.extend(u.chunks(size).map(|c| c.to_vec()));
+    }
+    out
+}
+
+/// The groups a schedule steps on: the nodes of each turn, or every episode in one group.
+pub fn schedule_groups(rollout: &Rollout, schedule: Schedule) -> Vec<Vec<usize>> {
+    match schedule {
+        Schedule::Turn => rollout.nodes_by_turn(),
+        Schedule::Buffer => vec![(0..rollout.roots.len()).collect()],
+    }
+}
+
+/// Agent i's sequences for one mini-batch: `turn` schedule, one per response of the batch's
+/// nodes (history then response); `buffer` schedule, the agent's sequences of the batch's
+/// episodes (a chain is one sequence).
+pub fn agent_batch(rollout: &Rollout, i: usize, units: &[usize], schedule: Schedule, all: &[AgentSeq]) -> Vec<AgentSeq> {
+    match schedule {
+        Schedule::Turn => units
+            .iter()
+            .flat_map(|&x| (0..rollout.nodes[x].responses[i].len()).map(move |k| rollout.response_sequence(i, ResponseId { node: x, k })))
+            .filter(|s| s.spans[0].1 > s.spans[0].0)
+            .collect(),
+        Schedule::Buffer => {
+            let eps: std::collections::BTreeSet<usize> = units.iter().copied().collect();
+            all.iter().filter(|s| s.ids.first().is_some_and(|id| eps.contains(&rollout.nodes[id.node].episode))).cloned().collect()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Optimizer steps.
+
+/// Micro-batches of `n` items of `size` (0: one).
 pub(crate) fn micro_batches(n: usize, size: usize) -> Vec<std::ops::Range<usize>> {
     let size = if size == 0 { n.max(1) } else { size };
     (0..n).step_by(size).map(|s| s..(s + size).min(n)).collect()
 }
 
-/// One policy-gradient step of an agent: loss = −(1/N) Σ_spans Â·log π(a|h), where log π of a
-/// response is the sum of its token log-probs from one teacher-forced pass over the history.
-/// `seqs[j]` = (tokens, response spans); `adv` holds one advantage per span, in order.
+/// One optimizer step of agent `i` on a mini-batch: every response in `seqs` gets its advantage
+/// `adv[id]` in the policy loss (mean over the batch's responses). Returns (loss, grad norm).
 pub(crate) fn actor_step(
     p: &mut Policy,
-    seqs: &[(Vec<u32>, Vec<(usize, usize)>)],
-    adv: &[f64],
-    micro: usize,
-    max_norm: f64,
+    i: usize,
+    rollout: &Rollout,
+    seqs: &[AgentSeq],
+    adv: &BTreeMap<ResponseId, f64>,
+    cfg: &Config,
 ) -> Result<(f64, f64)> {
-    let total: usize = seqs.iter().map(|s| s.1.len()).sum();
-    if total != adv.len() {
-        bail!("actor step: {} advantages for {total} responses", adv.len());
-    }
+    let total: usize = seqs.iter().map(|s| s.ids.len()).sum();
     if total == 0 {
         return Ok((0.0, 0.0));
     }
     let pad = p.tokenizer.pad_id();
     let mut grads = Grads::new();
     let mut loss_sum = 0.0;
-    let mut off = 0;
-    for r in micro_batches(seqs.len(), micro) {
-        let toks: Vec<Vec<u32>> = seqs[r.clone()].iter().map(|s| s.0.clone()).collect();
-        let spans: Vec<Vec<(usize, usize)>> = seqs[r.clone()].iter().map(|s| s.1.clone()).collect();
-        let n: usize = spans.iter().map(|s| s.len()).sum();
-        if n == 0 {
-            continue;
+    for r in micro_batches(seqs.len(), cfg.micro_batch) {
+        let part = &seqs[r];
+        let toks: Vec<Vec<u32>> = part.iter().map(|s| s.tokens.clone()).collect();
+        let spans: Vec<Vec<(usize, usize)>> = part.iter().map(|s| s.spans.clone()).collect();
+        let ids: Vec<ResponseId> = part.iter().flat_map(|s| s.ids.iter().copied()).collect();
+        let mut a = Vec::with_capacity(ids.len());
+        for id in &ids {
+            match adv.get(id) {
+                Some(&v) => a.push(v),
+                None => bail!("agent {i}: no advantage for the response at node {} sample {}", id.node, id.k),
+            }
         }
+        let old: Vec<f64> =
+            ids.iter().map(|id| rollout.nodes[id.node].responses[i][id.k].logprobs.iter().map(|&l| l as f64).sum()).collect();
         let s = score_spans(&p.model, &toks, &spans, &vec![vec![]; toks.len()], pad, true)?;
-        let a: Vec<f32> = adv[off..off + n].iter().map(|&x| x as f32).collect();
-        off += n;
-        let a = Tensor::from_vec(a, n, &p.model.device)?;
-        let loss = ((s.sums()? * a)?.sum_all()? / -(total as f64))?;
+        let dev = p.model.device.clone();
+        let loss = policy_loss(&s.sums()?, &tensor(&a, &dev)?, &tensor(&old, &dev)?, cfg.clip_ratio, total)?;
         loss_sum += loss.to_scalar::<f32>()? as f64;
-        let store = loss.backward()?;
-        grads.accumulate(&store, p.model.trainable())?;
+        grads.accumulate(&loss.backward()?, p.model.trainable())?;
     }
-    let norm = grads.clip_norm(max_norm as f32).map_err(|e| e.context("policy loss"))?;
+    let norm = grads.clip_norm(cfg.max_grad_norm as f32).map_err(|e| e.context(format!("agent {i}: policy loss")))?;
     p.opt.step(p.model.trainable(), &grads)?;
     Ok((loss_sum, norm as f64))
 }
 
-/// A critic's step on sequences with value positions: V = V_φ at each position (with a graph),
-/// V_old its detached copy; `targets(seq, v_old)` gives each position's TD target y; the loss is
-/// c_v · mean (y − V)². Returns per position (V_old, y), and the loss.
-pub(crate) fn critic_step(
-    c: &mut Critic,
-    seqs: &[(Vec<u32>, Vec<usize>)],
-    targets: &dyn Fn(usize, &[f64]) -> Vec<f64>,
-    value_coef: f64,
-    micro: usize,
-    max_norm: f64,
-) -> Result<(Vec<Vec<(f64, f64)>>, f64)> {
-    let total: usize = seqs.iter().map(|s| s.1.len()).sum();
+/// A critic's input: one token sequence and the positions whose hidden states give V (or Q) of
+/// the nodes `nodes` (in order).
+#[derive(Clone, Debug)]
+pub struct CriticSeq {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<usize>,
+    pub nodes: Vec<usize>,
+}
+
+impl CriticSeq {
+    /// The sequence up to its j-th value position, with that one position: the critic's input
+    /// for one node alone (the same value, since attention is causal).
+    pub fn prefix(&self, j: usize) -> CriticSeq {
+        let p = self.positions[j];
+        CriticSeq { tokens: self.tokens[..p + 1].to_vec(), positions: vec![p], nodes: vec![self.nodes[j]] }
+    }
+}
+
+/// The critic's sequences for one mini-batch: `turn` schedule, each node's own prefix; `buffer`,
+/// the whole chains of the batch's episodes.
+pub fn critic_batch(rollout: &Rollout, units: &[usize], schedule: Schedule, chains: &[CriticSeq]) -> Vec<CriticSeq> {
+    match schedule {
+        Schedule::Turn => units
+            .iter()
+            .filter_map(|&x| {
+                let c = &chains[rollout.nodes[x].episode];
+                c.nodes.iter().position(|&n| n == x).map(|j| c.prefix(j))
+            })
+            .collect(),
+        Schedule::Buffer => units.iter().map(|&e| chains[e].clone()).collect(),
+    }
+}
+
+/// The critic's values at rollout time (no gradient): V_old by node (NaN where it has none).
+pub(crate) fn critic_values(c: &Critic, seqs: &[CriticSeq], micro: usize, num_nodes: usize) -> Result<Vec<f64>> {
+    let mut out = vec![f64::NAN; num_nodes];
+    let pad = c.tokenizer.pad_id();
+    for r in micro_batches(seqs.len(), micro) {
+        let part = &seqs[r];
+        let toks: Vec<Vec<u32>> = part.iter().map(|s| s.tokens.clone()).collect();
+        let pos: Vec<Vec<usize>> = part.iter().map(|s| s.positions.clone()).collect();
+        let s = score_spans(&c.model, &toks, &vec![vec![]; toks.len()], &pos, pad, false)?;
+        let Some(h) = s.hidden else { continue };
+        let v = c.head.forward(&h, false)?.to_vec1::<f32>()?;
+        for (x, v) in part.iter().flat_map(|s| s.nodes.iter()).zip(v) {
+            out[*x] = v as f64;
+        }
+    }
+    Ok(out)
+}
+
+/// One optimizer step of a critic on a mini-batch: loss c_v · mean (y − V_φ)² over its value
+/// positions, against the fixed targets `y[node]`. Returns the loss.
+pub(crate) fn critic_step(c: &mut Critic, seqs: &[CriticSeq], y: &[f64], cfg: &Config) -> Result<f64> {
+    let total: usize = seqs.iter().map(|s| s.positions.len()).sum();
+    if total == 0 {
+        return Ok(0.0);
+    }
     let pad = c.tokenizer.pad_id();
     let mut grads = Grads::new();
-    let mut out = Vec::with_capacity(seqs.len());
     let mut loss_sum = 0.0;
-    for r in micro_batches(seqs.len(), micro) {
-        let toks: Vec<Vec<u32>> = seqs[r.clone()].iter().map(|s| s.0.clone()).collect();
-        let pos: Vec<Vec<usize>> = seqs[r.clone()].iter().map(|s| s.1.clone()).collect();
+    for r in micro_batches(seqs.len(), cfg.micro_batch) {
+        let part = &seqs[r];
+        let toks: Vec<Vec<u32>> = part.iter().map(|s| s.tokens.clone()).collect();
+        let pos: Vec<Vec<usize>> = part.iter().map(|s| s.positions.clone()).collect();
         let s = score_spans(&c.model, &toks, &vec![vec![]; toks.len()], &pos, pad, true)?;
         let Some(h) = s.hidden else { continue };
         let v = c.head.forward(&h, true)?;
-        let v_old: Vec<f64> = v.to_vec1::<f32>()?.into_iter().map(|x| x as f64).collect();
-        let mut ys = Vec::with_capacity(v_old.len());
-        let mut off = 0;
-        for (j, p) in pos.iter().enumerate() {
-            let vo = &v_old[off..off + p.len()];
-            let y = targets(r.start + j, vo);
-            out.push(vo.iter().cloned().zip(y.iter().cloned()).collect());
-            ys.extend(y);
-            off += p.len();
-        }
-        let y = Tensor::from_vec(ys.iter().map(|&x| x as f32).collect::<Vec<_>>(), ys.len(), &c.model.device)?;
-        let loss = ((y - v)?.sqr()?.sum_all()? * (value_coef / total as f64))?;
+        let ys: Vec<f64> = part.iter().flat_map(|s| s.nodes.iter().map(|&x| y[x])).collect();
+        let loss = value_loss(&v, &tensor(&ys, &c.model.device)?, cfg.critic.value_coef, total)?;
         loss_sum += loss.to_scalar::<f32>()? as f64;
-        let store = loss.backward()?;
-        grads.accumulate(&store, c.trainable())?;
+        grads.accumulate(&loss.backward()?, c.trainable())?;
     }
-    let _ = grads.clip_norm(max_norm as f32).map_err(|e| e.context("value loss"))?;
+    grads.clip_norm(cfg.max_grad_norm as f32).map_err(|e| e.context("value loss"))?;
     let mut params: Vec<_> = c.model.trainable().collect();
     params.extend(c.head.trainable());
     c.opt.step(params, &grads)?;
-    Ok((out, loss_sum))
+    Ok(loss_sum)
 }
 
-/// The actor step every algorithm ends with: agent i's responses get the advantages `adv(node, k)`,
-/// z-normalized within the buffer per turn (or over all turns: `advantage_norm`), then one
-/// policy-gradient step. Returns (loss, grad
-/// norm) and the advantages before normalization.
-pub(crate) fn update_agent(
-    p: &mut Policy,
-    i: usize,
-    rollout: &Rollout,
-    adv: impl Fn(usize, usize) -> f64,
-    cfg: &Config,
-) -> Result<(f64, f64, Vec<f64>)> {
-    let seqs = rollout.agent_sequences(i);
-    let ids: Vec<(usize, usize)> = seqs.iter().flat_map(|s| s.2.clone()).collect();
-    let raw: Vec<f64> = ids.iter().map(|&(x, k)| adv(x, k)).collect();
-    let turns: Vec<usize> = ids.iter().map(|&(x, _)| rollout.nodes[x].turn).collect();
-    let mut a = raw.clone();
-    normalize_advantages(&mut a, &turns, cfg.advantage_norm);
-    let s: Vec<_> = seqs.into_iter().map(|(t, sp, _)| (t, sp)).collect();
-    let (loss, norm) = actor_step(p, &s, &a, cfg.micro_batch, cfg.max_grad_norm)?;
-    Ok((loss, norm, raw))
+/// Per-agent tallies of an update's steps.
+#[derive(Default)]
+pub(crate) struct Tally {
+    pub loss: Vec<Vec<f64>>,
+    pub norm: Vec<Vec<f64>>,
+    pub value_loss: Vec<f64>,
 }
 
-/// z-normalizes one agent's advantages (`turns[j]`: the turn of advantage j) per turn or over all
-/// its turns.
-pub(crate) fn normalize_advantages(a: &mut [f64], turns: &[usize], norm: AdvantageNorm) {
-    match norm {
-        AdvantageNorm::Turn => normalize_by(a, turns),
-        AdvantageNorm::Agent => crate::returns::normalize(a),
+impl Tally {
+    pub fn new(agents: usize) -> Self {
+        Self { loss: vec![vec![]; agents], norm: vec![vec![]; agents], value_loss: vec![] }
     }
-}
-
-/// TD advantages per node from a critic step's (V_old, y) pairs along each chain:
-/// A = y − V_old. Returns (A by node, all V_old, all y).
-pub(crate) fn td_advantages(rollout: &Rollout, chains: &[Vec<usize>], vy: &[Vec<(f64, f64)>]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let mut adv_of = vec![0.0; rollout.nodes.len()];
-    let (mut vs, mut ys) = (vec![], vec![]);
-    for (c, pairs) in chains.iter().zip(vy) {
-        for (&x, &(v, y)) in c.iter().zip(pairs) {
-            adv_of[x] = y - v;
-            vs.push(v);
-            ys.push(y);
+    pub fn agent(&mut self, i: usize, (loss, norm): (f64, f64)) {
+        self.loss[i].push(loss);
+        self.norm[i].push(norm);
+    }
+    pub fn into_stats(self, mut stats: UpdateStats) -> UpdateStats {
+        stats.agent_steps = self.loss.iter().map(|l| l.len()).sum();
+        stats.critic_steps = self.value_loss.len();
+        stats.policy_loss = self.loss.iter().map(|l| mean(l)).collect();
+        stats.grad_norm = self.norm.iter().map(|l| mean(l)).collect();
+        if !self.value_loss.is_empty() {
+            stats.value_loss = Some(mean(&self.value_loss));
         }
+        stats
     }
-    (adv_of, vs, ys)
 }
 
 #[cfg(test)]
@@ -172,24 +356,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn advantages_normalize_per_turn_or_over_all_turns() {
-        // Turn 0: a critic's tiny, noisy advantages; turn 1: the real signal.
-        let raw = [0.01, -0.01, 1.0, -1.0, 3.0];
-        let turns = [0, 0, 1, 1, 1];
-        let mut per_turn = raw;
-        normalize_advantages(&mut per_turn, &turns, AdvantageNorm::Turn);
-        // Per turn, the ±0.01 of turn 0 become ±1: as large as the signal.
-        assert!((per_turn[0] - 1.0).abs() < 1e-9 && (per_turn[1] + 1.0).abs() < 1e-9);
-        // Turn 1: mean 1, population std sqrt(8/3).
-        let s = (8.0f64 / 3.0).sqrt();
-        assert!((per_turn[2] - 0.0).abs() < 1e-9 && (per_turn[3] + 2.0 / s).abs() < 1e-9 && (per_turn[4] - 2.0 / s).abs() < 1e-9);
-        // Over all turns: mean 0.6, population std sqrt(mean of squares − 0.36); turn 0 stays small.
-        let mut all = raw;
-        normalize_advantages(&mut all, &turns, AdvantageNorm::Agent);
-        let var = raw.iter().map(|x| x * x).sum::<f64>() / 5.0 - 0.36;
-        for (a, r) in all.iter().zip(raw) {
-            assert!((a - (r - 0.6) / var.sqrt()).abs() < 1e-9);
-        }
-        assert!((all[0] - all[1]).abs() < 0.02);
+    fn mini_batches_follow_the_groups_in_order_and_cover_each_unit_once() {
+        let groups = vec![vec![0, 1, 2, 3, 4], vec![], vec![5, 6]];
+        assert_eq!(mini_batches(&groups, 0, 1), vec![vec![0, 1, 2, 3, 4], vec![5, 6]]);
+        let b = mini_batches(&groups, 2, 7);
+        assert_eq!(b.iter().map(|m| m.len()).collect::<Vec<_>>(), vec![2, 2, 1, 2]);
+        let mut first: Vec<usize> = b[..3].concat();
+        first.sort();
+        assert_eq!(first, vec![0, 1, 2, 3, 4], "turn 0's batches hold turn 0's nodes");
+        assert_eq!(b, mini_batches(&groups, 2, 7), "seeded");
+    }
+
+    #[test]
+    fn the_clipped_policy_loss_stops_the_gradient_outside_the_trust_region() {
+        use candle_core::{Device, Var};
+        // Two responses, Â = (+1, −1), log π_old = 0. Response 0 has ρ = e^0.5 > 1 + ε with
+        // Â > 0: clipped, no gradient. Response 1 has ρ = e^0.05 inside: gradient −Â·ρ/n.
+        let lp = Var::from_slice(&[0.5f32, 0.05], 2, &Device::Cpu).unwrap();
+        let adv = Tensor::new(&[1.0f32, -1.0], &Device::Cpu).unwrap();
+        let old = Tensor::new(&[0.0f32, 0.0], &Device::Cpu).unwrap();
+        let l = policy_loss(lp.as_tensor(), &adv, &old, Some(0.2), 2).unwrap();
+        let g = l.backward().unwrap().get(lp.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        assert!(g[0].abs() < 1e-7, "{g:?}");
+        assert!((g[1] - 0.05f32.exp() / 2.0).abs() < 1e-6, "{g:?}");
+        // −(1.2·1 + e^0.05·(−1)) / 2
+        let want = -(1.2 - 0.05f64.exp()) / 2.0;
+        assert!((l.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-6);
+        // Without clipping: −Σ Â·log π / n.
+        let plain = policy_loss(lp.as_tensor(), &adv, &old, None, 2).unwrap().to_scalar::<f32>().unwrap();
+        assert!((plain as f64 + (0.5 - 0.05) / 2.0).abs() < 1e-6);
     }
 }
