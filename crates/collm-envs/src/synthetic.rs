@@ -22,7 +22,7 @@
 //!
 //! A turn's score is the fraction of agents whose response starts with their target. With
 //! `dense` rewards r_t = score_t / T; with `sparse` ones r_t = 0 before the last turn and
-//! r_{T-1} = mean_t score_t. Either way the return lies in [0, 1].
+//! r_{T-1} = mean_t score_t. Either way the return lies in [0, 1] (without `noise`).
 //!
 //! With `noise` σ > 0 every reward-bearing turn of the train split adds σ·z, z a standard normal
 //! drawn from a hash of the item, the turn and the joint actions so far: the same episode always
@@ -122,10 +122,21 @@ impl Synthetic {
 
     /// A standard normal drawn from (item, turn, joint actions so far): Box-Muller on two hashes.
     fn noise_draw(item: usize, turn: usize, joint_actions: &[Vec<String>]) -> f64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (item, turn, joint_actions).hash(&mut h);
-        let mut x = h.finish();
+        // FNV-1a over the episode (fixed across toolchains, unlike std's DefaultHasher).
+        let mut x: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                x = (x ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        eat(&(item as u64).to_le_bytes());
+        eat(&(turn as u64).to_le_bytes());
+        for joint in joint_actions {
+            for a in joint {
+                eat(&(a.len() as u64).to_le_bytes());
+                eat(a.as_bytes());
+            }
+        }
         let mut uniform = || {
             x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
             let mut z = x;

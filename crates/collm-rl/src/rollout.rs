@@ -397,15 +397,19 @@ impl Rollout {
         for (kk, resp) in nd.responses[i].iter().enumerate() {
             let mut p = if kk == 0 { pending.clone() } else { vec![] };
             p.push((ResponseId { node: x, k: kk }, (h, h + resp.tokens.len())));
-            let child = nd.joints.iter().find(|j| j.choice[i] == kk && j.child.is_some()).and_then(|j| j.child);
-            match child {
-                Some(c) => self.collect(i, c, p, out),
-                None => {
-                    let mut tokens = nd.histories[i].clone();
-                    tokens.extend_from_slice(&resp.tokens);
-                    let kept: Vec<_> = p.into_iter().filter(|(_, s)| s.1 > s.0).collect();
-                    out.push(AgentSeq { tokens, spans: kept.iter().map(|p| p.1).collect(), ids: kept.iter().map(|p| p.0).collect() });
-                }
+            // Every child that continues this response (one when aligned, K^(n−1) when cross):
+            // the first carries the pending spans, the others start their own sequences.
+            let children: Vec<usize> = nd.joints.iter().filter(|j| j.choice[i] == kk).filter_map(|j| j.child).collect();
+            if children.is_empty() {
+                let mut tokens = nd.histories[i].clone();
+                tokens.extend_from_slice(&resp.tokens);
+                let kept: Vec<_> = p.into_iter().filter(|(_, s)| s.1 > s.0).collect();
+                out.push(AgentSeq { tokens, spans: kept.iter().map(|p| p.1).collect(), ids: kept.iter().map(|p| p.0).collect() });
+                continue;
+            }
+            let mut p = Some(p);
+            for c in children {
+                self.collect(i, c, p.take().unwrap_or_default(), out);
             }
         }
     }

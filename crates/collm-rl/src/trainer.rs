@@ -115,17 +115,28 @@ fn references(cfg: &Config, team: &Team) -> Result<Vec<collm_model::Transformer>
 /// the sampling temperature T) as the mean over their tokens of log π_i,T(token) −
 /// log π_ref,T(token), both distributions tempered by T as the samples were (T = 1 when sampling
 /// is greedy).
-pub fn kl_to_reference(team: &Team, references: &[collm_model::Transformer], r: &Rollout, temperature: f64) -> Result<Vec<f64>> {
+/// `micro`: sequences per forward pass (0: all).
+pub fn kl_to_reference(
+    team: &Team,
+    references: &[collm_model::Transformer],
+    r: &Rollout,
+    temperature: f64,
+    micro: usize,
+) -> Result<Vec<f64>> {
     let t = if temperature > 0.0 { temperature } else { 1.0 };
     let mut out = vec![];
     for (i, (p, reference)) in team.agents.iter().zip(references).enumerate() {
         let seqs = r.agent_sequences(i);
         let toks: Vec<Vec<u32>> = seqs.iter().map(|s| s.tokens.clone()).collect();
         let spans: Vec<Vec<(usize, usize)>> = seqs.iter().map(|s| s.spans.clone()).collect();
-        let none = vec![vec![]; toks.len()];
         let pad = p.tokenizer.pad_id();
-        let cur = collm_model::score::score_spans_at(&p.model, &toks, &spans, &none, pad, t)?.token_logprobs.to_vec1::<f32>()?;
-        let refs = collm_model::score::score_spans_at(reference, &toks, &spans, &none, pad, t)?.token_logprobs.to_vec1::<f32>()?;
+        let (mut cur, mut refs) = (vec![], vec![]);
+        for r in algos::micro_batches(toks.len(), micro) {
+            let none = vec![vec![]; r.len()];
+            let (tk, sp) = (&toks[r.clone()], &spans[r]);
+            cur.extend(collm_model::score::score_spans_at(&p.model, tk, sp, &none, pad, t)?.token_logprobs.to_vec1::<f32>()?);
+            refs.extend(collm_model::score::score_spans_at(reference, tk, sp, &none, pad, t)?.token_logprobs.to_vec1::<f32>()?);
+        }
         let n = cur.len().max(1) as f64;
         out.push(cur.iter().zip(&refs).map(|(a, b)| (*a - *b) as f64).sum::<f64>() / n);
     }
@@ -171,7 +182,12 @@ impl Trainer {
 
     /// Continues the run in `out` from its latest checkpoint (metrics after it are dropped).
     pub fn resume(out: &Path) -> Result<Self> {
-        let cfg = Config::load(&out.join("config.toml"), &[])?;
+        let path = out.join("config.toml");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {}", path.display()))?;
+        // A run written before update schedules existed took one step per buffer: keep it so.
+        let old: toml::Table = toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
+        let keep = if old.contains_key("schedule") { vec![] } else { vec!["schedule=\"buffer\"".to_string()] };
+        let cfg = Config::from_toml(&text, &path.display().to_string(), &keep)?;
         let ckpt = latest_checkpoint(out)?.with_context(|| format!("{}: no checkpoint to resume from", out.display()))?;
         let env = make_env(&cfg)?;
         let mut team = Team::load(&cfg, env.num_agents())?;
@@ -248,7 +264,7 @@ impl Trainer {
         let kl = if self.references.is_empty() {
             None
         } else {
-            Some(kl_to_reference(&self.team, &self.references, &r, self.cfg.sampling.temperature)?)
+            Some(kl_to_reference(&self.team, &self.references, &r, self.cfg.sampling.temperature, self.cfg.micro_batch)?)
         };
         let t1 = Instant::now();
         let stats = self.update(&r).with_context(|| format!("update at step {}", step + 1))?;

@@ -558,8 +558,20 @@ fn cross_joint_actions_expand_every_node_over_two_turns() {
             }
         }
     }
+    // Every response of the tree is in exactly one of an agent's sequences (before, a response
+    // followed only its first child, and the other K^(n−1) − 1 subtrees were never trained).
+    for i in 0..2 {
+        let mut ids: Vec<_> = kv.agent_sequences(i).iter().flat_map(|s| s.ids.clone()).collect();
+        let n = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!((n, ids.len()), (kv.nodes.iter().map(|nd| nd.responses[i].len()).sum(), n), "agent {i}");
+    }
     let stats = t.update(&kv).unwrap();
     assert!(stats.policy_loss.iter().all(|l| l.is_finite()) && stats.agent_steps == 4, "{stats:?}");
+    t.cfg.schedule = collm_rl::config::Schedule::Buffer;
+    let stats = t.update(&kv).unwrap();
+    assert!(stats.policy_loss.iter().all(|l| l.is_finite()) && stats.agent_steps == 2, "{stats:?}");
 }
 
 /// Items whose turn-0 reward is 1 for even items and 0 for odd ones, and whose observations are
@@ -642,7 +654,7 @@ fn the_kl_estimate_uses_the_sampling_temperature() {
     t.run(false).unwrap();
     t.cfg.buffer = 1024; // many samples, so the estimate's sampling error is small
     let r = t.rollout_for_step(4).unwrap();
-    let est = collm_rl::trainer::kl_to_reference(&t.team, &t.references, &r, 2.0).unwrap();
+    let est = collm_rl::trainer::kl_to_reference(&t.team, &t.references, &r, 2.0, 0).unwrap();
     for i in 0..2 {
         let p = &t.team.agents[i];
         let vocab = p.model.cfg.vocab_size as u32;

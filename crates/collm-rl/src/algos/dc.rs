@@ -46,10 +46,20 @@ impl Algorithm for CoLlmDc {
     }
 }
 
-/// Agent i's history of one chain as the critic's tokens, with the V (or Q) positions.
+/// Agent i's history of one chain as the critic's tokens, with the V (or Q) positions: each
+/// turn's formatted observation, then the response as the agent emitted it, stop token included,
+/// when the critic shares the agent's vocabulary (`agent_tok`), else the response's text.
 /// `special`: the first chunk gets the tokenizer's special tokens (raw text; a rendered chat
-/// template already has them).
-pub fn local_sequence(tok: &Tokenizer, rollout: &Rollout, chain: &[usize], i: usize, kind: CriticKind, special: bool) -> Result<CriticSeq> {
+/// template has them).
+pub fn local_sequence(
+    tok: &Tokenizer,
+    agent_tok: &Tokenizer,
+    rollout: &Rollout,
+    chain: &[usize],
+    i: usize,
+    kind: CriticKind,
+    special: bool,
+) -> Result<CriticSeq> {
     let mut tokens = Vec::new();
     let mut positions = Vec::new();
     for &x in chain {
@@ -58,7 +68,13 @@ pub fn local_sequence(tok: &Tokenizer, rollout: &Rollout, chain: &[usize], i: us
         if kind == CriticKind::V {
             positions.push(tokens.len() - 1);
         }
-        tokens.extend(tok.encode(&nd.responses[i][0].text, false)?);
+        let r = &nd.responses[i][0];
+        // The agent's own tokens where the critic reads them alike (the same vocabulary: its stop
+        // token included); else the response's text.
+        match (tok.decode(&r.tokens, false), agent_tok.decode(&r.tokens, false)) {
+            (Ok(a), Ok(b)) if a == b && tok.vocab_size() == agent_tok.vocab_size() => tokens.extend_from_slice(&r.tokens),
+            _ => tokens.extend(tok.encode(&r.text, false)?),
+        }
         if kind == CriticKind::Q {
             positions.push(tokens.len() - 1);
         }
@@ -110,7 +126,7 @@ fn update_separate(team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: Update
     for (i, (p, critic)) in team.agents.iter_mut().zip(team.critics.iter_mut()).enumerate() {
         let seqs: Vec<CriticSeq> = chains
             .iter()
-            .map(|c| local_sequence(&critic.tokenizer, rollout, c, i, cfg.critic.kind, p.format == PromptFormat::Raw))
+            .map(|c| local_sequence(&critic.tokenizer, &p.tokenizer, rollout, c, i, cfg.critic.kind, p.format == PromptFormat::Raw))
             .collect::<Result<_>>()?;
         let v_old = critic_values(critic, &seqs, cfg.micro_batch, rollout.nodes.len())?;
         let (y, a) = td_by_node(rollout, &chains, &v_old, cfg.gamma);
@@ -158,7 +174,9 @@ fn update_heads(team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx
             for units in mini_batches(&groups, cfg.mini_batch, ctx.seed ^ ((i as u64) << 32) ^ epoch as u64) {
                 let batch = agent_batch(rollout, i, &units, cfg.schedule, &all);
                 let (pl, vl, norm) = head_step(p, i, rollout, &batch, &adv, &v_old, &y, cfg, ctx.actors)?;
-                tally.agent(i, (pl, norm));
+                if ctx.actors {
+                    tally.agent(i, (pl, norm));
+                }
                 tally.value_loss.push(vl);
             }
         }

@@ -75,7 +75,9 @@ pub fn policy_loss(logp: &Tensor, adv: &Tensor, old_logp: &Tensor, clip: Option<
     let per = match clip {
         None => (logp * adv)?,
         Some(eps) => {
-            let ratio = (logp - old_logp)?.exp()?;
+            // ρ of a whole response; its log is bounded so that ρ stays finite (far outside any
+            // clip range either way).
+            let ratio = (logp - old_logp)?.clamp(-20.0, 20.0)?.exp()?;
             let unclipped = (&ratio * adv)?;
             let clipped = (ratio.clamp(1.0 - eps, 1.0 + eps)? * adv)?;
             unclipped.minimum(&clipped)?
@@ -196,7 +198,7 @@ pub fn agent_batch(rollout: &Rollout, i: usize, units: &[usize], schedule: Sched
 // Optimizer steps.
 
 /// Micro-batches of `n` items of `size` (0: one).
-pub(crate) fn micro_batches(n: usize, size: usize) -> Vec<std::ops::Range<usize>> {
+pub fn micro_batches(n: usize, size: usize) -> Vec<std::ops::Range<usize>> {
     let size = if size == 0 { n.max(1) } else { size };
     (0..n).step_by(size).map(|s| s..(s + size).min(n)).collect()
 }
