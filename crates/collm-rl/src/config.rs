@@ -46,7 +46,7 @@ impl Algo {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum HistoryMode {
+pub enum HistoryCache {
     /// Each agent keeps its history's KV cache across turns (a turn encodes only its new tokens).
     Kv,
     /// Every turn re-encodes the whole history (as CoMLRL does).
@@ -293,7 +293,10 @@ pub struct Config {
     pub algo: Algo,
     /// Updates (each over one rollout buffer).
     pub steps: usize,
-    pub history: HistoryMode,
+    /// How an agent holds its history between turns: its KV cache (`kv`) or re-encoded text
+    /// (`text`). (Old configs' key `history` still reads.)
+    #[serde(alias = "history")]
+    pub history_cache: HistoryCache,
     /// Episodes per rollout buffer (per update).
     pub buffer: usize,
     pub gamma: f64,
@@ -329,6 +332,10 @@ pub struct Config {
     pub checkpoint_every: usize,
     /// Log each agent's KL to its initial policy (costs a copy of each agent and a forward pass).
     pub log_kl: bool,
+    /// β of the reference-KL penalty: each response's reward (Monte Carlo methods: its own
+    /// return) loses β·Σ_tokens k3 against the agent's initial policy (0: off, as CoMLRL 1.3.6;
+    /// CoMLRL ≥ 1.3.8's `reference_kl_coef`).
+    pub kl_coef: f64,
     pub task: TaskConfig,
     pub agents: ModelSpec,
     /// Per-agent overrides of `agents` (heterogeneous teams): `[[agent]]` tables.
@@ -348,7 +355,7 @@ impl Default for Config {
             seed: 0,
             algo: Algo::Cc,
             steps: 10,
-            history: HistoryMode::Kv,
+            history_cache: HistoryCache::Kv,
             buffer: 4,
             gamma: 0.9,
             k: 4,
@@ -367,6 +374,7 @@ impl Default for Config {
             eval_greedy: true,
             checkpoint_every: 0,
             log_kl: false,
+            kl_coef: 0.0,
             task: TaskConfig::default(),
             agents: ModelSpec::default(),
             agent: vec![],
@@ -482,6 +490,9 @@ impl Config {
             bail!("'k' must be at least 2 for {} (group-relative advantages need a group)", self.algo.name());
         }
         pos(self.epochs, "epochs")?;
+        if !(self.kl_coef >= 0.0 && self.kl_coef.is_finite()) {
+            bail!("'kl_coef' must be ≥ 0, got {}", self.kl_coef);
+        }
         if self.algo.is_actor_critic() && self.advantage_norm == Some(AdvantageNorm::Group) {
             bail!("'advantage_norm' = \"group\" needs K samples per node; {} samples one (use turn, agent or none)", self.algo.name());
         }

@@ -2,16 +2,16 @@
 //!
 //! Each turn, every agent samples in one batch (all episodes, all K samples of a node, sharing
 //! the node's KV cache), and the agents run concurrently, each on its own observations
-//! (decentralized execution). With `history = "kv"` an agent keeps its batch's KV cache across
+//! (decentralized execution). With `history_cache = "kv"` an agent keeps its batch's KV cache across
 //! turns, so a turn encodes only its new tokens; with `"text"` it re-encodes the whole history.
 //!
 //! The result is a tree: a node is one turn of one episode (every agent's history h_i,t and its
 //! K responses); a joint action at a node has a reward and, unless the episode ends, a child node.
 //! Actor-critic methods use K = 1 (a chain per episode).
 
-use crate::config::{HistoryMode, JointMode};
+use crate::config::{HistoryCache, JointMode};
 use crate::returns::terminates;
-use crate::team::{Policy, Team};
+use crate::team::{Agent, Team};
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use collm_envs::{Env, Split};
@@ -95,7 +95,7 @@ pub struct RolloutSpec<'a> {
     pub turns: usize,
     pub k: usize,
     pub joint_mode: JointMode,
-    pub history: HistoryMode,
+    pub history_cache: HistoryCache,
     pub sampling: SamplingParams,
     pub early_termination: Option<f64>,
     pub seed: u64,
@@ -110,7 +110,7 @@ fn mix(a: u64, b: u64) -> u64 {
 
 /// One agent's sampling for a turn: K responses for each frontier row.
 fn agent_turn(
-    policy: &Policy,
+    policy: &Agent,
     cache: Option<KvCache>,
     chunks: &[Vec<u32>],
     histories: &[Vec<u32>],
@@ -119,13 +119,13 @@ fn agent_turn(
 ) -> Result<(KvCache, Vec<Generation>)> {
     let model = &policy.model;
     let pad = policy.tokenizer.pad_id();
-    let (cache, logits) = match (spec.history, cache) {
-        (HistoryMode::Kv, Some(mut c)) => {
+    let (cache, logits) = match (spec.history_cache, cache) {
+        (HistoryCache::Kv, Some(mut c)) => {
             let l = extend(model, &mut c, chunks, pad)?;
             (c, l)
         }
-        (HistoryMode::Kv, None) => prefill(model, chunks, pad)?,
-        (HistoryMode::Text, _) => prefill(model, histories, pad)?,
+        (HistoryCache::Kv, None) => prefill(model, chunks, pad)?,
+        (HistoryCache::Text, _) => prefill(model, histories, pad)?,
     };
     let k = spec.k;
     let (cache, logits) = if k > 1 {
@@ -141,7 +141,7 @@ fn agent_turn(
     Ok((cache, gens))
 }
 
-fn to_response(policy: &Policy, g: Generation, seed: u64) -> Result<Response> {
+fn to_response(policy: &Agent, g: Generation, seed: u64) -> Result<Response> {
     let body = if g.stopped { &g.tokens[..g.tokens.len() - 1] } else { &g.tokens[..] };
     let text = policy.tokenizer.decode(body, false)?;
     Ok(Response { tokens: g.tokens, text, logprobs: g.logprobs, stopped: g.stopped, seed })
@@ -321,7 +321,15 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
         caches = expanded
             .into_iter()
             .zip(&keep_rows)
-            .map(|(c, rows)| if spec.history == HistoryMode::Kv && !rows.is_empty() { c.select_rows(rows).map(Some) } else { Ok(None) })
+            .map(
+                |(c, rows)| {
+                    if spec.history_cache == HistoryCache::Kv && !rows.is_empty() {
+                        c.select_rows(rows).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                },
+            )
             .collect::<Result<_>>()?;
         frontier = next_frontier;
     }

@@ -64,7 +64,7 @@ impl ChatPieces {
 }
 
 /// One agent's acting and learning parts.
-pub struct Policy {
+pub struct Agent {
     pub model: Transformer,
     pub tokenizer: Arc<Tokenizer>,
     pub format: PromptFormat,
@@ -74,7 +74,7 @@ pub struct Policy {
     pub head: Option<ValueHead>,
 }
 
-impl Policy {
+impl Agent {
     /// The text that starts a history: the first observation, formatted.
     pub fn first_text(&self, obs: &str) -> Result<String> {
         Ok(match self.format {
@@ -126,7 +126,7 @@ impl Critic {
 }
 
 pub struct Team {
-    pub agents: Vec<Policy>,
+    pub agents: Vec<Agent>,
     /// CoLLM-CC: one critic; CoLLM-DC with separate critics: one per agent; otherwise none.
     pub critics: Vec<Critic>,
 }
@@ -198,7 +198,7 @@ impl Team {
             } else {
                 None
             };
-            agents.push(Policy { model, tokenizer, format: spec.format, chat, opt: adamw(spec), head });
+            agents.push(Agent { model, tokenizer, format: spec.format, chat, opt: adamw(spec), head });
         }
         let n_critics = crate::algos::algorithm(cfg.algo).critics(cfg, num_agents);
         let mut critics = Vec::new();
@@ -246,7 +246,7 @@ mod tests {
         tok.add_bos = true;
         tok.chat_template = Some("{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}".into());
         let (model, _) = load_model(&ModelSpec { model: "tiny".into(), ..Default::default() }, 1).unwrap();
-        let p = Policy {
+        let p = Agent {
             model,
             tokenizer: Arc::new(tok),
             format: PromptFormat::Chat,

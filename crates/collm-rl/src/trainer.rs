@@ -8,7 +8,7 @@
 use crate::algos::{self, UpdateCtx, UpdateStats};
 use crate::config::{Config, JointMode};
 use crate::rollout::{rollout, Rollout, RolloutSpec};
-use crate::team::{Critic, Policy, Team};
+use crate::team::{Agent, Critic, Team};
 use anyhow::{bail, Context, Result};
 use collm_envs::summary::Summary;
 use collm_envs::synthetic::Synthetic;
@@ -105,7 +105,7 @@ pub struct Trainer {
 
 /// Copies of the agents' initial policies when the config asks for KL logging.
 fn references(cfg: &Config, team: &Team) -> Result<Vec<collm_model::Transformer>> {
-    if !cfg.log_kl {
+    if !cfg.log_kl && cfg.kl_coef == 0.0 {
         return Ok(vec![]);
     }
     team.agents.iter().map(|p| p.model.deep_clone()).collect()
@@ -241,7 +241,7 @@ impl Trainer {
             turns: self.cfg.task.turns,
             k: self.cfg.samples_per_node(),
             joint_mode: self.cfg.joint_mode,
-            history: self.cfg.history,
+            history_cache: self.cfg.history_cache,
             sampling: self.sampling(false),
             early_termination: self.cfg.early_termination,
             seed: mix(self.cfg.seed, 1 + step as u64),
@@ -250,9 +250,33 @@ impl Trainer {
     }
 
     pub fn update(&mut self, r: &Rollout) -> Result<UpdateStats> {
+        let penalty = self.kl_penalties(r)?;
         // During the critic warm-up the actors keep their weights.
-        let ctx = UpdateCtx { actors: self.step >= self.cfg.critic.warmup, seed: mix(self.cfg.seed ^ 0x5ced, self.step as u64) };
-        algos::algorithm(self.cfg.algo).update(&mut self.team, r, &self.cfg, ctx)
+        let ctx = UpdateCtx {
+            actors: self.step >= self.cfg.critic.warmup,
+            seed: mix(self.cfg.seed ^ 0x5ced, self.step as u64),
+            penalty: &penalty,
+        };
+        let mut stats = algos::algorithm(self.cfg.algo).update(&mut self.team, r, &self.cfg, ctx)?;
+        if !penalty.is_empty() {
+            let all: Vec<f64> = penalty.iter().flat_map(|m| m.values().copied()).collect();
+            stats.kl_penalty = Some(all.iter().sum::<f64>() / all.len().max(1) as f64);
+        }
+        Ok(stats)
+    }
+
+    /// With `kl_coef`: each agent's reference-KL penalty of every response (before any step, so
+    /// the policy is the one that sampled them).
+    fn kl_penalties(&self, r: &Rollout) -> Result<Vec<BTreeMap<crate::rollout::ResponseId, f64>>> {
+        if self.cfg.kl_coef == 0.0 {
+            return Ok(vec![]);
+        }
+        (0..self.team.agents.len())
+            .map(|i| {
+                let pad = self.team.agents[i].tokenizer.pad_id();
+                algos::kl_penalties(r, i, &self.references[i], pad, self.cfg.kl_coef, self.cfg.micro_batch)
+            })
+            .collect()
     }
 
     /// One training step; returns its metrics line.
@@ -283,6 +307,7 @@ impl Trainer {
             "value_mean": stats.value_mean,
             "target_mean": stats.target_mean,
             "advantage_mean": stats.advantage_mean,
+            "kl_penalty": stats.kl_penalty,
             "agent_steps": stats.agent_steps,
             "critic_steps": stats.critic_steps,
             "kl": kl,
@@ -312,7 +337,7 @@ impl Trainer {
                 turns: self.cfg.task.turns,
                 k: 1,
                 joint_mode: JointMode::Aligned,
-                history: self.cfg.history,
+                history_cache: self.cfg.history_cache,
                 sampling: self.sampling(greedy),
                 early_termination: self.cfg.early_termination,
                 // A stream follows an episode's place in its chunk, so each chunk needs its own.
@@ -482,7 +507,7 @@ fn opt_has_state(path: &Path) -> bool {
     std::fs::metadata(path).map(|m| m.len() > 16).unwrap_or(false)
 }
 
-fn save_policy(p: &Policy, dir: &Path) -> Result<Value> {
+fn save_agent(p: &Agent, dir: &Path) -> Result<Value> {
     checkpoint::save(&p.model, dir, p.model.lora.is_some())?;
     save_opt(&p.opt, &dir.join("optimizer.safetensors"))?;
     if let Some(h) = &p.head {
@@ -516,7 +541,7 @@ pub fn save_checkpoint(team: &Team, cfg: &Config, step: usize, out: &Path) -> Re
     let _ = std::fs::remove_dir_all(&tmp);
     let mut agents = vec![];
     for (i, p) in team.agents.iter().enumerate() {
-        agents.push(save_policy(p, &tmp.join(format!("agent_{i}")))?);
+        agents.push(save_agent(p, &tmp.join(format!("agent_{i}")))?);
     }
     let mut critics = vec![];
     for (j, c) in team.critics.iter().enumerate() {

@@ -6,7 +6,7 @@
 
 use collm_envs::Split;
 use collm_model::generate::{decode, prefill};
-use collm_rl::config::{HistoryMode, JointMode};
+use collm_rl::config::{HistoryCache, JointMode};
 use collm_rl::rollout::{rollout, RolloutSpec};
 use collm_rl::{Config, Trainer};
 use rand::{rngs::StdRng, SeedableRng};
@@ -60,7 +60,7 @@ fn batched_concurrent_sampling_equals_sampling_one_response_at_a_time() {
             turns: 3,
             k,
             joint_mode: JointMode::Aligned,
-            history: HistoryMode::Kv,
+            history_cache: HistoryCache::Kv,
             sampling: collm_model::SamplingParams { max_new_tokens: 3, temperature: 1.0, top_p: 0.9, top_k: 0, greedy: false },
             early_termination: None,
             seed: 17,

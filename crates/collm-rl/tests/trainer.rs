@@ -5,7 +5,7 @@
 use collm_envs::{Env, Outcome, Split};
 use collm_model::score_spans;
 use collm_rl::algos::cc::joint_sequence;
-use collm_rl::config::{CriticKind, HistoryMode};
+use collm_rl::config::{CriticKind, HistoryCache};
 use collm_rl::rollout::{rollout, RolloutSpec};
 use collm_rl::trainer::{latest_checkpoint, load_checkpoint, save_checkpoint};
 use collm_rl::{Config, Trainer};
@@ -212,14 +212,14 @@ fn early_termination_ends_episodes_inside_a_rollout_and_every_method_updates() {
     }
 }
 
-fn spec<'a>(items: &'a [usize], history: HistoryMode, k: usize) -> RolloutSpec<'a> {
+fn spec<'a>(items: &'a [usize], history_cache: HistoryCache, k: usize) -> RolloutSpec<'a> {
     RolloutSpec {
         split: Split::Train,
         items,
         turns: 3,
         k,
         joint_mode: collm_rl::config::JointMode::Aligned,
-        history,
+        history_cache,
         sampling: collm_model::SamplingParams { max_new_tokens: 3, temperature: 1.0, top_p: 1.0, top_k: 0, greedy: false },
         early_termination: None,
         seed: 11,
@@ -233,8 +233,8 @@ fn kv_and_text_histories_give_the_same_log_probs_and_values() {
         let c = cfg(&[&format!("algo=\"{algo}\""), "task.turns=3", &format!("k={}", k.max(2))]);
         let t = Trainer::new(c, &tmp(&format!("kv-{k}"))).unwrap();
         let items = [0usize, 5, 9, 14];
-        let kv = rollout(&t.team, t.env.as_ref(), &spec(&items, HistoryMode::Kv, k)).unwrap();
-        let text = rollout(&t.team, t.env.as_ref(), &spec(&items, HistoryMode::Text, k)).unwrap();
+        let kv = rollout(&t.team, t.env.as_ref(), &spec(&items, HistoryCache::Kv, k)).unwrap();
+        let text = rollout(&t.team, t.env.as_ref(), &spec(&items, HistoryCache::Text, k)).unwrap();
         assert_eq!(kv.nodes.len(), text.nodes.len());
         let mut compared = 0;
         for (a, b) in kv.nodes.iter().zip(&text.nodes) {
@@ -524,7 +524,7 @@ fn cross_joint_actions_expand_every_node_over_two_turns() {
     let mut t = Trainer::new(cfg(&o), &tmp("cross-kv")).unwrap();
     let kv = t.rollout_for_step(0).unwrap();
     let mut text_cfg = cfg(&o);
-    text_cfg.history = HistoryMode::Text;
+    text_cfg.history_cache = HistoryCache::Text;
     let text = Trainer::new(text_cfg, &tmp("cross-text")).unwrap().rollout_for_step(0).unwrap();
     assert_eq!(kv.nodes.len(), 2 * (1 + 4), "2 roots with K^n = 4 children each");
     for &root in &kv.roots {
@@ -685,5 +685,31 @@ fn the_kl_estimate_uses_the_sampling_temperature() {
             seqs.iter().flat_map(|s| s.ids.iter().flat_map(|id| r.nodes[id.node].responses[i][id.k].logprobs.clone())).collect();
         let old = cur.iter().zip(&refs).map(|(a, b)| (a - b) as f64).sum::<f64>() / cur.len() as f64;
         assert!((old - exact).abs() > 0.2 * exact + 0.005, "agent {i}: the old estimate {old} vs exact {exact}");
+    }
+}
+
+#[test]
+fn the_reference_kl_penalty_shapes_the_reward_once_the_policy_moves() {
+    for algo in ["cc", "magrpo"] {
+        let run = |coef: &str, name: &str| {
+            let mut t =
+                Trainer::new(cfg(&[&format!("algo=\"{algo}\""), "buffer=8", "agents.lr=1e-2", &format!("kl_coef={coef}")]), &tmp(name))
+                    .unwrap();
+            let lines: Vec<Value> = (0..3).map(|_| t.train_step().unwrap()).collect();
+            (lines, weights(&t.team.agents[0].model))
+        };
+        let (off, w_off) = run("0.0", &format!("kl-off-{algo}"));
+        let (on, w_on) = run("1.0", &format!("kl-on-{algo}"));
+        // Step 1: the policy is its own reference, the penalty (k3 ≥ 0) is 0 and changes nothing.
+        let p1 = on[0]["kl_penalty"].as_f64().unwrap();
+        assert!((0.0..1e-6).contains(&p1), "{algo}: {p1}");
+        // (Nearly: MAGRPO's group normalization scales a penalty of ~1e-9 by up to 1/1e-6.)
+        for (a, b) in on[0]["policy_loss"].as_array().unwrap().iter().zip(off[0]["policy_loss"].as_array().unwrap()) {
+            assert!((a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-4, "{algo}: {a} vs {b}");
+        }
+        // Later steps: the moved policy pays, and learns otherwise.
+        assert!(on[2]["kl_penalty"].as_f64().unwrap() > 1e-4, "{algo}: {}", on[2]);
+        assert!(off[2]["kl_penalty"].is_null());
+        assert!(max_diff(&w_off, &w_on) > 1e-6, "{algo}");
     }
 }

@@ -18,7 +18,7 @@
 //! history gives V at every turn, since attention is causal.
 
 use super::{
-    actor_step, agent_batch, critic_batch, critic_step, critic_values, mean, mini_batches, normalize_advantages, schedule_groups,
+    agent_batch, agent_step, critic_batch, critic_step, critic_values, mean, mini_batches, normalize_advantages, schedule_groups,
     td_by_node, Algorithm, CriticSeq, Tally, UpdateCtx, UpdateStats,
 };
 use crate::config::{Config, CriticKind, Schedule};
@@ -69,21 +69,28 @@ impl Algorithm for CoLlmCc {
         let seqs: Vec<CriticSeq> =
             chains.iter().map(|c| joint_sequence(&critic.tokenizer, rollout, c, cfg.critic.kind)).collect::<Result<_>>()?;
         let v_old = critic_values(critic, &seqs, cfg.micro_batch, rollout.nodes.len())?;
-        let (y, a) = td_by_node(rollout, &chains, &v_old, cfg.gamma);
         let nodes: Vec<usize> = chains.iter().flatten().copied().collect();
-        let stats = UpdateStats {
-            value_mean: Some(mean(&nodes.iter().map(|&x| v_old[x]).collect::<Vec<_>>())),
-            target_mean: Some(mean(&nodes.iter().map(|&x| y[x]).collect::<Vec<_>>())),
-            advantage_mean: mean(&nodes.iter().map(|&x| a[x]).collect::<Vec<_>>()),
-            ..Default::default()
-        };
-        // Every agent gets the same advantage A_t, normalized over its own responses.
-        let mut adv: Vec<BTreeMap<ResponseId, f64>> = vec![];
-        for _ in 0..team.agents.len() {
+        let n = team.agents.len();
+        // Every agent gets the same advantage A_t (with `kl_coef`, each its own reward r_t − β·KL_i,t
+        // and so its own targets, which the critic learns at that agent's steps), normalized over
+        // its own responses.
+        let (mut ys, mut adv) = (vec![], vec![]);
+        for i in 0..n {
+            let (y, a) = td_by_node(rollout, &chains, &v_old, cfg.gamma, &|x| ctx.penalty(i, ResponseId { node: x, k: 0 }));
             let mut m: BTreeMap<ResponseId, f64> = nodes.iter().map(|&x| (ResponseId { node: x, k: 0 }, a[x])).collect();
             normalize_advantages(&mut m, rollout, cfg.advantage_norm());
-            adv.push(m);
+            ys.push(y);
+            adv.push((m, a));
         }
+        // The buffer schedule's critic step learns the agents' mean target.
+        let y_mean: Vec<f64> = (0..rollout.nodes.len()).map(|x| ys.iter().map(|y| y[x]).sum::<f64>() / n as f64).collect();
+        let stats = UpdateStats {
+            value_mean: Some(mean(&nodes.iter().map(|&x| v_old[x]).collect::<Vec<_>>())),
+            target_mean: Some(mean(&nodes.iter().map(|&x| y_mean[x]).collect::<Vec<_>>())),
+            advantage_mean: mean(&nodes.iter().map(|&x| y_mean[x] - v_old[x]).collect::<Vec<_>>()),
+            ..Default::default()
+        };
+        let adv: Vec<BTreeMap<ResponseId, f64>> = adv.into_iter().map(|(m, _)| m).collect();
         let groups = schedule_groups(rollout, cfg.schedule);
         let all: Vec<_> = (0..team.agents.len()).map(|i| rollout.agent_sequences(i)).collect();
         let mut tally = Tally::new(team.agents.len());
@@ -94,21 +101,21 @@ impl Algorithm for CoLlmCc {
                         for units in mini_batches(&groups, cfg.mini_batch, ctx.seed ^ ((i as u64) << 32) ^ epoch as u64) {
                             if ctx.actors {
                                 let batch = agent_batch(rollout, i, &units, cfg.schedule, &all[i]);
-                                tally.agent(i, actor_step(p, i, rollout, &batch, &adv[i], cfg)?);
+                                tally.agent(i, agent_step(p, i, rollout, &batch, &adv[i], cfg)?);
                             }
                             let batch = critic_batch(rollout, &units, cfg.schedule, &seqs);
-                            tally.value_loss.push(critic_step(critic, &batch, &y, cfg)?);
+                            tally.value_loss.push(critic_step(critic, &batch, &ys[i], cfg)?);
                         }
                     }
                 }
                 Schedule::Buffer => {
                     for units in mini_batches(&groups, cfg.mini_batch, ctx.seed ^ epoch as u64) {
                         let batch = critic_batch(rollout, &units, cfg.schedule, &seqs);
-                        tally.value_loss.push(critic_step(critic, &batch, &y, cfg)?);
+                        tally.value_loss.push(critic_step(critic, &batch, &y_mean, cfg)?);
                         if ctx.actors {
                             for (i, p) in team.agents.iter_mut().enumerate() {
                                 let batch = agent_batch(rollout, i, &units, cfg.schedule, &all[i]);
-                                tally.agent(i, actor_step(p, i, rollout, &batch, &adv[i], cfg)?);
+                                tally.agent(i, agent_step(p, i, rollout, &batch, &adv[i], cfg)?);
                             }
                         }
                     }

@@ -14,12 +14,12 @@
 //! of an update, and on later `epochs`.
 
 use super::{
-    actor_step, agent_batch, clipped_value_loss, critic_batch, critic_step, critic_values, mean, micro_batches, mini_batches,
+    agent_batch, agent_step, clipped_value_loss, critic_batch, critic_step, critic_values, mean, micro_batches, mini_batches,
     normalize_advantages, policy_loss, schedule_groups, td_by_node, tensor, Algorithm, CriticSeq, Tally, UpdateCtx, UpdateStats,
 };
 use crate::config::{Config, CriticKind, DcCritic, PromptFormat, Schedule};
 use crate::rollout::{AgentSeq, ResponseId, Rollout};
-use crate::team::{Policy, Team};
+use crate::team::{Agent, Team};
 use anyhow::{bail, Result};
 use collm_model::{score_spans, Grads, Tokenizer};
 use std::collections::BTreeMap;
@@ -129,7 +129,7 @@ fn update_separate(team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: Update
             .map(|c| local_sequence(&critic.tokenizer, &p.tokenizer, rollout, c, i, cfg.critic.kind, p.format == PromptFormat::Raw))
             .collect::<Result<_>>()?;
         let v_old = critic_values(critic, &seqs, cfg.micro_batch, rollout.nodes.len())?;
-        let (y, a) = td_by_node(rollout, &chains, &v_old, cfg.gamma);
+        let (y, a) = td_by_node(rollout, &chains, &v_old, cfg.gamma, &|x| ctx.penalty(i, ResponseId { node: x, k: 0 }));
         values.add(&nodes, &v_old, &y, &a);
         let adv = normalized(rollout, &nodes, &a, cfg);
         let all = rollout.agent_sequences(i);
@@ -141,7 +141,7 @@ fn update_separate(team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: Update
                 }
                 if ctx.actors {
                     let batch = agent_batch(rollout, i, &units, cfg.schedule, &all);
-                    tally.agent(i, actor_step(p, i, rollout, &batch, &adv, cfg)?);
+                    tally.agent(i, agent_step(p, i, rollout, &batch, &adv, cfg)?);
                 }
                 if !critic_first {
                     tally.value_loss.push(critic_step(critic, &critic_batch(rollout, &units, cfg.schedule, &seqs), &y, cfg)?);
@@ -167,7 +167,7 @@ fn update_heads(team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx
     for (i, p) in team.agents.iter_mut().enumerate() {
         let all = rollout.agent_sequences(i);
         let v_old = head_values(p, i, &all, cfg, rollout.nodes.len())?;
-        let (y, a) = td_by_node(rollout, &chains, &v_old, cfg.gamma);
+        let (y, a) = td_by_node(rollout, &chains, &v_old, cfg.gamma, &|x| ctx.penalty(i, ResponseId { node: x, k: 0 }));
         values.add(&nodes, &v_old, &y, &a);
         let adv = normalized(rollout, &nodes, &a, cfg);
         for epoch in 0..cfg.epochs {
@@ -185,7 +185,7 @@ fn update_heads(team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx
 }
 
 /// Agent i's value head at rollout time (no gradient): V_old by node.
-fn head_values(p: &Policy, i: usize, seqs: &[AgentSeq], cfg: &Config, num_nodes: usize) -> Result<Vec<f64>> {
+fn head_values(p: &Agent, i: usize, seqs: &[AgentSeq], cfg: &Config, num_nodes: usize) -> Result<Vec<f64>> {
     let Some(head) = &p.head else { bail!("agent {i} has no value head (critic.dc = \"head\")") };
     let mut out = vec![f64::NAN; num_nodes];
     for r in micro_batches(seqs.len(), cfg.micro_batch) {
@@ -206,7 +206,7 @@ fn head_values(p: &Policy, i: usize, seqs: &[AgentSeq], cfg: &Config, num_nodes:
 /// false) only the value head learns, from the value loss. Returns (policy loss, value loss, norm).
 #[allow(clippy::too_many_arguments)]
 fn head_step(
-    p: &mut Policy,
+    p: &mut Agent,
     i: usize,
     rollout: &Rollout,
     seqs: &[AgentSeq],

@@ -14,7 +14,7 @@
 //! written), and per mini-batch of nodes (a turn group of the buffer, turns in order):
 //!   L_i = −mean over the batch's responses of Â · log π_i(a_i | h_i).
 
-use super::{actor_step, agent_batch, mean, mini_batches, normalize_advantages, schedule_groups, Algorithm, Tally, UpdateCtx, UpdateStats};
+use super::{agent_batch, agent_step, mean, mini_batches, normalize_advantages, schedule_groups, Algorithm, Tally, UpdateCtx, UpdateStats};
 use crate::config::{Config, JointMode};
 use crate::returns::{group_advantages, tree_return};
 use crate::rollout::{ResponseId, Rollout};
@@ -39,7 +39,7 @@ impl Algorithm for Magrpo {
         let mut tally = Tally::new(team.agents.len());
         let mut raw_all = vec![];
         for (i, p) in team.agents.iter_mut().enumerate() {
-            let mut adv = advantages(rollout, &returns, i, cfg);
+            let mut adv = advantages(rollout, &returns, i, cfg, &|id| ctx.penalty(i, id));
             raw_all.extend(adv.values().copied());
             normalize_advantages(&mut adv, rollout, cfg.advantage_norm());
             let all = rollout.agent_sequences(i);
@@ -47,7 +47,7 @@ impl Algorithm for Magrpo {
                 let seed = ctx.seed ^ ((i as u64) << 32) ^ (epoch as u64);
                 for units in mini_batches(&groups, cfg.mini_batch, seed) {
                     let seqs = agent_batch(rollout, i, &units, cfg.schedule, &all);
-                    tally.agent(i, actor_step(p, i, rollout, &seqs, &adv, cfg)?);
+                    tally.agent(i, agent_step(p, i, rollout, &seqs, &adv, cfg)?);
                 }
             }
         }
@@ -88,11 +88,23 @@ pub fn sample_returns(rollout: &Rollout, returns: &[Vec<f64>], x: usize, i: usiz
         .collect()
 }
 
-/// Agent i's advantages (before normalization) of every response in the rollout.
-pub fn advantages(rollout: &Rollout, returns: &[Vec<f64>], i: usize, cfg: &Config) -> BTreeMap<ResponseId, f64> {
+/// Agent i's advantages (before normalization) of every response in the rollout; `penalty(id)`
+/// (the reference-KL penalty, 0 without `kl_coef`) comes off each sample's own return before the
+/// group's baseline, as in CoMLRL ≥ 1.3.8 (it does not reach the parents' returns).
+pub fn advantages(
+    rollout: &Rollout,
+    returns: &[Vec<f64>],
+    i: usize,
+    cfg: &Config,
+    penalty: &dyn Fn(ResponseId) -> f64,
+) -> BTreeMap<ResponseId, f64> {
     let mut out = BTreeMap::new();
     for x in 0..rollout.nodes.len() {
-        let a = group_advantages(&sample_returns(rollout, returns, x, i, cfg.joint_mode), cfg.advantage_mode());
+        let mut r = sample_returns(rollout, returns, x, i, cfg.joint_mode);
+        for (k, v) in r.iter_mut().enumerate() {
+            *v -= penalty(ResponseId { node: x, k });
+        }
+        let a = group_advantages(&r, cfg.advantage_mode());
         for (k, v) in a.into_iter().enumerate() {
             out.insert(ResponseId { node: x, k }, v);
         }
@@ -138,7 +150,7 @@ mod tests {
         }
         let cfg = Config::from_toml("", "t", &o).unwrap();
         let r = buffer(groups);
-        let mut a = advantages(&r, &joint_returns(&r, cfg.gamma), 0, &cfg);
+        let mut a = advantages(&r, &joint_returns(&r, cfg.gamma), 0, &cfg, &|_| 0.0);
         normalize_advantages(&mut a, &r, cfg.advantage_norm());
         groups.iter().enumerate().map(|(x, g)| (0..g.len()).map(|k| a[&ResponseId { node: x, k }]).collect()).collect()
     }
@@ -169,5 +181,15 @@ mod tests {
         // group a positive advantage (they are above the buffer's mean).
         let per_turn = adv("remax", Some("turn"), groups);
         assert!(per_turn[0].iter().all(|&a| a > 0.0), "{per_turn:?}");
+    }
+
+    #[test]
+    fn the_reference_kl_penalty_comes_off_each_samples_own_return() {
+        let cfg = Config::from_toml("algo = \"magrpo\"\nadvantage_norm = \"none\"", "t", &[]).unwrap();
+        let r = buffer(&[&[1.0, 1.0]]);
+        // Sample 0 strayed from the reference (penalty 0.5): R = (0.5, 1), mean 0.75.
+        let pen = |id: ResponseId| if id.k == 0 { 0.5 } else { 0.0 };
+        let a = advantages(&r, &joint_returns(&r, cfg.gamma), 0, &cfg, &pen);
+        assert_eq!((a[&ResponseId { node: 0, k: 0 }], a[&ResponseId { node: 0, k: 1 }]), (-0.25, 0.25));
     }
 }

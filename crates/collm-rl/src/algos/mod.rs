@@ -9,7 +9,7 @@ pub mod magrpo;
 use crate::config::{AdvantageNorm, Algo, Config, Schedule};
 use crate::returns::normalize_by;
 use crate::rollout::{AgentSeq, ResponseId, Rollout};
-use crate::team::{Critic, Policy, Team};
+use crate::team::{Agent, Critic, Team};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use collm_model::{score_spans, Grads};
@@ -30,6 +30,8 @@ pub struct UpdateStats {
     pub target_mean: Option<f64>,
     /// Mean advantage before normalization.
     pub advantage_mean: f64,
+    /// With `kl_coef`: the mean reference-KL penalty β·KL per response.
+    pub kl_penalty: Option<f64>,
     /// Optimizer steps taken by the agents (all together) and by the critics.
     pub agent_steps: usize,
     pub critic_steps: usize,
@@ -37,11 +39,56 @@ pub struct UpdateStats {
 
 /// What the trainer tells an update besides the config.
 #[derive(Clone, Copy, Debug)]
-pub struct UpdateCtx {
+pub struct UpdateCtx<'a> {
     /// False during the critic warm-up: only the critics learn.
     pub actors: bool,
     /// Seeds the shuffling of mini-batches.
     pub seed: u64,
+    /// With `kl_coef`: per agent, each response's reference-KL penalty β·KL (empty: none).
+    pub penalty: &'a [BTreeMap<ResponseId, f64>],
+}
+
+impl UpdateCtx<'_> {
+    /// Agent i's penalty on response `id` (0 without `kl_coef`).
+    pub fn penalty(&self, i: usize, id: ResponseId) -> f64 {
+        self.penalty.get(i).and_then(|m| m.get(&id)).copied().unwrap_or(0.0)
+    }
+}
+
+/// The reference-KL penalty of every response of agent i: β · Σ_tokens k3, with
+/// k3 = exp(log π_ref − log π) − (log π_ref − log π) − 1 (as CoMLRL ≥ 1.3.8 computes it), log π
+/// from the sampling pass and log π_ref from one teacher-forced pass of the reference.
+pub fn kl_penalties(
+    rollout: &Rollout,
+    i: usize,
+    reference: &collm_model::Transformer,
+    pad: u32,
+    beta: f64,
+    micro: usize,
+) -> Result<BTreeMap<ResponseId, f64>> {
+    let seqs = rollout.agent_sequences(i);
+    let mut out = BTreeMap::new();
+    for r in micro_batches(seqs.len(), micro) {
+        let part = &seqs[r];
+        let toks: Vec<Vec<u32>> = part.iter().map(|s| s.tokens.clone()).collect();
+        let spans: Vec<Vec<(usize, usize)>> = part.iter().map(|s| s.spans.clone()).collect();
+        let lp = score_spans(reference, &toks, &spans, &vec![vec![]; toks.len()], pad, false)?.token_logprobs.to_vec1::<f32>()?;
+        let mut off = 0;
+        for id in part.iter().flat_map(|s| s.ids.iter()) {
+            let own = &rollout.nodes[id.node].responses[i][id.k].logprobs;
+            let k3: f64 = own
+                .iter()
+                .zip(&lp[off..off + own.len()])
+                .map(|(&p, &q)| {
+                    let d = (q - p) as f64;
+                    d.exp() - d - 1.0
+                })
+                .sum();
+            off += own.len();
+            out.insert(*id, beta * k3);
+        }
+    }
+    Ok(out)
 }
 
 /// What an algorithm is to the trainer.
@@ -129,13 +176,19 @@ pub fn normalize_advantages(adv: &mut BTreeMap<ResponseId, f64>, rollout: &Rollo
 }
 
 /// TD targets and advantages along each chain from rollout-time values `v_old[node]`:
-///   y_t = r_t + γ·V_old(h_{t+1}) (y = r at the chain's last turn),   A_t = y_t − V_old(h_t).
-/// Returns (y, A) by node.
-pub fn td_by_node(rollout: &Rollout, chains: &[Vec<usize>], v_old: &[f64], gamma: f64) -> (Vec<f64>, Vec<f64>) {
+///   y_t = r_t − p_t + γ·V_old(h_{t+1}) (y = r − p at the chain's last turn),   A_t = y_t − V_old(h_t),
+/// p_t = `penalty(node)` (the reference-KL penalty, 0 without `kl_coef`). Returns (y, A) by node.
+pub fn td_by_node(
+    rollout: &Rollout,
+    chains: &[Vec<usize>],
+    v_old: &[f64],
+    gamma: f64,
+    penalty: &dyn Fn(usize) -> f64,
+) -> (Vec<f64>, Vec<f64>) {
     let mut y = vec![0.0; rollout.nodes.len()];
     let mut a = vec![0.0; rollout.nodes.len()];
     for c in chains {
-        let r: Vec<f64> = c.iter().map(|&x| rollout.nodes[x].joints[0].reward).collect();
+        let r: Vec<f64> = c.iter().map(|&x| rollout.nodes[x].joints[0].reward - penalty(x)).collect();
         let v: Vec<f64> = c.iter().map(|&x| v_old[x]).collect();
         for (j, yy) in crate::returns::td_targets(&r, &v, gamma).into_iter().enumerate() {
             y[c[j]] = yy;
@@ -205,8 +258,8 @@ pub fn micro_batches(n: usize, size: usize) -> Vec<std::ops::Range<usize>> {
 
 /// One optimizer step of agent `i` on a mini-batch: every response in `seqs` gets its advantage
 /// `adv[id]` in the policy loss (mean over the batch's responses). Returns (loss, grad norm).
-pub(crate) fn actor_step(
-    p: &mut Policy,
+pub(crate) fn agent_step(
+    p: &mut Agent,
     i: usize,
     rollout: &Rollout,
     seqs: &[AgentSeq],
