@@ -440,20 +440,10 @@ impl Config {
         Self::from_toml(&text, &path.display().to_string(), overrides)
     }
 
-    /// The advantage mode the algorithm implies.
-    pub fn advantage_mode(&self) -> AdvantageMode {
-        match self.algo {
-            Algo::Reinforce => AdvantageMode::Raw,
-            Algo::Rloo => AdvantageMode::Rloo,
-            Algo::Remax => AdvantageMode::Max,
-            _ => self.advantage,
-        }
-    }
-
     /// The advantage normalization in force: the configured one, or the method's default
     /// (`group` for the Monte Carlo methods, `turn` for CC and DC, as CoMLRL).
     pub fn advantage_norm(&self) -> AdvantageNorm {
-        self.advantage_norm.unwrap_or(if self.algo.is_actor_critic() { AdvantageNorm::Turn } else { AdvantageNorm::Group })
+        self.advantage_norm.unwrap_or_else(|| crate::algos::algorithm(self.algo).default_advantage_norm())
     }
 
     /// Samples per agent per node.

@@ -21,7 +21,7 @@ use super::{
     agent_batch, agent_step, critic_batch, critic_step, critic_values, mean, mini_batches, normalize_advantages, schedule_groups,
     td_by_node, Algorithm, CriticSeq, Tally, UpdateCtx, UpdateStats,
 };
-use crate::config::{Config, CriticKind, Schedule};
+use crate::config::{AdvantageNorm, Config, CriticKind, Schedule};
 use crate::rollout::{ResponseId, Rollout};
 use crate::team::Team;
 use anyhow::{bail, Result};
@@ -58,6 +58,10 @@ impl Algorithm for CoLlmCc {
 
     fn critics(&self, _: &Config, _: usize) -> usize {
         1
+    }
+
+    fn default_advantage_norm(&self) -> AdvantageNorm {
+        AdvantageNorm::Turn
     }
 
     fn update(&self, team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx) -> Result<UpdateStats> {

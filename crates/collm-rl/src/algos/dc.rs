@@ -17,7 +17,7 @@ use super::{
     agent_batch, agent_step, clipped_value_loss, critic_batch, critic_step, critic_values, mean, micro_batches, mini_batches,
     normalize_advantages, policy_loss, schedule_groups, td_by_node, tensor, Algorithm, CriticSeq, Tally, UpdateCtx, UpdateStats,
 };
-use crate::config::{Config, CriticKind, DcCritic, PromptFormat, Schedule};
+use crate::config::{AdvantageNorm, Config, CriticKind, DcCritic, PromptFormat, Schedule};
 use crate::rollout::{AgentSeq, ResponseId, Rollout};
 use crate::team::{Agent, Team};
 use anyhow::{bail, Result};
@@ -36,6 +36,10 @@ impl Algorithm for CoLlmDc {
             DcCritic::Separate => num_agents,
             DcCritic::Head => 0,
         }
+    }
+
+    fn default_advantage_norm(&self) -> AdvantageNorm {
+        AdvantageNorm::Turn
     }
 
     fn update(&self, team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx) -> Result<UpdateStats> {

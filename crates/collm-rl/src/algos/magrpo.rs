@@ -15,8 +15,8 @@
 //!   L_i = −mean over the batch's responses of Â · log π_i(a_i | h_i).
 
 use super::{agent_batch, agent_step, mean, mini_batches, normalize_advantages, schedule_groups, Algorithm, Tally, UpdateCtx, UpdateStats};
-use crate::config::{Config, JointMode};
-use crate::returns::{group_advantages, tree_return};
+use crate::config::{AdvantageNorm, Algo, Config, JointMode};
+use crate::returns::{group_advantages, tree_return, AdvantageMode};
 use crate::rollout::{ResponseId, Rollout};
 use crate::team::Team;
 use anyhow::Result;
@@ -31,6 +31,10 @@ impl Algorithm for Magrpo {
 
     fn critics(&self, _: &Config, _: usize) -> usize {
         0
+    }
+
+    fn default_advantage_norm(&self) -> AdvantageNorm {
+        AdvantageNorm::Group
     }
 
     fn update(&self, team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx) -> Result<UpdateStats> {
@@ -52,6 +56,17 @@ impl Algorithm for Magrpo {
             }
         }
         Ok(tally.into_stats(UpdateStats { advantage_mean: mean(&raw_all), ..Default::default() }))
+    }
+}
+
+/// The advantage mode: the algorithm's own (REINFORCE raw, RLOO leave-one-out, ReMax max), or
+/// `advantage` for MAGRPO and GRPO.
+pub fn advantage_mode(cfg: &Config) -> AdvantageMode {
+    match cfg.algo {
+        Algo::Reinforce => AdvantageMode::Raw,
+        Algo::Rloo => AdvantageMode::Rloo,
+        Algo::Remax => AdvantageMode::Max,
+        _ => cfg.advantage,
     }
 }
 
@@ -104,7 +119,7 @@ pub fn advantages(
         for (k, v) in r.iter_mut().enumerate() {
             *v -= penalty(ResponseId { node: x, k });
         }
-        let a = group_advantages(&r, cfg.advantage_mode());
+        let a = group_advantages(&r, advantage_mode(cfg));
         for (k, v) in a.into_iter().enumerate() {
             out.insert(ResponseId { node: x, k }, v);
         }

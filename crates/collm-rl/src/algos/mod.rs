@@ -97,6 +97,8 @@ pub trait Algorithm: Sync {
     fn samples_per_node(&self, cfg: &Config) -> usize;
     /// Critic models the team needs besides its agents.
     fn critics(&self, cfg: &Config, num_agents: usize) -> usize;
+    /// The advantage normalization when the config names none (CoMLRL's for the method).
+    fn default_advantage_norm(&self) -> AdvantageNorm;
     /// One update from a rollout buffer.
     fn update(&self, team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx) -> Result<UpdateStats>;
 }
