@@ -99,11 +99,12 @@ pub struct Trainer {
     pub step: usize,
     /// TensorBoard event file of the run (None: metrics.jsonl only).
     pub tensorboard: Option<crate::tensorboard::EventWriter>,
-    /// With `log_kl`: each agent's initial policy, to measure how far training moved it.
+    /// With `log_kl` or `kl_coef`: each agent's initial policy (the reference of the KL it logs
+    /// and of the KL penalty).
     pub references: Vec<collm_model::Transformer>,
 }
 
-/// Copies of the agents' initial policies when the config asks for KL logging.
+/// Copies of the agents' initial policies when the config logs or penalizes the KL to them.
 fn references(cfg: &Config, team: &Team) -> Result<Vec<collm_model::Transformer>> {
     if !cfg.log_kl && cfg.kl_coef == 0.0 {
         return Ok(vec![]);
@@ -274,7 +275,10 @@ impl Trainer {
         (0..self.team.agents.len())
             .map(|i| {
                 let pad = self.team.agents[i].tokenizer.pad_id();
-                algos::kl_penalties(r, i, &self.references[i], pad, self.cfg.kl_coef, self.cfg.micro_batch)
+                let Some(reference) = self.references.get(i) else {
+                    bail!("'kl_coef' = {}: agent {i} has no reference policy (the trainer was built without one)", self.cfg.kl_coef)
+                };
+                algos::kl_penalties(r, i, reference, pad, self.cfg.kl_coef, self.cfg.micro_batch)
             })
             .collect()
     }
@@ -285,7 +289,7 @@ impl Trainer {
         let step = self.step;
         let r = self.rollout_for_step(step)?;
         self.log_sample(step + 1, &r)?;
-        let kl = if self.references.is_empty() {
+        let kl = if !self.cfg.log_kl {
             None
         } else {
             Some(kl_to_reference(&self.team, &self.references, &r, self.cfg.sampling.temperature, self.cfg.micro_batch)?)

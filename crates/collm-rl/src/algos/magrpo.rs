@@ -105,7 +105,8 @@ pub fn sample_returns(rollout: &Rollout, returns: &[Vec<f64>], x: usize, i: usiz
 
 /// Agent i's advantages (before normalization) of every response in the rollout; `penalty(id)`
 /// (the reference-KL penalty, 0 without `kl_coef`) comes off each sample's own return before the
-/// group's baseline, as in CoMLRL ≥ 1.3.8 (it does not reach the parents' returns).
+/// group's baseline, as in CoMLRL ≥ 1.3.8 (it does not reach the parents' returns; in `cross`
+/// mode it comes off the summed return once, as there).
 pub fn advantages(
     rollout: &Rollout,
     returns: &[Vec<f64>],
