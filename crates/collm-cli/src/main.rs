@@ -298,8 +298,17 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The longest wall-clock limit a sandboxed run may be given.
+const MAX_TIMEOUT_S: f64 = 86_400.0;
+
+/// More turns than any task has.
+const MAX_TURN: usize = 64;
+
 fn reward(a: RewardArgs) -> Result<()> {
     use collm_envs::{Env, Split};
+    if a.turn >= MAX_TURN {
+        bail!("--turn {}: turns are counted from 0 and no task has more than {MAX_TURN}", a.turn);
+    }
     let item: Option<serde_json::Value> = match &a.item {
         Some(item) => {
             let text = std::fs::read_to_string(item).with_context(|| format!("reading {}", item.display()))?;
@@ -390,8 +399,8 @@ fn reward(a: RewardArgs) -> Result<()> {
 
 fn sandbox(a: SandboxArgs) -> Result<()> {
     use collm_envs::sandbox::{Limits, Sandbox};
-    if !(a.timeout > 0.0 && a.timeout.is_finite()) {
-        bail!("--timeout {}: must be a positive number of seconds", a.timeout);
+    if !(a.timeout > 0.0 && a.timeout <= MAX_TIMEOUT_S) {
+        bail!("--timeout {}: must be a positive number of seconds, at most {MAX_TIMEOUT_S} (a day)", a.timeout);
     }
     let limits = Limits { timeout: std::time::Duration::from_secs_f64(a.timeout), memory_mb: a.memory_mb, ..Limits::default() };
     let sb = Sandbox::new(limits, a.python.as_deref())?;

@@ -120,4 +120,31 @@ fn bad_inputs_are_clear_errors() {
     let out = collm().args(["generate", "--model"]).arg(d.join("nope.gguf")).args(["--prompt", "x"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("nope.gguf") && err.contains("not found"), "{err}");
+    // Numbers that used to panic (exit 101) or abort (134) are clear errors (exit 1).
+    let py = d.join("ok.py");
+    std::fs::write(&py, "print(1)\n").unwrap();
+    let out = collm().arg("sandbox").arg(&py).args(["--timeout", "1e300"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--timeout"), "{err}");
+    let r = d.join("r.txt");
+    std::fs::write(&r, "a").unwrap();
+    for turn in ["18446744073709551615", "300000000"] {
+        let out = collm().args(["reward", "--task", "summary", "--turn", turn, "--responses"]).arg(&r).arg(&r).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "--turn {turn}: {err}");
+        assert!(err.contains("--turn"), "{err}");
+    }
+    let synthetic = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/synthetic-dense.toml");
+    for set in ["agents.tiny.heads=0", "agents.tiny.hidden=0", "k=100000"] {
+        let out = collm()
+            .args(["train", "--config"])
+            .arg(&synthetic)
+            .args(["--set", "steps=1", "--set", set, "--out"])
+            .arg(d.join(set))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{set}: {err}");
+    }
 }

@@ -385,6 +385,9 @@ impl Default for Config {
     }
 }
 
+/// The most samples per agent and node (`k`) a config may ask for.
+pub const MAX_K: usize = 1024;
+
 /// Sets `path` (dotted) in a TOML table to `value` (parsed as TOML, else taken as a string).
 pub fn set_key(root: &mut toml::Table, path: &str, value: &str) -> Result<()> {
     let parsed: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
@@ -531,8 +534,22 @@ impl Config {
                 "'task.name': unknown task '{other}' (synthetic, summary, tldr, arxiv, coophumaneval, humaneval, coding, str_build, house_build)"
             ),
         }
-        if !(self.task.per_test_timeout > 0.0 && self.task.per_test_timeout.is_finite()) {
-            bail!("'task.per_test_timeout' must be a positive number of seconds, got {}", self.task.per_test_timeout);
+        if !(self.task.per_test_timeout > 0.0 && self.task.per_test_timeout <= 86_400.0) {
+            bail!(
+                "'task.per_test_timeout' must be a positive number of seconds, at most 86400 (a day), got {}",
+                self.task.per_test_timeout
+            );
+        }
+        if self.k > MAX_K {
+            bail!("'k' = {}: at most {MAX_K} samples per agent and node", self.k);
+        }
+        let t = &self.agents.tiny;
+        for (name, v) in
+            [("hidden", t.hidden), ("layers", t.layers), ("heads", t.heads), ("kv_heads", t.kv_heads), ("intermediate", t.intermediate)]
+        {
+            if v == 0 || v > 65_536 {
+                bail!("'agents.tiny.{name}' must be between 1 and 65536, got {v}");
+            }
         }
         Ok(())
     }
@@ -563,6 +580,16 @@ mod tests {
         assert!(e.contains("'advantage_norm'"), "{e}");
         let e = format!("{:#}", Config::from_toml("max_grad_norm = -1.0", "x.toml", &[]).unwrap_err());
         assert!(e.contains("'max_grad_norm'"), "{e}");
+        // Sizes that used to panic or abort are errors that name the key.
+        for (o, key) in [
+            ("agents.tiny.heads=0", "agents.tiny.heads"),
+            ("agents.tiny.hidden=0", "agents.tiny.hidden"),
+            ("k=100000", "'k'"),
+            ("task.per_test_timeout=1e300", "task.per_test_timeout"),
+        ] {
+            let e = format!("{:#}", Config::from_toml("", "x.toml", &[o.into()]).unwrap_err());
+            assert!(e.contains(key), "{o}: {e}");
+        }
         // The defaults follow CoMLRL where the paper is silent.
         let c = Config::default();
         assert_eq!((c.max_grad_norm, c.agents.weight_decay, c.schedule, c.epochs), (0.0, 0.01, Schedule::Turn, 1));

@@ -139,7 +139,10 @@ pub fn load_model(spec: &ModelSpec, seed: u64) -> Result<(Transformer, Tokenizer
             crate::config::TinyVocab::Chars => Tokenizer::char_level(&["<eos>"], &tiny_alphabet())?,
             crate::config::TinyVocab::Bytes => Tokenizer::byte_level(&["<eos>"])?,
         };
-        if t.hidden % t.heads != 0 || t.heads % t.kv_heads.max(1) != 0 {
+        if [t.hidden, t.layers, t.heads, t.kv_heads, t.intermediate].contains(&0) {
+            bail!("tiny model: hidden, layers, heads, kv_heads and intermediate must all be at least 1, got {t:?}");
+        }
+        if t.hidden % t.heads != 0 || t.heads % t.kv_heads != 0 {
             bail!("tiny model: hidden ({}) must divide by heads ({}), and heads by kv_heads ({})", t.hidden, t.heads, t.kv_heads);
         }
         let mut cfg = ModelConfig::tiny(Arch::Llama, tok.vocab_size());
