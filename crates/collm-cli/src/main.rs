@@ -211,6 +211,12 @@ fn load_model(spec: &str) -> Result<loader::LoadedModel> {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Generate(a) => {
+            if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+                bail!("--temperature {}: must be a number ≥ 0 (0: greedy)", a.temperature);
+            }
+            if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+                bail!("--top-p {}: must be in (0, 1]", a.top_p);
+            }
             let lm = load_model(&a.input.model)?;
             let ids = prompt_ids(&a.input, &lm)?;
             let params = SamplingParams {
@@ -306,6 +312,11 @@ const MAX_TURN: usize = 64;
 
 fn reward(a: RewardArgs) -> Result<()> {
     use collm_envs::{Env, Split};
+    if let Some(x) = a.reward_shift {
+        if !x.is_finite() {
+            bail!("--reward-shift {x}: must be a finite number");
+        }
+    }
     if a.turn >= MAX_TURN {
         bail!("--turn {}: turns are counted from 0 and no task has more than {MAX_TURN}", a.turn);
     }
@@ -399,6 +410,9 @@ fn reward(a: RewardArgs) -> Result<()> {
 
 fn sandbox(a: SandboxArgs) -> Result<()> {
     use collm_envs::sandbox::{Limits, Sandbox};
+    if a.memory_mb < 16 {
+        bail!("--memory-mb {}: python needs at least 16 MB of address space to start", a.memory_mb);
+    }
     if !(a.timeout > 0.0 && a.timeout <= MAX_TIMEOUT_S) {
         bail!("--timeout {}: must be a positive number of seconds, at most {MAX_TIMEOUT_S} (a day)", a.timeout);
     }

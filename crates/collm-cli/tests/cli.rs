@@ -127,8 +127,19 @@ fn bad_inputs_are_clear_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("--timeout"), "{err}");
+    let out = collm().arg("sandbox").arg(&py).args(["--memory-mb", "0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--memory-mb"), "{err}");
     let r = d.join("r.txt");
     std::fs::write(&r, "a").unwrap();
+    let out = collm().args(["reward", "--task", "summary", "--reward-shift", "nan", "--responses"]).arg(&r).arg(&r).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--reward-shift"), "{err}");
+    for (flag, v) in [("--temperature", "nan"), ("--temperature", "-1"), ("--top-p", "1.5"), ("--top-p", "0")] {
+        let out = collm().args(["generate", "--model", "nope.gguf", "--prompt", "x", &format!("{flag}={v}")]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(flag), "{flag} {v}: {err}");
+    }
     for turn in ["18446744073709551615", "300000000"] {
         let out = collm().args(["reward", "--task", "summary", "--turn", turn, "--responses"]).arg(&r).arg(&r).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

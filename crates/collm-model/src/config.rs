@@ -103,8 +103,14 @@ impl ModelConfig {
         }
         let hidden_size = get("hidden_size")?;
         let num_heads = get("num_attention_heads")?;
-        let head_dim = v.get("head_dim").and_then(|x| x.as_u64()).map(|x| x as usize).unwrap_or(hidden_size / num_heads);
-        Ok(Self {
+        let head_dim = match v.get("head_dim").and_then(|x| x.as_u64()) {
+            Some(d) => d as usize,
+            None if num_heads == 0 || hidden_size % num_heads != 0 => {
+                bail!("{path}: field 'num_attention_heads' = {num_heads} does not divide 'hidden_size' = {hidden_size}")
+            }
+            None => hidden_size / num_heads,
+        };
+        let cfg = Self {
             arch,
             vocab_size: get("vocab_size")?,
             hidden_size,
@@ -122,7 +128,9 @@ impl ModelConfig {
             },
             qk_norm: arch == Arch::Qwen3,
             max_position_embeddings: v.get("max_position_embeddings").and_then(|x| x.as_u64()).unwrap_or(4096) as usize,
-        })
+        };
+        cfg.validate().with_context(|| format!("{path}: invalid model config"))?;
+        Ok(cfg)
     }
 
     /// Writes the `config.json` transformers expects for this model.
@@ -158,7 +166,20 @@ impl ModelConfig {
         v
     }
 
+    /// Checks the sizes before anything is allocated: each within what any real model has.
     pub fn validate(&self) -> Result<()> {
+        for (name, v, max) in [
+            ("layers", self.num_layers, 1024),
+            ("hidden size", self.hidden_size, 65_536),
+            ("intermediate size", self.intermediate_size, 1 << 20),
+            ("vocabulary size", self.vocab_size, 10_000_000),
+            ("attention heads", self.num_heads, 1024),
+            ("head_dim", self.head_dim, 4096),
+        ] {
+            if v == 0 || v > max {
+                bail!("{name} = {v}: must be between 1 and {max}");
+            }
+        }
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
             bail!("invalid head counts: {} heads, {} key/value heads", self.num_heads, self.num_kv_heads);
         }

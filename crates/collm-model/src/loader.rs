@@ -64,13 +64,19 @@ pub fn gguf_config(content: &gguf_file::Content, source: &str) -> Result<ModelCo
     let hidden = md_usize(md, &format!("{a}.embedding_length"), source)?;
     let heads = md_usize(md, &format!("{a}.attention.head_count"), source)?;
     let kv = md_usize(md, &format!("{a}.attention.head_count_kv"), source).unwrap_or(heads);
-    let head_dim = md_usize(md, &format!("{a}.attention.key_length"), source).unwrap_or(hidden / heads);
+    let head_dim = match md_usize(md, &format!("{a}.attention.key_length"), source) {
+        Ok(d) => d,
+        Err(_) if heads == 0 || hidden % heads != 0 => {
+            bail!("{source}: '{a}.attention.head_count' = {heads} does not divide '{a}.embedding_length' = {hidden}")
+        }
+        Err(_) => hidden / heads,
+    };
     let emb = content.tensor_infos.get("token_embd.weight").with_context(|| format!("{source}: missing tensor 'token_embd.weight'"))?;
     let vocab = emb.shape.dims()[0];
     if md.contains_key(&format!("{a}.rope.scaling.type")) || content.tensor_infos.contains_key("rope_freqs.weight") {
         bail!("{source}: RoPE scaling is not supported");
     }
-    Ok(ModelConfig {
+    let cfg = ModelConfig {
         arch,
         vocab_size: vocab,
         hidden_size: hidden,
@@ -85,7 +91,9 @@ pub fn gguf_config(content: &gguf_file::Content, source: &str) -> Result<ModelCo
         qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
         qk_norm: content.tensor_infos.contains_key("blk.0.attn_q_norm.weight"),
         max_position_embeddings: md_usize(md, &format!("{a}.context_length"), source).unwrap_or(4096),
-    })
+    };
+    cfg.validate().with_context(|| format!("{source}: GGUF metadata"))?;
+    Ok(cfg)
 }
 
 /// GGUF tensor name → Hugging Face name.

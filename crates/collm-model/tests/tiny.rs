@@ -370,6 +370,11 @@ fn gguf_name(hf: &str) -> String {
 
 /// Writes `m` as a GGUF file the way llama.cpp's converter would (matrices in `dtype`).
 fn write_gguf(m: &Transformer, path: &std::path::Path, dtype: GgmlDType, skip: Option<&str>) {
+    write_gguf_with(m, path, dtype, skip, &[]);
+}
+
+/// `write_gguf` with some integer metadata (`{arch}.KEY`) replaced.
+fn write_gguf_with(m: &Transformer, path: &std::path::Path, dtype: GgmlDType, skip: Option<&str>, set: &[(&str, u32)]) {
     use gguf_file::Value as V;
     let a = m.cfg.arch.model_type();
     let tok = Tokenizer::byte_level(&SPECIALS).unwrap();
@@ -397,6 +402,13 @@ fn write_gguf(m: &Transformer, path: &std::path::Path, dtype: GgmlDType, skip: O
         ("tokenizer.ggml.eos_token_id".into(), V::U32(2)),
         ("tokenizer.chat_template".into(), V::String("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into())),
     ];
+    let md: Vec<(String, V)> = md
+        .into_iter()
+        .map(|(k, v)| match set.iter().find(|(key, _)| k == format!("{a}.{key}")) {
+            Some((_, x)) => (k, V::U32(*x)),
+            None => (k, v),
+        })
+        .collect();
     let mut qts = vec![];
     for (name, t) in m.tensors() {
         if Some(name.as_str()) == skip {
@@ -502,6 +514,33 @@ fn malformed_inputs_give_clear_errors() {
     std::fs::write(&cfg_path, "{ not json").unwrap();
     let e = format!("{:#}", loader::load(hf.to_str().unwrap()).err().unwrap());
     assert!(e.contains("config.json") && e.contains("invalid JSON"), "{e}");
+    // Sizes that used to panic (a zero head count), abort on allocation (4e9 layers) or fail with
+    // a bare shape mismatch (7 heads for 32 hidden) name the field.
+    let hf2 = dir.join("hf2");
+    checkpoint::export_hf(&m, &tok, &hf2).unwrap();
+    let ok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf2.join("config.json")).unwrap()).unwrap();
+    for (key, value, want) in [
+        ("num_attention_heads", serde_json::json!(0), "'num_attention_heads' = 0 does not divide"),
+        ("num_attention_heads", serde_json::json!(7), "'num_attention_heads' = 7 does not divide 'hidden_size' = 32"),
+        ("num_hidden_layers", serde_json::json!(4_000_000_000u64), "layers = 4000000000: must be between 1 and 1024"),
+    ] {
+        let mut c = ok.clone();
+        c[key] = value;
+        c.as_object_mut().unwrap().remove("head_dim");
+        std::fs::write(hf2.join("config.json"), c.to_string()).unwrap();
+        let e = format!("{:#}", loader::load(hf2.to_str().unwrap()).err().unwrap());
+        assert!(e.contains("config.json") && e.contains(want), "{key}: {e}");
+    }
+    for (key, v, want) in [
+        ("attention.head_count", 0, "attention heads = 0"),
+        ("attention.head_count_kv", 0, "0 key/value heads"),
+        ("block_count", u32::MAX, "layers = 4294967295"),
+    ] {
+        let p = dir.join(format!("bad-{key}.gguf"));
+        write_gguf_with(&m, &p, GgmlDType::F32, None, &[(key, v)]);
+        let e = format!("{:#}", loader::load(p.to_str().unwrap()).err().unwrap());
+        assert!(e.contains(&format!("bad-{key}.gguf")) && e.contains(want), "{key}: {e}");
+    }
     // A path that does not exist.
     let e = format!("{:#}", loader::load("/nonexistent/model.gguf").err().unwrap());
     assert!(e.contains("not found"), "{e}");

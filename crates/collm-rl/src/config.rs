@@ -440,6 +440,10 @@ impl Config {
 
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let empty = toml::from_str::<toml::Table>(&text).is_ok_and(|t| t.is_empty());
+        if empty && overrides.is_empty() {
+            bail!("{}: the config is empty; name at least a task and a model (see configs/ for examples)", path.display());
+        }
         Self::from_toml(&text, &path.display().to_string(), overrides)
     }
 
@@ -509,7 +513,10 @@ impl Config {
                 );
             }
         }
-        if self.sampling.temperature < 0.0 || !(0.0..=1.0).contains(&self.sampling.top_p) || self.sampling.top_p == 0.0 {
+        if !(self.sampling.temperature >= 0.0 && self.sampling.temperature.is_finite())
+            || !(0.0..=1.0).contains(&self.sampling.top_p)
+            || self.sampling.top_p == 0.0
+        {
             bail!("'sampling.temperature' must be ≥ 0 and 'sampling.top_p' in (0, 1]");
         }
         if self.algo == Algo::Grpo && self.task.agents != 1 && self.task.name == "synthetic" {
@@ -518,11 +525,11 @@ impl Config {
         for (k, spec) in std::iter::once(("agents".to_string(), &self.agents))
             .chain(self.agent.iter().enumerate().map(|(i, s)| (format!("agent[{i}]"), s)))
         {
-            if !(spec.lr > 0.0) {
+            if !(spec.lr > 0.0 && spec.lr.is_finite()) {
                 bail!("'{k}.lr' must be positive, got {}", spec.lr);
             }
         }
-        if self.algo.is_actor_critic() && !(self.critic.lr > 0.0) {
+        if self.algo.is_actor_critic() && !(self.critic.lr > 0.0 && self.critic.lr.is_finite()) {
             bail!("'critic.lr' must be positive, got {}", self.critic.lr);
         }
         if !(self.task.ratio_band[0] > 0.0 && self.task.ratio_band[0] <= self.task.ratio_band[1]) {
@@ -539,6 +546,11 @@ impl Config {
                 "'task.per_test_timeout' must be a positive number of seconds, at most 86400 (a day), got {}",
                 self.task.per_test_timeout
             );
+        }
+        if let Some(x) = self.task.reward_shift {
+            if !x.is_finite() {
+                bail!("'task.reward_shift' must be a finite number, got {x}");
+            }
         }
         if self.k > MAX_K {
             bail!("'k' = {}: at most {MAX_K} samples per agent and node", self.k);
@@ -580,8 +592,12 @@ mod tests {
         assert!(e.contains("'advantage_norm'"), "{e}");
         let e = format!("{:#}", Config::from_toml("max_grad_norm = -1.0", "x.toml", &[]).unwrap_err());
         assert!(e.contains("'max_grad_norm'"), "{e}");
-        // Sizes that used to panic or abort are errors that name the key.
+        // Sizes that used to panic or abort, and numbers that were silently taken, are errors that
+        // name the key.
         for (o, key) in [
+            ("sampling.temperature=nan", "sampling.temperature"),
+            ("agents.lr=inf", "agents.lr"),
+            ("task.reward_shift=nan", "task.reward_shift"),
             ("agents.tiny.heads=0", "agents.tiny.heads"),
             ("agents.tiny.hidden=0", "agents.tiny.hidden"),
             ("k=100000", "'k'"),
@@ -590,6 +606,11 @@ mod tests {
             let e = format!("{:#}", Config::from_toml("", "x.toml", &[o.into()]).unwrap_err());
             assert!(e.contains(key), "{o}: {e}");
         }
+        // An empty config file is refused (it used to train SmolLM2 with every default).
+        let empty = std::env::temp_dir().join(format!("collm-empty-{}.toml", std::process::id()));
+        std::fs::write(&empty, "\n# nothing\n").unwrap();
+        let e = format!("{:#}", Config::load(&empty, &[]).unwrap_err());
+        assert!(e.contains("empty"), "{e}");
         // The defaults follow CoMLRL where the paper is silent.
         let c = Config::default();
         assert_eq!((c.max_grad_norm, c.agents.weight_decay, c.schedule, c.epochs), (0.0, 0.01, Schedule::Turn, 1));
