@@ -104,6 +104,28 @@ pub struct Trainer {
     pub references: Vec<collm_model::Transformer>,
 }
 
+/// Whether a new run may start in `out`: yes if it holds no run, or a run that ended before its
+/// first step (returns true: its files are to be replaced); an error naming what to do if it holds
+/// a run with a checkpoint (resume it) or logged steps without one.
+fn check_out_dir(out: &Path) -> Result<bool> {
+    let metrics = out.join("metrics.jsonl");
+    if !metrics.exists() {
+        return Ok(false);
+    }
+    if latest_checkpoint(out)?.is_some() {
+        bail!("{} already holds a run: resume it with --resume {}, or choose another --out", out.display(), out.display());
+    }
+    let text = std::fs::read_to_string(&metrics).with_context(|| format!("reading {}", metrics.display()))?;
+    let steps = text.lines().filter(|l| l.contains("\"reward_mean\"")).count();
+    if steps > 0 {
+        bail!(
+            "{} already holds a run with {steps} logged steps and no checkpoint to resume from: remove it, or choose another --out (checkpoint_every sets how often a run saves)",
+            out.display()
+        );
+    }
+    Ok(true)
+}
+
 /// Copies of the agents' initial policies when the config logs or penalizes the KL to them.
 fn references(cfg: &Config, team: &Team) -> Result<Vec<collm_model::Transformer>> {
     if !cfg.log_kl && cfg.kl_coef == 0.0 {
@@ -165,17 +187,26 @@ fn mix(a: u64, b: u64) -> u64 {
 impl Trainer {
     /// A new run in `out` (created; an existing run there is an error unless it is empty).
     pub fn new(cfg: Config, out: &Path) -> Result<Self> {
-        if out.join("metrics.jsonl").exists() {
-            bail!("{} already holds a run: resume it with --resume {}, or choose another --out", out.display(), out.display());
-        }
-        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        std::fs::write(out.join("config.toml"), toml::to_string(&cfg)?)?;
-        std::fs::write(out.join("metrics.jsonl"), "")?;
+        let fresh_start = check_out_dir(out)?;
+        // Everything that can fail on the config comes before the run directory is written, so a
+        // bad config leaves nothing behind.
         let env = make_env(&cfg)?;
         let mut team = Team::load(&cfg, env.num_agents())?;
         if let Some(dir) = &cfg.init {
             init_from(&mut team, dir).with_context(|| format!("'init': starting from {}", dir.display()))?;
         }
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        if fresh_start {
+            // A run that ended before its first step: its files go, the new run takes the place.
+            for e in std::fs::read_dir(out)?.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.starts_with("events.out.tfevents") || name == "samples.jsonl" {
+                    std::fs::remove_file(e.path())?;
+                }
+            }
+        }
+        std::fs::write(out.join("config.toml"), toml::to_string(&cfg)?)?;
+        std::fs::write(out.join("metrics.jsonl"), "")?;
         let tensorboard = Some(crate::tensorboard::EventWriter::create(out)?);
         let references = references(&cfg, &team)?;
         Ok(Self { cfg, env, team, out: out.to_path_buf(), step: 0, tensorboard, references })

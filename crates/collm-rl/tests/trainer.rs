@@ -386,7 +386,18 @@ fn bad_configs_name_the_key() {
     let dir = tmp("exists");
     Trainer::new(cfg(&["steps=1"]), &dir).unwrap().run(false).unwrap();
     let err = format!("{:#}", Trainer::new(cfg(&["steps=1"]), &dir).err().unwrap());
-    assert!(err.contains("already holds a run"), "{err}");
+    assert!(err.contains("already holds a run") && err.contains("no checkpoint"), "{err}");
+    // A run that failed before its first step does not block its directory (before, a new run
+    // there was told to resume, and --resume found no checkpoint).
+    let dir = tmp("failed-start");
+    assert!(Trainer::new(cfg(&["task.symbols=1"]), &dir).is_err());
+    assert!(!dir.join("metrics.jsonl").exists(), "a bad config leaves no run behind");
+    let mut t = Trainer::new(cfg(&["steps=1"]), &dir).unwrap();
+    drop(t.tensorboard.take()); // killed before its first step
+    let mut again = Trainer::new(cfg(&["steps=1"]), &dir).unwrap();
+    again.run(false).unwrap();
+    let tb = std::fs::read_dir(&dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("events.out")).count();
+    assert_eq!(tb, 1, "one TensorBoard file");
 }
 
 #[test]
