@@ -81,6 +81,13 @@ pub struct AgentSeq {
     pub ids: Vec<ResponseId>,
 }
 
+impl AgentSeq {
+    /// A batch's token lists and span lists, as `score_spans` takes them.
+    pub fn batch(seqs: &[AgentSeq]) -> (Vec<Vec<u32>>, Vec<Vec<(usize, usize)>>) {
+        (seqs.iter().map(|s| s.tokens.clone()).collect(), seqs.iter().map(|s| s.spans.clone()).collect())
+    }
+}
+
 pub struct Rollout {
     pub nodes: Vec<Node>,
     pub roots: Vec<usize>,
@@ -420,6 +427,11 @@ impl Rollout {
                 self.collect(i, c, p.take().unwrap_or_default(), out);
             }
         }
+    }
+
+    /// log π_old of agent i's response `id`: the sum of its token log-probs from the sampling pass.
+    pub fn old_logprob(&self, i: usize, id: ResponseId) -> f64 {
+        self.nodes[id.node].responses[i][id.k].logprobs.iter().map(|&l| l as f64).sum()
     }
 
     /// Agent `i`'s response k at node x as its own sequence: the history h_i,t, then the response.

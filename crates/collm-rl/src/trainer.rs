@@ -150,8 +150,7 @@ pub fn kl_to_reference(
     let mut out = vec![];
     for (i, (p, reference)) in team.agents.iter().zip(references).enumerate() {
         let seqs = r.agent_sequences(i);
-        let toks: Vec<Vec<u32>> = seqs.iter().map(|s| s.tokens.clone()).collect();
-        let spans: Vec<Vec<(usize, usize)>> = seqs.iter().map(|s| s.spans.clone()).collect();
+        let (toks, spans) = crate::rollout::AgentSeq::batch(&seqs);
         let pad = p.tokenizer.pad_id();
         let (mut cur, mut refs) = (vec![], vec![]);
         for r in algos::micro_batches(toks.len(), micro) {

@@ -160,24 +160,41 @@ fn the_schedule_steps_per_turn_group_and_mini_batch() {
 }
 
 /// The synthetic task, but turn 0's reward is 1 for even items (so `early_termination = 0.5`
-/// ends those episodes there) and 0 for odd ones.
-struct EndsEven(collm_envs::synthetic::Synthetic);
+/// ends those episodes there) and 0 for odd ones. With `one_item`, every item shows item 0's
+/// observations, so that two episodes differ only by their random streams.
+struct EvenItemsPay {
+    inner: collm_envs::synthetic::Synthetic,
+    one_item: bool,
+}
 
-impl Env for EndsEven {
+impl EvenItemsPay {
+    fn new(turns: usize, one_item: bool) -> Self {
+        Self { inner: collm_envs::synthetic::Synthetic::new(4, 2, turns, collm_envs::synthetic::Density::Dense).unwrap(), one_item }
+    }
+    fn shown(&self, item: usize) -> usize {
+        if self.one_item {
+            0
+        } else {
+            item
+        }
+    }
+}
+
+impl Env for EvenItemsPay {
     fn name(&self) -> &str {
-        "ends-even"
+        "even-items-pay"
     }
     fn num_agents(&self) -> usize {
         2
     }
     fn len(&self, s: Split) -> usize {
-        self.0.len(s)
+        self.inner.len(s)
     }
     fn reset(&self, s: Split, item: usize) -> anyhow::Result<Vec<String>> {
-        self.0.reset(s, item)
+        self.inner.reset(s, self.shown(item))
     }
     fn step(&self, s: Split, item: usize, turn: usize, j: &[Vec<String>]) -> anyhow::Result<Outcome> {
-        let mut o = self.0.step(s, item, turn, j)?;
+        let mut o = self.inner.step(s, self.shown(item), turn, j)?;
         if turn == 0 {
             o.reward = if item % 2 == 0 { 1.0 } else { 0.0 };
         }
@@ -191,7 +208,7 @@ fn early_termination_ends_episodes_inside_a_rollout_and_every_method_updates() {
         let mut t =
             Trainer::new(cfg(&[&format!("algo=\"{algo}\""), "early_termination=0.5", "k=2", "buffer=8"]), &tmp(&format!("early-{algo}")))
                 .unwrap();
-        t.env = Box::new(EndsEven(collm_envs::synthetic::Synthetic::new(4, 2, 2, collm_envs::synthetic::Density::Dense).unwrap()));
+        t.env = Box::new(EvenItemsPay::new(2, false));
         let r = t.rollout_for_step(0).unwrap();
         for nd in &r.nodes {
             let ends = nd.item % 2 == 0;
@@ -254,8 +271,7 @@ fn kv_and_text_histories_give_the_same_log_probs_and_values() {
         for i in 0..2 {
             let p = &t.team.agents[i];
             let seqs = kv.agent_sequences(i);
-            let toks: Vec<Vec<u32>> = seqs.iter().map(|s| s.tokens.clone()).collect();
-            let spans: Vec<Vec<(usize, usize)>> = seqs.iter().map(|s| s.spans.clone()).collect();
+            let (toks, spans) = collm_rl::rollout::AgentSeq::batch(&seqs);
             let s = score_spans(&p.model, &toks, &spans, &vec![vec![]; toks.len()], p.tokenizer.pad_id(), false).unwrap();
             let got = s.token_logprobs.to_vec1::<f32>().unwrap();
             let want: Vec<f32> =
@@ -591,36 +607,12 @@ fn cross_joint_actions_expand_every_node_over_two_turns() {
     assert!(stats.policy_loss.iter().all(|l| l.is_finite()) && stats.agent_steps == 2, "{stats:?}");
 }
 
-/// Items whose turn-0 reward is 1 for even items and 0 for odd ones, and whose observations are
-/// all the same (item 0's), so that two episodes differ only by their random streams.
-struct SameItems(collm_envs::synthetic::Synthetic);
-
-impl Env for SameItems {
-    fn name(&self) -> &str {
-        "same-items"
-    }
-    fn num_agents(&self) -> usize {
-        2
-    }
-    fn len(&self, s: Split) -> usize {
-        self.0.len(s)
-    }
-    fn reset(&self, s: Split, _: usize) -> anyhow::Result<Vec<String>> {
-        self.0.reset(s, 0)
-    }
-    fn step(&self, s: Split, item: usize, turn: usize, j: &[Vec<String>]) -> anyhow::Result<Outcome> {
-        let mut o = self.0.step(s, 0, turn, j)?;
-        o.reward = if turn == 0 && item % 2 == 0 { 1.0 } else { 0.0 };
-        Ok(o)
-    }
-}
-
 #[test]
 fn eval_weighs_every_joint_action_the_same_and_samples_each_chunk_afresh() {
     // buffer = 1: eval chunks of 4 episodes. Over 5 items, turn 0 scores 1 on items 0, 2, 4:
     // 3/5 = 0.6 per joint action. Averaging the chunks' means, as before, gave (0.5 + 1) / 2.
     let mut t = Trainer::new(cfg(&["buffer=1", "task.turns=1"]), &tmp("eval-weights")).unwrap();
-    t.env = Box::new(SameItems(collm_envs::synthetic::Synthetic::new(4, 2, 1, collm_envs::synthetic::Density::Dense).unwrap()));
+    t.env = Box::new(EvenItemsPay::new(1, true));
     let e = t.evaluate(Split::Train, 5, true).unwrap();
     assert!((e.reward_per_turn[0] - 0.6).abs() < 1e-12, "{:?}", e.reward_per_turn);
     assert!((e.reward_mean - 0.6).abs() < 1e-12);
@@ -629,7 +621,7 @@ fn eval_weighs_every_joint_action_the_same_and_samples_each_chunk_afresh() {
     let mut c = cfg(&["buffer=1", "task.turns=1", "sampling.max_new_tokens=4"]);
     c.eval_greedy = false;
     let mut t = Trainer::new(c, &tmp("eval-streams")).unwrap();
-    t.env = Box::new(SameItems(collm_envs::synthetic::Synthetic::new(4, 2, 1, collm_envs::synthetic::Density::Dense).unwrap()));
+    t.env = Box::new(EvenItemsPay::new(1, true));
     let rs = t.eval_rollouts(Split::Train, 8, false).unwrap();
     assert_eq!(rs.len(), 2);
     let tokens = |r: &collm_rl::rollout::Rollout| -> Vec<Vec<u32>> { r.nodes.iter().map(|n| n.responses[0][0].tokens.clone()).collect() };
@@ -691,8 +683,7 @@ fn the_kl_estimate_uses_the_sampling_temperature() {
         assert!((est[i] - exact).abs() < 0.2 * exact + 0.005, "agent {i}: estimate {} vs exact {exact}", est[i]);
         // The old estimate, untempered log-probs on these tempered samples, misses by far more.
         let seqs = r.agent_sequences(i);
-        let toks: Vec<Vec<u32>> = seqs.iter().map(|s| s.tokens.clone()).collect();
-        let spans: Vec<Vec<(usize, usize)>> = seqs.iter().map(|s| s.spans.clone()).collect();
+        let (toks, spans) = collm_rl::rollout::AgentSeq::batch(&seqs);
         let refs = score_spans(&t.references[i], &toks, &spans, &vec![vec![]; toks.len()], 0, false)
             .unwrap()
             .token_logprobs

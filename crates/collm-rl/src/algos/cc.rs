@@ -18,15 +18,14 @@
 //! history gives V at every turn, since attention is causal.
 
 use super::{
-    agent_batch, agent_step, critic_batch, critic_step, critic_values, mean, mini_batches, normalize_advantages, schedule_groups,
-    td_by_node, Algorithm, CriticSeq, Tally, UpdateCtx, UpdateStats,
+    agent_batch, agent_step, buffer_sequences, critic_batch, critic_step, critic_values, mean, mini_batches, node_advantages,
+    schedule_groups, td_by_node, Algorithm, CriticSeq, Tally, UpdateCtx, UpdateStats,
 };
 use crate::config::{AdvantageNorm, Config, CriticKind, Schedule};
 use crate::rollout::{ResponseId, Rollout};
 use crate::team::Team;
 use anyhow::{bail, Result};
 use collm_model::Tokenizer;
-use std::collections::BTreeMap;
 
 pub struct CoLlmCc;
 
@@ -81,10 +80,8 @@ impl Algorithm for CoLlmCc {
         let (mut ys, mut adv) = (vec![], vec![]);
         for i in 0..n {
             let (y, a) = td_by_node(rollout, &chains, &v_old, cfg.gamma, &|x| ctx.penalty(i, ResponseId { node: x, k: 0 }));
-            let mut m: BTreeMap<ResponseId, f64> = nodes.iter().map(|&x| (ResponseId { node: x, k: 0 }, a[x])).collect();
-            normalize_advantages(&mut m, rollout, cfg.advantage_norm());
             ys.push(y);
-            adv.push((m, a));
+            adv.push(node_advantages(rollout, &nodes, &a, cfg));
         }
         // The buffer schedule's critic step learns the agents' mean target.
         let y_mean: Vec<f64> = (0..rollout.nodes.len()).map(|x| ys.iter().map(|y| y[x]).sum::<f64>() / n as f64).collect();
@@ -94,9 +91,8 @@ impl Algorithm for CoLlmCc {
             advantage_mean: mean(&nodes.iter().map(|&x| y_mean[x] - v_old[x]).collect::<Vec<_>>()),
             ..Default::default()
         };
-        let adv: Vec<BTreeMap<ResponseId, f64>> = adv.into_iter().map(|(m, _)| m).collect();
         let groups = schedule_groups(rollout, cfg.schedule);
-        let all: Vec<_> = (0..team.agents.len()).map(|i| rollout.agent_sequences(i)).collect();
+        let all: Vec<_> = (0..n).map(|i| buffer_sequences(rollout, i, cfg.schedule)).collect();
         let mut tally = Tally::new(team.agents.len());
         for epoch in 0..cfg.epochs {
             match cfg.schedule {

@@ -14,8 +14,8 @@
 //! of an update, and on later `epochs`.
 
 use super::{
-    agent_batch, agent_step, clipped_value_loss, critic_batch, critic_step, critic_values, mean, micro_batches, mini_batches,
-    normalize_advantages, policy_loss, schedule_groups, td_by_node, tensor, Algorithm, CriticSeq, Tally, UpdateCtx, UpdateStats,
+    agent_batch, agent_step, buffer_sequences, clipped_value_loss, critic_batch, critic_step, critic_values, mean, micro_batches,
+    mini_batches, node_advantages, policy_loss, schedule_groups, td_by_node, tensor, Algorithm, CriticSeq, Tally, UpdateCtx, UpdateStats,
 };
 use crate::config::{AdvantageNorm, Config, CriticKind, DcCritic, PromptFormat, Schedule};
 use crate::rollout::{AgentSeq, ResponseId, Rollout};
@@ -112,12 +112,6 @@ impl Values {
     }
 }
 
-fn normalized(rollout: &Rollout, nodes: &[usize], a: &[f64], cfg: &Config) -> BTreeMap<ResponseId, f64> {
-    let mut m: BTreeMap<ResponseId, f64> = nodes.iter().map(|&x| (ResponseId { node: x, k: 0 }, a[x])).collect();
-    normalize_advantages(&mut m, rollout, cfg.advantage_norm());
-    m
-}
-
 fn update_separate(team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx) -> Result<UpdateStats> {
     if team.critics.len() != team.agents.len() {
         bail!("CoLLM-DC needs a critic per agent: {} critics for {} agents", team.critics.len(), team.agents.len());
@@ -135,8 +129,8 @@ fn update_separate(team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: Update
         let v_old = critic_values(critic, &seqs, cfg.micro_batch, rollout.nodes.len())?;
         let (y, a) = td_by_node(rollout, &chains, &v_old, cfg.gamma, &|x| ctx.penalty(i, ResponseId { node: x, k: 0 }));
         values.add(&nodes, &v_old, &y, &a);
-        let adv = normalized(rollout, &nodes, &a, cfg);
-        let all = rollout.agent_sequences(i);
+        let adv = node_advantages(rollout, &nodes, &a, cfg);
+        let all = buffer_sequences(rollout, i, cfg.schedule);
         for epoch in 0..cfg.epochs {
             for units in mini_batches(&groups, cfg.mini_batch, ctx.seed ^ ((i as u64) << 32) ^ epoch as u64) {
                 let critic_first = cfg.schedule == Schedule::Buffer;
@@ -173,7 +167,7 @@ fn update_heads(team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx
         let v_old = head_values(p, i, &all, cfg, rollout.nodes.len())?;
         let (y, a) = td_by_node(rollout, &chains, &v_old, cfg.gamma, &|x| ctx.penalty(i, ResponseId { node: x, k: 0 }));
         values.add(&nodes, &v_old, &y, &a);
-        let adv = normalized(rollout, &nodes, &a, cfg);
+        let adv = node_advantages(rollout, &nodes, &a, cfg);
         for epoch in 0..cfg.epochs {
             for units in mini_batches(&groups, cfg.mini_batch, ctx.seed ^ ((i as u64) << 32) ^ epoch as u64) {
                 let batch = agent_batch(rollout, i, &units, cfg.schedule, &all);
@@ -231,14 +225,13 @@ fn head_step(
     let (mut pl_sum, mut vl_sum) = (0.0, 0.0);
     for r in micro_batches(seqs.len(), cfg.micro_batch) {
         let part = &seqs[r];
-        let toks: Vec<Vec<u32>> = part.iter().map(|s| s.tokens.clone()).collect();
-        let spans: Vec<Vec<(usize, usize)>> = part.iter().map(|s| s.spans.clone()).collect();
+        let (toks, spans) = AgentSeq::batch(part);
         let ids: Vec<ResponseId> = part.iter().flat_map(|s| s.ids.iter().copied()).collect();
         let sc = score_spans(&p.model, &toks, &spans, &head_positions(part, cfg.critic.kind), p.tokenizer.pad_id(), true)?;
         let Some(h) = &sc.hidden else { continue };
         let v = head.forward(h, true)?;
         let f = |g: &dyn Fn(&ResponseId) -> f64| tensor(&ids.iter().map(g).collect::<Vec<_>>(), &dev);
-        let old_lp = f(&|id| rollout.nodes[id.node].responses[i][id.k].logprobs.iter().map(|&l| l as f64).sum())?;
+        let old_lp = f(&|&id| rollout.old_logprob(i, id))?;
         let pl = policy_loss(&sc.sums()?, &f(&|id| adv[id])?, &old_lp, cfg.clip_ratio, total)?;
         let vl =
             clipped_value_loss(&v, &f(&|id| v_old[id.node])?, &f(&|id| y[id.node])?, cfg.critic.value_clip, cfg.critic.value_coef, total)?;

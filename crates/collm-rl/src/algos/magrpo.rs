@@ -14,7 +14,10 @@
 //! written), and per mini-batch of nodes (a turn group of the buffer, turns in order):
 //!   L_i = −mean over the batch's responses of Â · log π_i(a_i | h_i).
 
-use super::{agent_batch, agent_step, mean, mini_batches, normalize_advantages, schedule_groups, Algorithm, Tally, UpdateCtx, UpdateStats};
+use super::{
+    agent_batch, agent_step, buffer_sequences, mean, mini_batches, normalize_advantages, schedule_groups, Algorithm, Tally, UpdateCtx,
+    UpdateStats,
+};
 use crate::config::{AdvantageNorm, Algo, Config, JointMode};
 use crate::returns::{group_advantages, tree_return, AdvantageMode};
 use crate::rollout::{ResponseId, Rollout};
@@ -46,7 +49,7 @@ impl Algorithm for Magrpo {
             let mut adv = advantages(rollout, &returns, i, cfg, &|id| ctx.penalty(i, id));
             raw_all.extend(adv.values().copied());
             normalize_advantages(&mut adv, rollout, cfg.advantage_norm());
-            let all = rollout.agent_sequences(i);
+            let all = buffer_sequences(rollout, i, cfg.schedule);
             for epoch in 0..cfg.epochs {
                 let seed = ctx.seed ^ ((i as u64) << 32) ^ (epoch as u64);
                 for units in mini_batches(&groups, cfg.mini_batch, seed) {

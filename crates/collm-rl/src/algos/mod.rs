@@ -70,8 +70,7 @@ pub fn kl_penalties(
     let mut out = BTreeMap::new();
     for r in micro_batches(seqs.len(), micro) {
         let part = &seqs[r];
-        let toks: Vec<Vec<u32>> = part.iter().map(|s| s.tokens.clone()).collect();
-        let spans: Vec<Vec<(usize, usize)>> = part.iter().map(|s| s.spans.clone()).collect();
+        let (toks, spans) = AgentSeq::batch(part);
         let lp = score_spans(reference, &toks, &spans, &vec![vec![]; toks.len()], pad, false)?.token_logprobs.to_vec1::<f32>()?;
         let mut off = 0;
         for id in part.iter().flat_map(|s| s.ids.iter()) {
@@ -177,6 +176,14 @@ pub fn normalize_advantages(adv: &mut BTreeMap<ResponseId, f64>, rollout: &Rollo
     }
 }
 
+/// The actor-critic methods' advantages of one agent: A[node] for each node's one response,
+/// normalized as the config says.
+pub fn node_advantages(rollout: &Rollout, nodes: &[usize], a: &[f64], cfg: &Config) -> BTreeMap<ResponseId, f64> {
+    let mut m: BTreeMap<ResponseId, f64> = nodes.iter().map(|&x| (ResponseId { node: x, k: 0 }, a[x])).collect();
+    normalize_advantages(&mut m, rollout, cfg.advantage_norm());
+    m
+}
+
 /// TD targets and advantages along each chain from rollout-time values `v_old[node]`:
 ///   y_t = r_t − p_t + γ·V_old(h_{t+1}) (y = r − p at the chain's last turn),   A_t = y_t − V_old(h_t),
 /// p_t = `penalty(node)` (the reference-KL penalty, 0 without `kl_coef`). Returns (y, A) by node.
@@ -232,6 +239,15 @@ pub fn schedule_groups(rollout: &Rollout, schedule: Schedule) -> Vec<Vec<usize>>
     }
 }
 
+/// Agent i's sequences of the whole rollout, which the `buffer` schedule's batches are cut from
+/// (`turn` builds its batches per response and needs none).
+pub fn buffer_sequences(rollout: &Rollout, i: usize, schedule: Schedule) -> Vec<AgentSeq> {
+    match schedule {
+        Schedule::Buffer => rollout.agent_sequences(i),
+        Schedule::Turn => vec![],
+    }
+}
+
 /// Agent i's sequences for one mini-batch: `turn` schedule, one per response of the batch's
 /// nodes (history then response); `buffer` schedule, the agent's sequences of the batch's
 /// episodes (a chain is one sequence).
@@ -277,8 +293,7 @@ pub(crate) fn agent_step(
     let mut loss_sum = 0.0;
     for r in micro_batches(seqs.len(), cfg.micro_batch) {
         let part = &seqs[r];
-        let toks: Vec<Vec<u32>> = part.iter().map(|s| s.tokens.clone()).collect();
-        let spans: Vec<Vec<(usize, usize)>> = part.iter().map(|s| s.spans.clone()).collect();
+        let (toks, spans) = AgentSeq::batch(part);
         let ids: Vec<ResponseId> = part.iter().flat_map(|s| s.ids.iter().copied()).collect();
         let mut a = Vec::with_capacity(ids.len());
         for id in &ids {
@@ -287,8 +302,7 @@ pub(crate) fn agent_step(
                 None => bail!("agent {i}: no advantage for the response at node {} sample {}", id.node, id.k),
             }
         }
-        let old: Vec<f64> =
-            ids.iter().map(|id| rollout.nodes[id.node].responses[i][id.k].logprobs.iter().map(|&l| l as f64).sum()).collect();
+        let old: Vec<f64> = ids.iter().map(|&id| rollout.old_logprob(i, id)).collect();
         let s = score_spans(&p.model, &toks, &spans, &vec![vec![]; toks.len()], pad, true)?;
         let dev = p.model.device.clone();
         let loss = policy_loss(&s.sums()?, &tensor(&a, &dev)?, &tensor(&old, &dev)?, cfg.clip_ratio, total)?;
