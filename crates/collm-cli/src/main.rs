@@ -5,7 +5,7 @@ mod bench;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use collm_model::{loader, score, Message, SamplingParams};
+use collm_model::{loader, score, SamplingParams};
 use collm_rl::{Config, Trainer};
 use std::path::PathBuf;
 
@@ -94,7 +94,8 @@ struct TrainArgs {
     /// The experiment's TOML config.
     #[arg(long, required_unless_present = "resume")]
     config: Option<PathBuf>,
-    /// Override a config key: --set key=value (dotted keys for tables, e.g. task.turns=2).
+    /// Override a config key: --set key=value (dotted keys for tables, e.g. task.turns=2). With
+    /// --resume only steps, eval_every, eval_items and checkpoint_every may change.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// The run directory (config, metrics.jsonl, checkpoints).
@@ -175,24 +176,13 @@ struct EvalArgs {
     sampled: bool,
 }
 
-/// Reads a `--messages` file: a JSON list of {role, content}.
-pub fn read_messages(path: &PathBuf) -> Result<Vec<Message>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let msgs: Vec<Message> = serde_json::from_str(&text)
-        .with_context(|| format!("{}: expected a JSON list of {{\"role\": ..., \"content\": ...}} messages", path.display()))?;
-    if msgs.is_empty() {
-        bail!("{}: the message list is empty", path.display());
-    }
-    Ok(msgs)
-}
-
 fn prompt_ids(a: &PromptArgs, lm: &loader::LoadedModel) -> Result<Vec<u32>> {
     let text = if let Some(p) = &a.prompt {
         p.clone()
     } else if let Some(f) = &a.prompt_file {
         std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
     } else if let Some(m) = &a.messages {
-        let msgs = read_messages(m)?;
+        let msgs = collm_model::tokenizer::read_messages(m)?;
         lm.tokenizer.apply_chat_template(&msgs, true).with_context(|| format!("{}: rendering the chat template", m.display()))?
     } else {
         bail!("give one of --prompt, --prompt-file or --messages");
@@ -219,6 +209,15 @@ fn run(cli: Cli) -> Result<()> {
             }
             let lm = load_model(&a.input.model)?;
             let ids = prompt_ids(&a.input, &lm)?;
+            let ctx = lm.model.cfg.max_position_embeddings;
+            if ids.len().saturating_add(a.max_new_tokens) > ctx {
+                bail!(
+                    "--max-new-tokens {}: the prompt's {} tokens and the response must fit the model's context of {ctx} tokens (at most {})",
+                    a.max_new_tokens,
+                    ids.len(),
+                    ctx.saturating_sub(ids.len())
+                );
+            }
             let params = SamplingParams {
                 max_new_tokens: a.max_new_tokens,
                 temperature: a.temperature,
@@ -278,7 +277,7 @@ fn run(cli: Cli) -> Result<()> {
 fn train(a: TrainArgs) -> Result<()> {
     let mut t = match (&a.resume, &a.config) {
         (Some(dir), _) => {
-            let t = Trainer::resume(dir)?;
+            let t = Trainer::resume_with(dir, &a.set)?;
             eprintln!("collm: resuming {} at step {}", dir.display(), t.step);
             t
         }
@@ -457,10 +456,41 @@ fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// SIGINT and SIGTERM ask a training run to stop: the first lets the step in progress finish and
+/// a checkpoint be written (the run then exits 130 or 143 and says how to resume); a second one
+/// abandons the step at once (the previous checkpoint stays as it was).
+extern "C" fn on_stop_signal(sig: libc::c_int) {
+    use std::sync::atomic::Ordering;
+    if collm_rl::trainer::STOP_SIGNAL.swap(sig, Ordering::SeqCst) != 0 {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(128 + sig) };
+    }
+}
+
+fn install_stop_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only touches an atomic and calls _exit, both async-signal-safe.
+        unsafe { libc::signal(sig, on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    }
+}
+
 fn main() {
     collm_model::model::pin_thread_count();
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Train(_)) {
+        install_stop_handlers();
+    }
     if let Err(e) = run(cli) {
+        if let Some(i) = e.downcast_ref::<collm_rl::trainer::Interrupted>() {
+            let name = if i.signal == libc::SIGINT { "SIGINT" } else { "SIGTERM" };
+            let run = i.checkpoint.parent().and_then(|p| p.parent()).map(|p| p.display().to_string()).unwrap_or_default();
+            eprintln!(
+                "collm: stopped by {name} after step {}; checkpoint {}\ncollm: continue with: collm train --resume {run}",
+                i.step,
+                i.checkpoint.display()
+            );
+            std::process::exit(128 + i.signal);
+        }
         eprintln!("collm: error: {e:#}");
         std::process::exit(1);
     }

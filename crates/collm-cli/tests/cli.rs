@@ -146,8 +146,17 @@ fn bad_inputs_are_clear_errors() {
         assert_eq!(out.status.code(), Some(1), "--turn {turn}: {err}");
         assert!(err.contains("--turn"), "{err}");
     }
+    // A response that cannot fit the context used to generate for ever.
+    let out = collm()
+        .args(["generate", "--model", "smollm2-135m", "--greedy", "--prompt", "Hi", "--max-new-tokens", "1000000000"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--max-new-tokens 1000000000") && err.contains("context of 8192 tokens"), "{err}");
     let synthetic = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/synthetic-dense.toml");
-    for set in ["agents.tiny.heads=0", "agents.tiny.hidden=0", "k=100000"] {
+    for set in ["agents.tiny.heads=0", "agents.tiny.hidden=0", "k=100000", "sampling.max_new_tokens=1000000000", "agents.tiny.hidden=65536"]
+    {
         let out = collm()
             .args(["train", "--config"])
             .arg(&synthetic)
@@ -157,5 +166,7 @@ fn bad_inputs_are_clear_errors() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{set}: {err}");
+        let key = set.split('=').next().unwrap().rsplit('.').next().unwrap();
+        assert!(err.contains(key) || err.contains("memory is available"), "{set}: {err}");
     }
 }

@@ -10,8 +10,16 @@ use std::path::Path;
 
 pub type Row = Map<String, Value>;
 
-/// Reads every row of a dataset file.
+/// Reads every row of a dataset file; a file without rows is an error naming it.
 pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
+    let rows = read_any_rows(path)?;
+    if rows.is_empty() {
+        bail!("{}: the dataset holds no rows", path.display());
+    }
+    Ok(rows)
+}
+
+fn read_any_rows(path: &Path) -> Result<Vec<Row>> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_lowercase();
     if name.ends_with(".parquet") {
         return read_parquet(path);
@@ -45,11 +53,26 @@ pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
         .collect()
 }
 
+/// Reads a Parquet file. The parquet crate panics on some damaged files (negative column chunk
+/// ranges, short bit-packed runs): such a panic becomes an error naming the file.
 fn read_parquet(path: &Path) -> Result<Vec<Row>> {
+    match std::panic::catch_unwind(|| read_parquet_rows(path)) {
+        Ok(r) => r,
+        Err(p) => {
+            let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            bail!("{}: a damaged Parquet file (the reader failed inside: {why})", path.display())
+        }
+    }
+}
+
+fn read_parquet_rows(path: &Path) -> Result<Vec<Row>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let reader = SerializedFileReader::new(f).with_context(|| format!("{}: not a Parquet file", path.display()))?;
-    let mut rows = Vec::with_capacity(reader.metadata().file_metadata().num_rows().max(0) as usize);
+    // The row count is the file's own claim: reserve no more than its bytes could hold.
+    let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let claimed = reader.metadata().file_metadata().num_rows().max(0) as u64;
+    let mut rows = Vec::with_capacity(claimed.min(len) as usize);
     for (i, row) in reader.get_row_iter(None).with_context(|| format!("{}: reading rows", path.display()))?.enumerate() {
         let row = row.with_context(|| format!("{}: row {i}", path.display()))?;
         match row.to_json_value() {
@@ -126,6 +149,10 @@ mod tests {
         assert!(e.contains("row 0 has no column 'text' (it has: prompt; map another column with `task.text_field`)"), "{e}");
         let e = format!("{:#}", read_rows(Path::new("/nonexistent/x.parquet")).unwrap_err());
         assert!(e.contains("/nonexistent/x.parquet"), "{e}");
+        for (name, bytes) in [("empty.jsonl", &b"\n\n"[..]), ("empty.json", b"[]")] {
+            let e = format!("{:#}", read_rows(&tmp(name, bytes)).unwrap_err());
+            assert!(e.contains(&format!("{name}: the dataset holds no rows")), "{e}");
+        }
         let p = tmp("fake.parquet", b"PAR1 not really");
         let e = format!("{:#}", read_rows(&p).unwrap_err());
         assert!(e.contains("fake.parquet: not a Parquet file"), "{e}");

@@ -98,8 +98,37 @@ pub struct Sandbox {
     pub isolation: Isolation,
 }
 
-/// Runs started by this process (all sandboxes): names each run's directory and uid.
+/// Runs started by this process (all sandboxes): names each run's directory.
 static RUNS: AtomicU32 = AtomicU32::new(0);
+
+/// Runs of one process that may be in progress at once, each with a uid of its own; more wait.
+const UID_SLOTS: usize = 256;
+
+static SLOTS: std::sync::Mutex<[bool; UID_SLOTS]> = std::sync::Mutex::new([false; UID_SLOTS]);
+static SLOT_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// A uid slot held by a run in progress; freed when dropped.
+struct UidSlot(usize);
+
+impl UidSlot {
+    fn take() -> Self {
+        let mut slots = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(i) = slots.iter().position(|&busy| !busy) {
+                slots[i] = true;
+                return Self(i);
+            }
+            slots = SLOT_FREED.wait(slots).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        SLOTS.lock().unwrap_or_else(|e| e.into_inner())[self.0] = false;
+        SLOT_FREED.notify_one();
+    }
+}
 
 /// The audit hook run before the code (argv: guard.py, code.py).
 const GUARD: &str = r#"import os, sys
@@ -230,8 +259,11 @@ impl Sandbox {
     pub fn run(&self, files: &[(&str, &[u8])], main: &str) -> Result<RunResult> {
         let n = RUNS.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
-        // A throwaway uid per run: distinct across the runs of this process and, by pid, of others.
-        let uid = 200_000 + (pid % 20_000) * 64 + (n % 64);
+        // A throwaway uid per run, held until the run ends: distinct across the runs of this
+        // process in progress (a run's cleanup kills every process of its uid, so two live runs
+        // must never share one) and, by pid, across processes.
+        let slot = UidSlot::take();
+        let uid = 200_000 + (pid % 7_000) * UID_SLOTS as u32 + slot.0 as u32;
         let dir = std::env::temp_dir().join(format!("collm-sandbox-{pid}-{n}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).with_context(|| format!("sandbox: creating {}", dir.display()))?;

@@ -173,3 +173,16 @@ fn coop_humaneval_loads_and_splits_like_the_paper() {
     let got = load_problems(&pq, &cols).unwrap();
     assert_eq!((got[0].task_id.as_str(), got[0].entry_point.as_str()), ("T/0", "add"));
 }
+
+/// A sandbox that cannot run the harness to its report (here: a wall-clock limit too short for
+/// Python to start) makes the reward an error naming the problem, never a silent zero.
+#[test]
+fn a_failing_sandbox_is_an_error_not_a_zero_reward() {
+    use collm_envs::sandbox::{Limits, Sandbox};
+    let limits = Limits { timeout: Duration::from_millis(1), ..Limits::default() };
+    let sb = std::sync::Arc::new(Sandbox::new(limits, None).unwrap());
+    let env = Coding::new(CodingTask::Sample, Coding::sample_problems(), sb).unwrap();
+    let joint = vec![vec!["def aux(x):\n    return x\n".to_string(), "def sum_of_squares(n):\n    return 0\n".to_string()]];
+    let e = format!("{:#}", env.step(Split::Train, 0, 0, &joint).unwrap_err());
+    assert!(e.contains("coding harness failed") && e.contains("problem collm/"), "{e}");
+}

@@ -166,6 +166,11 @@ impl ModelConfig {
         v
     }
 
+    /// The number of weights a model of this config has.
+    pub fn param_count(&self) -> u64 {
+        crate::model::expected_tensors(self).iter().map(|(_, s)| s.iter().map(|&d| d as u64).product::<u64>()).sum()
+    }
+
     /// Checks the sizes before anything is allocated: each within what any real model has.
     pub fn validate(&self) -> Result<()> {
         for (name, v, max) in [

@@ -133,6 +133,9 @@ fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
     let rest: usize = dims[1..].iter().product();
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+        bail!("{rows} rows cannot be split into {heads} heads of an even size");
+    }
     let hd = rows / heads;
     Ok(t.reshape((heads, hd / 2, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
 }
@@ -142,29 +145,27 @@ pub fn load_gguf(path: &Path) -> Result<LoadedModel> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {source}"))?;
     // SAFETY: the file is opened read-only and not modified while mapped.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {source}"))?;
+    crate::gguf::check(&mmap, &source)?;
     let mut reader = std::io::Cursor::new(&mmap[..]);
     let content = gguf_file::Content::read(&mut reader).map_err(|e| anyhow!("{source}: not a readable GGUF file: {e}"))?;
     let cfg = gguf_config(&content, &source)?;
     let tokenizer = Tokenizer::from_gguf_metadata(&content.metadata, &source)?;
     let mut tensors = BTreeMap::new();
-    for (name, info) in &content.tensor_infos {
+    for name in content.tensor_infos.keys() {
         let Some(hf) = hf_name(name) else { continue };
-        let end = content.tensor_data_offset
-            + info.offset
-            + (info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
-        if end > mmap.len() as u64 {
-            bail!("{source}: tensor '{name}' runs past the end of the file (truncated download?)");
-        }
-        let q = content.tensor(&mut reader, name, &Device::Cpu).map_err(|e| anyhow!("{source}: tensor '{name}': {e}"))?;
-        let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
-        if cfg.arch == Arch::Llama {
-            if name.starts_with("blk.") && name.contains(".attn_q.") {
-                t = unpermute_rows(&t, cfg.num_heads)?;
-            } else if name.starts_with("blk.") && name.contains(".attn_k.") {
-                t = unpermute_rows(&t, cfg.num_kv_heads)?;
+        let read = || -> Result<Tensor> {
+            let q = content.tensor(&mut reader.clone(), name, &Device::Cpu)?;
+            let mut t = q.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
+            if cfg.arch == Arch::Llama && name.starts_with("blk.") {
+                if name.contains(".attn_q.") {
+                    t = unpermute_rows(&t, cfg.num_heads)?;
+                } else if name.contains(".attn_k.") {
+                    t = unpermute_rows(&t, cfg.num_kv_heads)?;
+                }
             }
-        }
-        tensors.insert(hf, t);
+            Ok(t)
+        };
+        tensors.insert(hf, read().with_context(|| format!("{source}: tensor '{name}'"))?);
     }
     if tokenizer.vocab_size() > cfg.vocab_size {
         bail!("{source}: tokenizer has {} tokens but the embedding only {}", tokenizer.vocab_size(), cfg.vocab_size);

@@ -93,6 +93,26 @@ impl KvCache {
     }
 }
 
+/// The memory this process may still allocate: the machine's available memory, or less under an
+/// address-space limit (None where neither can be read).
+pub fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    });
+    let limit = std::fs::read_to_string("/proc/self/limits").ok().and_then(|l| {
+        let line = l.lines().find(|l| l.starts_with("Max address space"))?;
+        let cap = line.split_whitespace().nth(3)?.parse::<u64>().ok()?;
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let used = status.lines().find(|l| l.starts_with("VmSize:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
+        Some(cap.saturating_sub(used))
+    });
+    match (meminfo, limit) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Names and shapes of every tensor a model of this config has.
 pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
@@ -160,8 +180,21 @@ impl Transformer {
         Ok(Self { cfg, params, lora: None, device })
     }
 
-    /// A randomly initialised model: N(0, 0.02) matrices, unit norms, zero biases.
+    /// A randomly initialised model: N(0, 0.02) matrices, unit norms, zero biases. A config whose
+    /// weights alone would not fit in the memory this process may use is an error, not an abort.
     pub fn random(cfg: ModelConfig, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        let need = cfg.param_count().saturating_mul(4);
+        if let Some(have) = available_memory() {
+            if need > have {
+                bail!(
+                    "a model of this size has {} weights ({:.1} GiB in f32) but only {:.1} GiB of memory is available",
+                    cfg.param_count(),
+                    need as f64 / (1u64 << 30) as f64,
+                    have as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
         let mut rng = StdRng::seed_from_u64(seed);
         let mut tensors = BTreeMap::new();
         for (name, shape) in expected_tensors(&cfg) {
@@ -275,6 +308,15 @@ impl Transformer {
         let t = tokens[0].len();
         if tokens.iter().any(|r| r.len() != t) || valid.iter().any(|r| r.len() != t) {
             bail!("forward: rows must be padded to one length");
+        }
+        let ctx = cfg.max_position_embeddings;
+        for r in 0..b {
+            let n = cache.next_pos[r] as usize + valid[r].iter().filter(|&&v| v).count();
+            if n > ctx {
+                bail!(
+                    "a sequence of {n} tokens is longer than the model's context of {ctx} tokens (max_position_embeddings): shorten the prompt or history, or lower max_new_tokens"
+                );
+            }
         }
         let past = cache.slots();
         let mut flat = Vec::with_capacity(b * t);

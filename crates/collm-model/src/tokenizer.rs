@@ -12,6 +12,36 @@ pub struct Message {
     pub content: String,
 }
 
+/// A `tokenizers` tokenizer from its JSON. The JSON's syntax is checked first, and a panic inside
+/// the library (its deserializer unwraps some errors, e.g. in `decoder`) becomes an error naming
+/// `source`.
+fn parse_tokenizer(bytes: &[u8], source: &str) -> Result<tokenizers::Tokenizer> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).with_context(|| format!("{source}: not valid JSON"))?;
+    match std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes)) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => bail!("{source}: {e}"),
+        Err(p) => {
+            let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            bail!("{source}: not a tokenizer the tokenizers library can read (it failed inside: {why})")
+        }
+    }
+}
+
+/// Reads a `--messages` file: a JSON list of {role, content}; errors name the file.
+pub fn read_messages(path: &Path) -> Result<Vec<Message>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let msgs: Vec<Message> = serde_json::from_str(&text)
+        .with_context(|| format!("{}: expected a JSON list of {{\"role\": ..., \"content\": ...}} messages", path.display()))?;
+    if msgs.is_empty() {
+        bail!("{}: the message list is empty", path.display());
+    }
+    Ok(msgs)
+}
+
+/// The instructions a chat template may run per rendering: far more than any real template needs
+/// for a long conversation, far fewer than a runaway loop takes.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
 pub struct Tokenizer {
     pub inner: tokenizers::Tokenizer,
     pub bos: Option<(u32, String)>,
@@ -65,6 +95,8 @@ impl Tokenizer {
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // A template that loops without end (or for billions of steps) runs out of fuel instead.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
@@ -125,7 +157,7 @@ impl Tokenizer {
                       "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                       "vocab": vocab, "merges": merges}
         });
-        let inner = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&spec)?).map_err(|e| anyhow!("{source}: tokenizer: {e}"))?;
+        let inner = parse_tokenizer(&serde_json::to_vec(&spec)?, &format!("{source}: tokenizer"))?;
         let named = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).map(|t| (i, t.clone())));
         let bos = named(id_of("tokenizer.ggml.bos_token_id"));
         let eos = named(id_of("tokenizer.ggml.eos_token_id"));
@@ -206,7 +238,8 @@ impl Tokenizer {
     /// Reads `tokenizer.json`, `tokenizer_config.json` (and `generation_config.json` if present).
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&tj).map_err(|e| anyhow!("{}: {e}", tj.display()))?;
+        let bytes = std::fs::read(&tj).with_context(|| format!("reading {}", tj.display()))?;
+        let inner = parse_tokenizer(&bytes, &tj.display().to_string())?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc: Value = if tc_path.exists() {
             let s = std::fs::read_to_string(&tc_path).with_context(|| format!("reading {}", tc_path.display()))?;

@@ -1,18 +1,15 @@
 //! Behaviour of the model core on tiny random models built here: KV-cache decoding, gradients,
 //! LoRA, AdamW, padding invariance, checkpoints, HF export, GGUF loading, malformed inputs.
 
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use collm_model::checkpoint;
 use collm_model::generate::{extend, prefill};
 use collm_model::loader;
 use collm_model::*;
 
-const SPECIALS: [&str; 4] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"];
-
-fn tiny(arch: Arch, vocab: usize, seed: u64) -> Transformer {
-    Transformer::random(ModelConfig::tiny(arch, vocab), seed).unwrap()
-}
+mod common;
+use common::*;
 
 fn all_archs() -> Vec<Transformer> {
     let mut untied = ModelConfig::tiny(Arch::Llama, 64);
@@ -274,13 +271,6 @@ fn value_head_outputs_scalars_and_trains() {
     }
 }
 
-fn tmpdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("collm-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 #[test]
 fn checkpoints_round_trip_full_and_lora_only() {
     let dir = tmpdir("ckpt");
@@ -337,98 +327,6 @@ fn hf_export_loads_back_with_identical_logits() {
 }
 
 /// llama.cpp's Q/K row permutation (the inverse of what the loader undoes).
-fn permute(t: &Tensor, heads: usize) -> Tensor {
-    let (rows, cols) = t.dims2().unwrap();
-    t.reshape((heads, 2, rows / heads / 2, cols)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((rows, cols)).unwrap()
-}
-
-fn gguf_name(hf: &str) -> String {
-    let map = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
-        return g.to_string();
-    }
-    let rest = hf.strip_prefix("model.layers.").unwrap();
-    let (l, rest) = rest.split_once('.').unwrap();
-    let rest = rest
-        .replace("input_layernorm", "attn_norm")
-        .replace("post_attention_layernorm", "ffn_norm")
-        .replace("self_attn.q_proj", "attn_q")
-        .replace("self_attn.k_proj", "attn_k")
-        .replace("self_attn.v_proj", "attn_v")
-        .replace("self_attn.o_proj", "attn_output")
-        .replace("self_attn.q_norm", "attn_q_norm")
-        .replace("self_attn.k_norm", "attn_k_norm")
-        .replace("mlp.gate_proj", "ffn_gate")
-        .replace("mlp.up_proj", "ffn_up")
-        .replace("mlp.down_proj", "ffn_down");
-    format!("blk.{l}.{rest}")
-}
-
-/// Writes `m` as a GGUF file the way llama.cpp's converter would (matrices in `dtype`).
-fn write_gguf(m: &Transformer, path: &std::path::Path, dtype: GgmlDType, skip: Option<&str>) {
-    write_gguf_with(m, path, dtype, skip, &[]);
-}
-
-/// `write_gguf` with some integer metadata (`{arch}.KEY`) replaced.
-fn write_gguf_with(m: &Transformer, path: &std::path::Path, dtype: GgmlDType, skip: Option<&str>, set: &[(&str, u32)]) {
-    use gguf_file::Value as V;
-    let a = m.cfg.arch.model_type();
-    let tok = Tokenizer::byte_level(&SPECIALS).unwrap();
-    let mut vocab: Vec<(String, u32)> = tok.inner.get_vocab(true).into_iter().collect();
-    vocab.sort_by_key(|x| x.1);
-    vocab.push(("he".into(), vocab.len() as u32)); // the one merge's result
-    let tokens: Vec<V> = vocab.iter().map(|(s, _)| V::String(s.clone())).collect();
-    let types: Vec<V> = vocab.iter().map(|(_, i)| V::I32(if (*i as usize) < SPECIALS.len() { 3 } else { 1 })).collect();
-    let md: Vec<(String, V)> = vec![
-        ("general.architecture".into(), V::String(a.into())),
-        (format!("{a}.embedding_length"), V::U32(m.cfg.hidden_size as u32)),
-        (format!("{a}.feed_forward_length"), V::U32(m.cfg.intermediate_size as u32)),
-        (format!("{a}.block_count"), V::U32(m.cfg.num_layers as u32)),
-        (format!("{a}.attention.head_count"), V::U32(m.cfg.num_heads as u32)),
-        (format!("{a}.attention.head_count_kv"), V::U32(m.cfg.num_kv_heads as u32)),
-        (format!("{a}.attention.key_length"), V::U32(m.cfg.head_dim as u32)),
-        (format!("{a}.rope.freq_base"), V::F32(m.cfg.rope_theta as f32)),
-        (format!("{a}.attention.layer_norm_rms_epsilon"), V::F32(m.cfg.rms_norm_eps as f32)),
-        (format!("{a}.context_length"), V::U32(2048)),
-        ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), V::String("smollm".into())),
-        ("tokenizer.ggml.tokens".into(), V::Array(tokens)),
-        ("tokenizer.ggml.token_type".into(), V::Array(types)),
-        ("tokenizer.ggml.merges".into(), V::Array(vec![V::String("h e".into())])),
-        ("tokenizer.ggml.eos_token_id".into(), V::U32(2)),
-        ("tokenizer.chat_template".into(), V::String("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into())),
-    ];
-    let md: Vec<(String, V)> = md
-        .into_iter()
-        .map(|(k, v)| match set.iter().find(|(key, _)| k == format!("{a}.{key}")) {
-            Some((_, x)) => (k, V::U32(*x)),
-            None => (k, v),
-        })
-        .collect();
-    let mut qts = vec![];
-    for (name, t) in m.tensors() {
-        if Some(name.as_str()) == skip {
-            continue;
-        }
-        let mut t = t;
-        if m.cfg.arch == Arch::Llama && name.ends_with("q_proj.weight") {
-            t = permute(&t, m.cfg.num_heads);
-        } else if m.cfg.arch == Arch::Llama && name.ends_with("k_proj.weight") {
-            t = permute(&t, m.cfg.num_kv_heads);
-        }
-        let dt = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
-        qts.push((gguf_name(&name), QTensor::quantize(&t, dt).unwrap()));
-    }
-    let mut f = std::fs::File::create(path).unwrap();
-    let mdr: Vec<(&str, &V)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tr: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut f, &mdr, &tr).unwrap();
-}
-
 #[test]
 fn gguf_loading_undoes_the_qk_permutation_and_dequantizes() {
     let dir = tmpdir("gguf");
@@ -541,6 +439,45 @@ fn malformed_inputs_give_clear_errors() {
         let e = format!("{:#}", loader::load(p.to_str().unwrap()).err().unwrap());
         assert!(e.contains(&format!("bad-{key}.gguf")) && e.contains(want), "{key}: {e}");
     }
+    // A damaged tensor offset or dimension used to load and generate garbage: it is refused,
+    // naming the tensor.
+    let offset_of = |bytes: &[u8], name: &str| -> (usize, usize) {
+        // name, then n_dims (u32), the dims (u64 each), the type (u32) and the offset (u64).
+        let at = bytes.windows(name.len()).position(|w| w == name.as_bytes()).unwrap() + name.len();
+        let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        (at + 4, at + 4 + 8 * n_dims + 4)
+    };
+    let (dims_at, off_at) = offset_of(&bytes, "blk.0.ffn_up.weight");
+    let mut moved = bytes.clone();
+    moved[off_at..off_at + 8].copy_from_slice(&0u64.to_le_bytes());
+    let p = dir.join("bad-offset.gguf");
+    std::fs::write(&p, &moved).unwrap();
+    let e = format!("{:#}", loader::load(p.to_str().unwrap()).err().unwrap());
+    assert!(e.contains("bad-offset.gguf") && e.contains("overlaps"), "{e}");
+    let mut grown = bytes.clone();
+    grown[dims_at..dims_at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let p = dir.join("bad-dim.gguf");
+    std::fs::write(&p, &grown).unwrap();
+    let e = format!("{:#}", loader::load(p.to_str().unwrap()).err().unwrap());
+    assert!(e.contains("bad-dim.gguf") && e.contains("blk.0.ffn_up.weight") && e.contains("runs past the end"), "{e}");
+    // Sequences past the context are refused instead of running silently.
+    let mut short = ModelConfig::tiny(Arch::Llama, 264);
+    short.max_position_embeddings = 8;
+    let sm = Transformer::random(short, 1).unwrap();
+    let mut cache = KvCache::new(1, sm.cfg.num_layers);
+    sm.forward(&[vec![1; 8]], &[vec![true; 8]], &mut cache, false).unwrap();
+    let e = sm.forward(&[vec![1]], &[vec![true]], &mut cache, false).unwrap_err();
+    assert!(e.to_string().contains("9 tokens is longer than the model's context of 8"), "{e}");
+    // A model too big for this machine's memory is an error, not an abort.
+    let mut huge = ModelConfig::tiny(Arch::Llama, 264);
+    (huge.hidden_size, huge.num_layers, huge.intermediate_size, huge.head_dim) = (65_536, 1024, 1 << 20, 64);
+    let e = format!("{:#}", Transformer::random(huge, 1).err().unwrap());
+    assert!(e.contains("GiB of memory is available"), "{e}");
+    // A chat template that loops for ever runs out of fuel.
+    let mut t = Tokenizer::byte_level(&SPECIALS).unwrap();
+    t.chat_template = Some("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}".into());
+    let e = format!("{:#}", t.apply_chat_template(&[], true).unwrap_err());
+    assert!(e.contains("chat template failed to render") && e.contains("fuel"), "{e}");
     // A path that does not exist.
     let e = format!("{:#}", loader::load("/nonexistent/model.gguf").err().unwrap());
     assert!(e.contains("not found"), "{e}");

@@ -98,6 +98,9 @@ pub struct TinyModel {
     pub heads: usize,
     pub kv_heads: usize,
     pub intermediate: usize,
+    /// The context in tokens (a model from random init has no trained limit; RoPE runs at any
+    /// position): the longest history and response it takes.
+    pub context: usize,
     /// `chars`: the synthetic tasks' small alphabet; `bytes`: one token per byte, so any task's
     /// text fits (end-to-end tests of the real tasks).
     pub vocab: TinyVocab,
@@ -144,7 +147,7 @@ pub enum TinyVocab {
 
 impl Default for TinyModel {
     fn default() -> Self {
-        Self { hidden: 32, layers: 2, heads: 4, kv_heads: 2, intermediate: 64, vocab: TinyVocab::Chars }
+        Self { hidden: 32, layers: 2, heads: 4, kv_heads: 2, intermediate: 64, context: 65_536, vocab: TinyVocab::Chars }
     }
 }
 
@@ -555,11 +558,21 @@ impl Config {
         if self.k > MAX_K {
             bail!("'k' = {}: at most {MAX_K} samples per agent and node", self.k);
         }
+        for (key, v, max) in [("buffer", self.buffer, 1 << 16), ("task.turns", self.task.turns, 64), ("epochs", self.epochs, 1000)] {
+            if v > max {
+                bail!("'{key}' = {v}: at most {max}");
+            }
+        }
         let t = &self.agents.tiny;
-        for (name, v) in
-            [("hidden", t.hidden), ("layers", t.layers), ("heads", t.heads), ("kv_heads", t.kv_heads), ("intermediate", t.intermediate)]
-        {
-            if v == 0 || v > 65_536 {
+        for (name, v) in [
+            ("hidden", t.hidden),
+            ("layers", t.layers),
+            ("heads", t.heads),
+            ("kv_heads", t.kv_heads),
+            ("intermediate", t.intermediate),
+            ("context", t.context),
+        ] {
+            if v == 0 || v > if name == "context" { 1 << 24 } else { 65_536 } {
                 bail!("'agents.tiny.{name}' must be between 1 and 65536, got {v}");
             }
         }

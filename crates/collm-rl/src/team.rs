@@ -152,7 +152,11 @@ pub fn load_model(spec: &ModelSpec, seed: u64) -> Result<(Transformer, Tokenizer
         cfg.num_kv_heads = t.kv_heads;
         cfg.head_dim = t.hidden / t.heads;
         cfg.intermediate_size = t.intermediate;
-        (Transformer::random(cfg, seed)?, tok)
+        cfg.max_position_embeddings = t.context;
+        let model = Transformer::random(cfg, seed).with_context(|| {
+            format!("tiny model (hidden {}, layers {}, heads {}, intermediate {})", t.hidden, t.layers, t.heads, t.intermediate)
+        })?;
+        (model, tok)
     } else {
         let lm = loader::load(&spec.model).with_context(|| format!("loading model '{}'", spec.model))?;
         (lm.model, lm.tokenizer)
@@ -189,6 +193,13 @@ impl Team {
                 let (m, t) = load_model(spec, seed)?;
                 (m, Arc::new(t))
             };
+            let ctx = model.cfg.max_position_embeddings;
+            if cfg.sampling.max_new_tokens >= ctx {
+                bail!(
+                    "'sampling.max_new_tokens' = {}: agent {i}'s model has a context of {ctx} tokens, which must hold the history as well as the response",
+                    cfg.sampling.max_new_tokens
+                );
+            }
             let chat = match spec.format {
                 PromptFormat::Chat => Some(
                     ChatPieces::new(&tokenizer)

@@ -142,6 +142,45 @@ impl EventWriter {
     }
 }
 
+/// The step of every scalar event in an event file, in file order (the file-version record has
+/// none); an error if a record's length or CRC is wrong.
+pub fn scalar_steps(path: &Path) -> Result<Vec<u64>> {
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = vec![];
+    let mut i = 0;
+    while i < data.len() {
+        let bad = || anyhow::anyhow!("{}: damaged record at byte {i}", path.display());
+        let head = data.get(i..i + 12).ok_or_else(bad)?;
+        let len = u64::from_le_bytes(head[..8].try_into()?) as usize;
+        if u32::from_le_bytes(head[8..12].try_into()?) != masked_crc(&head[..8]) {
+            return Err(bad());
+        }
+        let rec = data.get(i + 12..(i + 12).saturating_add(len)).ok_or_else(bad)?;
+        let crc = data.get(i + 12 + len..i + 16 + len).ok_or_else(bad)?;
+        if u32::from_le_bytes(crc.try_into()?) != masked_crc(rec) {
+            return Err(bad());
+        }
+        // Field 1 is the wall time (8 bytes), field 2 the step (a varint), then the payload:
+        // field 5 (a summary) for scalars.
+        if rec.len() > 10 && rec[0] == 0x09 && rec[9] == 0x10 {
+            let (mut step, mut shift, mut j) = (0u64, 0, 10);
+            while j < rec.len() && shift < 64 {
+                step |= ((rec[j] & 0x7f) as u64) << shift;
+                shift += 7;
+                j += 1;
+                if rec[j - 1] & 0x80 == 0 {
+                    break;
+                }
+            }
+            if rec.get(j) == Some(&0x2a) {
+                out.push(step);
+            }
+        }
+        i += 16 + len;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

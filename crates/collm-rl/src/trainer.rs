@@ -86,6 +86,34 @@ pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
     })
 }
 
+/// The signal (SIGINT, SIGTERM) that asked the run to stop, or 0. The binary's signal handler
+/// sets it; [`Trainer::run`] finishes the step in progress, writes a checkpoint and returns
+/// [`Interrupted`].
+pub static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// A run stopped by a signal after a finished step, with its checkpoint written.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub signal: i32,
+    pub step: usize,
+    pub checkpoint: PathBuf,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stopped by signal {} after step {}; checkpoint {}", self.signal, self.step, self.checkpoint.display())
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+fn stop_signal() -> Option<i32> {
+    match STOP_SIGNAL.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
 pub const DEFAULT_COOP_HUMANEVAL: &str = "../shared/data/coding/coop_humaneval.json";
 pub const DEFAULT_STR_BUILD: &str = "../shared/data/minecraft/str_build.csv";
 pub const DEFAULT_HOUSE_BUILD: &str = "../shared/data/minecraft/house_build.json";
@@ -124,6 +152,83 @@ fn check_out_dir(out: &Path) -> Result<bool> {
         );
     }
     Ok(true)
+}
+
+/// The config keys `--resume` may change with `--set`.
+pub const RESUMABLE_KEYS: [&str; 4] = ["steps", "eval_every", "eval_items", "checkpoint_every"];
+
+/// Every key of a TOML table, dotted, with its value.
+fn flatten(prefix: &str, t: &toml::Table, out: &mut BTreeMap<String, toml::Value>) {
+    for (k, v) in t {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            toml::Value::Table(t) => flatten(&key, t, out),
+            v => {
+                out.insert(key, v.clone());
+            }
+        }
+    }
+}
+
+/// Refuses a resume whose config differs from the one its checkpoint was trained with, on any key
+/// but [`RESUMABLE_KEYS`] (an edited `config.toml` in the run used to continue silently, mixing
+/// methods or settings in one run).
+fn check_unchanged(cfg: &Config, path: &Path, ckpt: &Path) -> Result<()> {
+    let saved_path = ckpt.join("config.toml");
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer.json")).unwrap_or_default()).unwrap_or(Value::Null);
+    if let Some(algo) = state["algo"].as_str() {
+        if algo != cfg.algo.name() {
+            bail!(
+                "{}: 'algo' is \"{}\" but {} was trained with \"{algo}\"; a resumed run keeps its method (restore the file, or start a new run with --config)",
+                path.display(),
+                cfg.algo.name(),
+                ckpt.display()
+            );
+        }
+    }
+    let Ok(saved) = std::fs::read_to_string(&saved_path) else { return Ok(()) };
+    // Through the config's own parser, so keys added since the checkpoint was written take their
+    // defaults on both sides.
+    let old: toml::Table = toml::from_str(&saved).with_context(|| format!("{}: not valid TOML", saved_path.display()))?;
+    let keep = if old.contains_key("schedule") { vec![] } else { vec!["schedule=\"buffer\"".to_string()] };
+    let saved_cfg = Config::from_toml(&saved, &saved_path.display().to_string(), &keep)?;
+    let saved: toml::Table = toml::from_str(&toml::to_string(&saved_cfg)?)?;
+    let now: toml::Table = toml::from_str(&toml::to_string(cfg)?)?;
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", &saved, &mut a);
+    flatten("", &now, &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let changed: Vec<String> = keys
+        .into_iter()
+        .filter(|k| !RESUMABLE_KEYS.contains(&k.as_str()) && a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |v: Option<&toml::Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "unset".into());
+            format!("'{k}' = {} (checkpoint: {})", show(b.get(k)), show(a.get(k)))
+        })
+        .collect();
+    if !changed.is_empty() {
+        bail!(
+            "{}: differs from the config {} was trained with: {}; restore it, or start a new run with --config (only {} may change on resume)",
+            path.display(),
+            ckpt.display(),
+            changed.join(", "),
+            RESUMABLE_KEYS.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Keeps the lines of a JSON-lines log up to `step` (the file may be absent); returns them.
+fn truncate_jsonl(path: &Path, step: usize) -> Result<Vec<Value>> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(vec![]) };
+    let kept: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["step"].as_u64().is_some_and(|s| s as usize <= step))
+        .collect();
+    let body: String = kept.iter().map(|v| format!("{v}\n")).collect();
+    std::fs::write(path, body).with_context(|| format!("writing {}", path.display()))?;
+    Ok(kept)
 }
 
 /// Copies of the agents' initial policies when the config logs or penalizes the KL to them.
@@ -213,13 +318,32 @@ impl Trainer {
 
     /// Continues the run in `out` from its latest checkpoint (metrics after it are dropped).
     pub fn resume(out: &Path) -> Result<Self> {
+        Self::resume_with(out, &[])
+    }
+
+    /// [`Trainer::resume`] with `--set` overrides, which may change only [`RESUMABLE_KEYS`]
+    /// (how long the run goes on, how often it evaluates and saves): anything else would make the
+    /// rest of the run a different experiment from the one its checkpoint continues. The run's
+    /// `config.toml` must agree with the one saved in the checkpoint on every other key.
+    pub fn resume_with(out: &Path, overrides: &[String]) -> Result<Self> {
         let path = out.join("config.toml");
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {}", path.display()))?;
+        let ckpt = latest_checkpoint(out)?.with_context(|| format!("{}: no checkpoint to resume from", out.display()))?;
+        for o in overrides {
+            let key = o.split_once('=').map(|(k, _)| k.trim()).unwrap_or(o.as_str());
+            if !RESUMABLE_KEYS.contains(&key) {
+                bail!(
+                    "--set {o}: '{key}' cannot change when a run resumes (the rest of the run would be another experiment); only {} can — start a new run with --config for anything else",
+                    RESUMABLE_KEYS.join(", ")
+                );
+            }
+        }
         // A run written before update schedules existed took one step per buffer: keep it so.
         let old: toml::Table = toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
-        let keep = if old.contains_key("schedule") { vec![] } else { vec!["schedule=\"buffer\"".to_string()] };
-        let cfg = Config::from_toml(&text, &path.display().to_string(), &keep)?;
-        let ckpt = latest_checkpoint(out)?.with_context(|| format!("{}: no checkpoint to resume from", out.display()))?;
+        let mut sets = if old.contains_key("schedule") { vec![] } else { vec!["schedule=\"buffer\"".to_string()] };
+        sets.extend(overrides.iter().cloned());
+        let cfg = Config::from_toml(&text, &path.display().to_string(), &sets)?;
+        check_unchanged(&cfg, &path, &ckpt)?;
         let env = make_env(&cfg)?;
         let mut team = Team::load(&cfg, env.num_agents())?;
         // The KL references are the policies the run started from: with `init`, the trained team.
@@ -228,17 +352,27 @@ impl Trainer {
         }
         let references = references(&cfg, &team)?;
         let step = load_checkpoint(&mut team, &ckpt)?;
-        // Keep the metrics up to the checkpoint's step.
-        let mpath = out.join("metrics.jsonl");
-        let text = std::fs::read_to_string(&mpath).unwrap_or_default();
-        let kept: String = text
-            .lines()
-            .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= step))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        std::fs::write(&mpath, kept)?;
-        let tensorboard = Some(crate::tensorboard::EventWriter::create(out)?);
-        Ok(Self { cfg, env, team, out: out.to_path_buf(), step, tensorboard, references })
+        if step > cfg.steps {
+            bail!("{}: 'steps' = {} is before the checkpoint's step {step}", path.display(), cfg.steps);
+        }
+        if !overrides.is_empty() {
+            std::fs::write(&path, toml::to_string(&cfg)?).with_context(|| format!("writing {}", path.display()))?;
+        }
+        // Keep the metrics and samples up to the checkpoint's step, and one TensorBoard file
+        // holding exactly those metrics (a resume used to add a file whose steps overlapped).
+        let kept = truncate_jsonl(&out.join("metrics.jsonl"), step)?;
+        truncate_jsonl(&out.join("samples.jsonl"), step)?;
+        for e in std::fs::read_dir(out)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with("events.out.tfevents") {
+                std::fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+            }
+        }
+        let tensorboard = crate::tensorboard::EventWriter::create(out)?;
+        for line in &kept {
+            let prefix = if line.get("eval_reward_mean").is_some() { "eval" } else { "train" };
+            tensorboard.scalars(line["step"].as_u64().unwrap_or(0), prefix, line)?;
+        }
+        Ok(Self { cfg, env, team, out: out.to_path_buf(), step, tensorboard: Some(tensorboard), references })
     }
 
     fn sampling(&self, greedy: bool) -> SamplingParams {
@@ -423,15 +557,20 @@ impl Trainer {
             );
             x = j.child;
         }
-        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(self.out.join("samples.jsonl"))?;
-        writeln!(f, "{}", json!({"step": step, "item": r.nodes[root].item, "turns": turns}))?;
+        let path = self.out.join("samples.jsonl");
+        let mut f =
+            std::fs::OpenOptions::new().append(true).create(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "{}", json!({"step": step, "item": r.nodes[root].item, "turns": turns}))
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 
     /// Appends a metrics line to metrics.jsonl (and the TensorBoard events).
     pub fn log(&self, line: &Value) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(self.out.join("metrics.jsonl"))?;
-        writeln!(f, "{line}")?;
+        let path = self.out.join("metrics.jsonl");
+        let mut f =
+            std::fs::OpenOptions::new().append(true).create(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
         if let Some(tb) = &self.tensorboard {
             let prefix = if line.get("eval_reward_mean").is_some() { "eval" } else { "train" };
             tb.scalars(line["step"].as_u64().unwrap_or(0), prefix, line)?;
@@ -474,8 +613,17 @@ impl Trainer {
             if self.cfg.eval_every > 0 && self.step % self.cfg.eval_every == 0 {
                 self.eval_and_log(progress)?;
             }
+            let mut saved = None;
             if self.cfg.checkpoint_every > 0 && (self.step % self.cfg.checkpoint_every == 0 || self.step == self.cfg.steps) {
-                save_checkpoint(&self.team, &self.cfg, self.step, &self.out)?;
+                saved = Some(save_checkpoint(&self.team, &self.cfg, self.step, &self.out)?);
+            }
+            if let Some(signal) = stop_signal() {
+                let checkpoint = match saved {
+                    Some(p) => p,
+                    None => save_checkpoint(&self.team, &self.cfg, self.step, &self.out)?,
+                };
+                self.plot()?;
+                return Err(Interrupted { signal, step: self.step, checkpoint }.into());
             }
         }
         self.plot()?;
@@ -526,19 +674,23 @@ fn save_opt(opt: &AdamW, path: &Path) -> Result<()> {
 }
 
 /// Restores an optimizer from its file and its entry in trainer.json (`adam_t`, and `adam_steps`:
-/// each parameter's step count; checkpoints without it give every parameter `adam_t`).
+/// each parameter's step count; checkpoints without it give every parameter `adam_t`). A missing
+/// or unreadable file is an error, and so is one without moments when trainer.json says the
+/// optimizer has stepped (a truncated file used to restart AdamW silently).
 fn load_opt(opt: &mut AdamW, path: &Path, entry: &Value) -> Result<()> {
-    let tensors = if opt_has_state(path) { loader::read_safetensors(path)? } else { BTreeMap::new() };
+    if !path.exists() {
+        bail!("{}: missing (a checkpoint holds every optimizer's state)", path.display());
+    }
+    let tensors = loader::read_safetensors(path)?;
     let t = entry["adam_t"].as_u64().unwrap_or(0);
+    if t > 0 && tensors.is_empty() {
+        bail!("{}: holds no optimizer moments, but trainer.json says the optimizer took {t} steps (a damaged checkpoint?)", path.display());
+    }
     let steps: BTreeMap<String, u64> = match entry.get("adam_steps") {
         Some(v) => serde_json::from_value(v.clone()).with_context(|| format!("{}: bad 'adam_steps' in trainer.json", path.display()))?,
         None => BTreeMap::new(),
     };
-    opt.load_state_tensors(t, &steps, &tensors)
-}
-
-fn opt_has_state(path: &Path) -> bool {
-    std::fs::metadata(path).map(|m| m.len() > 16).unwrap_or(false)
+    opt.load_state_tensors(t, &steps, &tensors).with_context(|| format!("{}", path.display()))
 }
 
 fn save_agent(p: &Agent, dir: &Path) -> Result<Value> {
@@ -566,26 +718,36 @@ fn load_head(params: &BTreeMap<String, collm_model::model::Param>, path: &Path) 
     Ok(())
 }
 
-/// Writes `out/checkpoints/step-NNNNNN` atomically (a temporary directory, then a rename).
+/// Writes `out/checkpoints/step-NNNNNN` atomically (a temporary directory, then a rename). A
+/// failed write (a full disk) removes the temporary directory and leaves earlier checkpoints as
+/// they were.
 pub fn save_checkpoint(team: &Team, cfg: &Config, step: usize, out: &Path) -> Result<PathBuf> {
     let root = out.join("checkpoints");
-    std::fs::create_dir_all(&root)?;
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     let fin = root.join(format!("step-{step:06}"));
     let tmp = root.join(format!(".tmp-step-{step:06}"));
     let _ = std::fs::remove_dir_all(&tmp);
-    let mut agents = vec![];
-    for (i, p) in team.agents.iter().enumerate() {
-        agents.push(save_agent(p, &tmp.join(format!("agent_{i}")))?);
+    let write = || -> Result<()> {
+        let mut agents = vec![];
+        for (i, p) in team.agents.iter().enumerate() {
+            agents.push(save_agent(p, &tmp.join(format!("agent_{i}")))?);
+        }
+        let mut critics = vec![];
+        for (j, c) in team.critics.iter().enumerate() {
+            critics.push(save_critic(c, &tmp.join(format!("critic_{j}")))?);
+        }
+        let state = json!({"step": step, "algo": cfg.algo.name(), "agents": agents, "critics": critics});
+        std::fs::write(tmp.join("trainer.json"), serde_json::to_string_pretty(&state)?)?;
+        std::fs::write(tmp.join("config.toml"), toml::to_string(cfg)?)?;
+        let _ = std::fs::remove_dir_all(&fin);
+        std::fs::rename(&tmp, &fin).with_context(|| format!("renaming {} to {}", tmp.display(), fin.display()))?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        let kept = latest_checkpoint(out).ok().flatten().map(|p| format!("; the latest complete checkpoint is {}", p.display()));
+        return Err(e.context(format!("writing checkpoint {}{}", fin.display(), kept.unwrap_or_default())));
     }
-    let mut critics = vec![];
-    for (j, c) in team.critics.iter().enumerate() {
-        critics.push(save_critic(c, &tmp.join(format!("critic_{j}")))?);
-    }
-    let state = json!({"step": step, "algo": cfg.algo.name(), "agents": agents, "critics": critics});
-    std::fs::write(tmp.join("trainer.json"), serde_json::to_string_pretty(&state)?)?;
-    std::fs::write(tmp.join("config.toml"), toml::to_string(cfg)?)?;
-    let _ = std::fs::remove_dir_all(&fin);
-    std::fs::rename(&tmp, &fin).with_context(|| format!("renaming {} to {}", tmp.display(), fin.display()))?;
     Ok(fin)
 }
 

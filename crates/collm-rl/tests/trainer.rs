@@ -390,6 +390,8 @@ fn bad_configs_name_the_key() {
         ("[critic]\nvalue_coeff = 0.5", "value_coeff"),
         ("init = \"/nonexistent/step-000001\"", "'init'"),
         ("advantage_norm = \"episode\"", "advantage_norm"),
+        ("buffer = 4000000000", "'buffer' = 4000000000: at most 65536"),
+        ("[task]\nturns = 1000", "'task.turns' = 1000: at most 64"),
     ] {
         let r = Config::from_toml(text, "bad.toml", &[]).map(|c| collm_rl::trainer::make_env(&c).map(|_| ()));
         let err = match r {
@@ -720,4 +722,66 @@ fn the_reference_kl_penalty_shapes_the_reward_once_the_policy_moves() {
         assert!(off[2]["kl_penalty"].is_null());
         assert!(max_diff(&w_off, &w_on) > 1e-6, "{algo}");
     }
+}
+
+fn events_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.to_string_lossy().contains("events.out.tfevents")).collect()
+}
+
+fn logged_steps(path: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["step"].as_u64().unwrap()).collect()
+}
+
+/// Before: `--resume D --set steps=N` ignored the --set, an edited config.toml (cc → magrpo)
+/// continued silently, an optimizer file cut to ≤ 16 bytes restarted AdamW silently, and every
+/// resume left duplicated steps in samples.jsonl and a TensorBoard file whose steps overlapped.
+#[test]
+fn resume_trusts_nothing_it_cannot_check() {
+    let dir = tmp("resume-checks");
+    let c = cfg(&["algo=\"cc\"", "steps=4", "checkpoint_every=2", "buffer=2"]);
+    Trainer::new(c, &dir).unwrap().run(false).unwrap();
+    // Killed after step 4's logs, before its checkpoint.
+    std::fs::remove_dir_all(dir.join("checkpoints/step-000004")).unwrap();
+
+    // Only the run's length and its eval/checkpoint cadence may change.
+    let err = format!("{:#}", Trainer::resume_with(&dir, &["agents.lr=1.0".into()]).err().unwrap());
+    assert!(err.contains("'agents.lr' cannot change"), "{err}");
+    // An edited config.toml is refused, naming the key.
+    let path = dir.join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("algo = \"cc\"", "algo = \"magrpo\"")).unwrap();
+    let err = format!("{:#}", Trainer::resume(&dir).err().unwrap());
+    assert!(err.contains("'algo'") && err.contains("magrpo"), "{err}");
+    std::fs::write(&path, text.replace("gamma = 0.9", "gamma = 0.5")).unwrap();
+    let err = format!("{:#}", Trainer::resume(&dir).err().unwrap());
+    assert!(err.contains("'gamma' = 0.5 (checkpoint: 0.9)"), "{err}");
+    std::fs::write(&path, &text).unwrap();
+    // A damaged optimizer file is an error naming it, not a fresh AdamW.
+    let opt = dir.join("checkpoints/step-000002/agent_0/optimizer.safetensors");
+    let good = std::fs::read(&opt).unwrap();
+    std::fs::write(&opt, &good[..10]).unwrap();
+    let err = format!("{:#}", Trainer::resume(&dir).err().unwrap());
+    assert!(err.contains("agent_0/optimizer.safetensors"), "{err}");
+    collm_model::loader::write_safetensors(&Default::default(), &opt).unwrap();
+    let err = format!("{:#}", Trainer::resume(&dir).err().unwrap());
+    assert!(err.contains("no optimizer moments"), "{err}");
+    std::fs::write(&opt, &good).unwrap();
+
+    // A checkpoint written before a key existed still resumes: the key takes its default.
+    let saved = dir.join("checkpoints/step-000002/config.toml");
+    let text = std::fs::read_to_string(&saved).unwrap();
+    assert!(text.contains("context = 65536"));
+    std::fs::write(&saved, text.replace("context = 65536\n", "")).unwrap();
+    // --set steps takes effect and is written to the run's config.
+    let mut r = Trainer::resume_with(&dir, &["steps=5".into()]).unwrap();
+    assert_eq!((r.step, r.cfg.steps), (2, 5));
+    assert!(std::fs::read_to_string(&path).unwrap().contains("steps = 5"));
+    assert_eq!(logged_steps(&dir.join("samples.jsonl")), vec![1, 2], "samples after the checkpoint are dropped");
+    r.run(false).unwrap();
+    assert_eq!(logged_steps(&dir.join("samples.jsonl")), vec![1, 2, 3, 4, 5]);
+    assert_eq!(logged_steps(&dir.join("metrics.jsonl")), vec![1, 2, 3, 4, 5]);
+    let tb = events_files(&dir);
+    assert_eq!(tb.len(), 1, "one TensorBoard file after a resume");
+    assert_eq!(collm_rl::tensorboard::scalar_steps(&tb[0]).unwrap(), vec![1, 2, 3, 4, 5]);
 }
