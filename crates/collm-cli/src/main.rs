@@ -111,7 +111,7 @@ struct TrainArgs {
 
 #[derive(Args)]
 struct RewardArgs {
-    #[arg(long, value_parser = ["tldr", "arxiv", "summary", "coophumaneval", "humaneval", "coding", "str_build", "house_build"])]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(collm_envs::tasks::names()))]
     task: String,
     /// The dataset item (a JSON object, a row of the task's dataset); the writing rewards depend
     /// on the responses only.
@@ -129,6 +129,10 @@ struct RewardArgs {
     /// The writing rewards' word lists.
     #[arg(long, default_value = "../shared/data/writing/lexicons.json")]
     lexicons: PathBuf,
+    /// A training config whose [task] table describes the task (an external task's program,
+    /// options and limits): the joint action is scored through it exactly as training does.
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -310,7 +314,7 @@ const MAX_TIMEOUT_S: f64 = 86_400.0;
 const MAX_TURN: usize = 64;
 
 fn reward(a: RewardArgs) -> Result<()> {
-    use collm_envs::{Env, Split};
+    use collm_envs::Split;
     if let Some(x) = a.reward_shift {
         if !x.is_finite() {
             bail!("--reward-shift {x}: must be a finite number");
@@ -327,57 +331,33 @@ fn reward(a: RewardArgs) -> Result<()> {
         None => None,
     };
     let item_path = a.item.clone().unwrap_or_default();
-    let need_item = || item.as_ref().with_context(|| format!("--item: the {} task scores against a dataset item (a JSON object)", a.task));
     let texts: Vec<String> = a
         .responses
         .iter()
         .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
         .collect::<Result<_>>()?;
-    // The writing tasks' word lists, read once: for the env and for the level that stopped it.
+    let task = match &a.config {
+        Some(c) => {
+            let cfg = Config::load(c, &[])?;
+            if cfg.task.name != a.task {
+                bail!("--config {}: its task is '{}', not --task {}", c.display(), cfg.task.name, a.task);
+            }
+            collm_envs::tasks::TaskConfig { turns: a.turn + 1, reward_shift: a.reward_shift.or(cfg.task.reward_shift), ..cfg.task }
+        }
+        None if a.task == "external" => bail!("--task external: give --config F, the training config naming the task program"),
+        None => collm_envs::tasks::TaskConfig {
+            name: a.task.clone(),
+            turns: a.turn + 1,
+            reward_shift: a.reward_shift,
+            lexicons: a.lexicons.clone(),
+            ..Default::default()
+        },
+    };
+    let env = (collm_envs::tasks::find(&a.task)?.for_item)(&task, item.as_ref(), &item_path.display().to_string())?;
+    // The writing tasks' word lists, for the level that stopped the reward.
     let lexicons = match a.task.as_str() {
         "tldr" | "arxiv" => Some(collm_envs::writing::Lexicons::load(&collm_envs::resolve_data_path(&a.lexicons))?),
         _ => None,
-    };
-    let env: Box<dyn Env> = match a.task.as_str() {
-        "summary" => {
-            Box::new(collm_envs::summary::Summary::new(collm_envs::Texts { train: vec![String::new()], eval: vec![] }, a.turn + 1)?)
-        }
-        "tldr" | "arxiv" => {
-            use collm_envs::writing::{Writing, WritingTask};
-            let task = if a.task == "tldr" { WritingTask::Tldr } else { WritingTask::Arxiv };
-            Box::new(Writing::new(
-                task,
-                lexicons.clone().context("word lists")?,
-                collm_envs::Texts { train: vec![String::new()], eval: vec![] },
-            )?)
-        }
-        "coophumaneval" | "humaneval" | "coding" => {
-            use collm_envs::coding::{problems_from_rows, Coding, CodingTask, Columns};
-            let row =
-                need_item()?.as_object().cloned().with_context(|| format!("{}: the item is not a JSON object", item_path.display()))?;
-            let problems = problems_from_rows(&item_path, &[row], &Columns::default())?;
-            let mut c = Coding::with_splits(CodingTask::Sample, problems, vec![], Coding::default_sandbox()?)?;
-            c.reward_shift = a.reward_shift.unwrap_or_else(|| collm_envs::paper_reward_shift(&a.task));
-            Box::new(c)
-        }
-        "str_build" => {
-            use collm_envs::minecraft::{StrBuild, StrTask};
-            let it = need_item()?;
-            let text =
-                it.get("string").and_then(|v| v.as_str()).with_context(|| format!("{}: no string field 'string'", item_path.display()))?;
-            let difficulty = it.get("difficulty").and_then(|v| v.as_u64()).unwrap_or(1) as u32;
-            let mut e = StrBuild::new(vec![StrTask::new(text, difficulty)?])?;
-            e.reward_shift = a.reward_shift.unwrap_or_else(|| collm_envs::paper_reward_shift(&a.task));
-            Box::new(e)
-        }
-        "house_build" => {
-            use collm_envs::minecraft::{HouseBuild, HouseTask};
-            let task = HouseTask::from_json(need_item()?, &item_path.display().to_string(), 0)?;
-            let mut e = HouseBuild::new(vec![task])?;
-            e.reward_shift = a.reward_shift.unwrap_or_else(|| collm_envs::paper_reward_shift(&a.task));
-            Box::new(e)
-        }
-        other => bail!("--task {other}: unknown task"),
     };
     if texts.len() != env.num_agents() {
         bail!("--responses: the {} task has {} agents, got {} files", a.task, env.num_agents(), texts.len());

@@ -170,3 +170,30 @@ fn bad_inputs_are_clear_errors() {
         assert!(err.contains(key) || err.contains("memory is available"), "{set}: {err}");
     }
 }
+
+#[test]
+fn reward_scores_through_an_external_task_program() {
+    let d = tmp("external-reward");
+    let item = d.join("item.json");
+    std::fs::write(&item, r#"{"question": "Ben has 4 cards and gets 3 more. How many cards does Ben have now?", "answer": 7}"#).unwrap();
+    let (r0, r1) = (d.join("r0.txt"), d.join("r1.txt"));
+    std::fs::write(&r0, "4 plus 3").unwrap();
+    std::fs::write(&r1, "7").unwrap();
+    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/tasks/arithmetic/config.toml");
+    let out = collm()
+        .args(["reward", "--task", "external", "--json", "--config"])
+        .arg(&config)
+        .arg("--item")
+        .arg(&item)
+        .arg("--responses")
+        .arg(&r0)
+        .arg(&r1)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!((v["reward"].as_f64().unwrap() - 1.4).abs() < 1e-12, "{v}");
+    assert_eq!(v["metrics"]["exact"], 1.0);
+    let out = collm().args(["reward", "--task", "external", "--responses"]).arg(&r0).arg(&r1).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give --config"));
+}

@@ -7,10 +7,12 @@
 
 pub mod coding;
 pub mod dataset;
+pub mod external;
 pub mod minecraft;
 pub mod sandbox;
 pub mod summary;
 pub mod synthetic;
+pub mod tasks;
 pub mod writing;
 
 use anyhow::{bail, Result};
@@ -24,15 +26,10 @@ pub struct Scored {
     pub stopped_at: Option<String>,
 }
 
-/// The reward shift the paper uses for a task (coding −4, StrBuild −2, HouseBuild −1, else 0):
-/// the default of `task.reward_shift` and of `collm reward --reward-shift`.
+/// The reward shift the paper uses for a task (coding −4, StrBuild −2, HouseBuild −1, else 0),
+/// from the task registry: the default of `task.reward_shift` and of `collm reward --reward-shift`.
 pub fn paper_reward_shift(task: &str) -> f64 {
-    match task {
-        "coophumaneval" | "humaneval" | "coding" => -4.0,
-        "str_build" => -2.0,
-        "house_build" => -1.0,
-        _ => 0.0,
-    }
+    tasks::find(task).map(|t| t.reward_shift).unwrap_or(0.0)
 }
 
 /// A default data path such as `../shared/data/...` is relative to the repository root; when it
@@ -71,11 +68,13 @@ pub struct Outcome {
     /// Task metrics of this joint action beyond the reward (pass rate, IoU, ...), averaged over
     /// episodes' last turns by `collm eval`.
     pub metrics: std::collections::BTreeMap<String, f64>,
+    /// The episode ends after this joint action, before `task.turns` (external tasks say so).
+    pub done: bool,
 }
 
 impl Outcome {
     pub fn new(reward: f64, next_observations: Vec<String>) -> Self {
-        Self { reward, next_observations, metrics: Default::default() }
+        Self { reward, next_observations, metrics: Default::default(), done: false }
     }
 
     pub fn with_metric(mut self, name: &str, value: f64) -> Self {

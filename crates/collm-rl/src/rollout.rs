@@ -271,7 +271,7 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
             let go_on = turn + 1 < spec.turns && !terminates(mean, spec.early_termination);
             for (ch, (path, o)) in choices.into_iter().zip(outcomes) {
                 let mut child = None;
-                if go_on {
+                if go_on && !o.done {
                     let mut histories = Vec::with_capacity(n);
                     let mut chunk_texts = Vec::with_capacity(n);
                     let mut chunk_lens = Vec::with_capacity(n);

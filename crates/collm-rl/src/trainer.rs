@@ -10,9 +10,7 @@ use crate::config::{Config, JointMode};
 use crate::rollout::{rollout, Rollout, RolloutSpec};
 use crate::team::{Agent, Critic, Team};
 use anyhow::{bail, Context, Result};
-use collm_envs::summary::Summary;
-use collm_envs::synthetic::Synthetic;
-use collm_envs::{Env, Split, Texts};
+use collm_envs::{Env, Split};
 use collm_model::{checkpoint, loader, AdamW, SamplingParams};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -21,69 +19,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Builds the task a config names.
+/// Builds the task a config names (through the task registry, `collm_envs::tasks`); built-in
+/// datasets are fetched with collm-model's pip fetcher.
 pub fn make_env(cfg: &Config) -> Result<Box<dyn Env>> {
-    let t = &cfg.task;
-    Ok(match t.name.as_str() {
-        "synthetic" => Box::new(Synthetic::new(t.symbols, t.agents, t.turns, t.density)?.with_rule(t.rule).with_noise(t.noise)?),
-        "summary" => {
-            let texts = Texts::load(t.data.as_deref(), t.eval_data.as_deref(), &t.text_field, &collm_envs::summary::BUILTIN, 2)?;
-            let mut s = Summary::new(texts, t.turns)?;
-            s.band = (t.ratio_band[0], t.ratio_band[1]);
-            Box::new(s)
-        }
-        "tldr" | "arxiv" => {
-            use collm_envs::writing::{Lexicons, Writing, WritingTask};
-            let task = if t.name == "tldr" { WritingTask::Tldr } else { WritingTask::Arxiv };
-            let lex = Lexicons::load(&collm_envs::resolve_data_path(&t.lexicons))
-                .with_context(|| format!("task.lexicons = {}", t.lexicons.display()))?;
-            let builtin = Writing::builtin_texts(task);
-            let held_out = if task == WritingTask::Tldr { 2 } else { 1 };
-            let texts = Texts::load(t.data.as_deref(), t.eval_data.as_deref(), &t.text_field, builtin, held_out)?;
-            Box::new(Writing::new(task, lex, texts)?)
-        }
-        "coophumaneval" | "humaneval" | "coding" => {
-            use collm_envs::coding::{load_problems, Coding, CodingTask, Columns};
-            let task = match t.name.as_str() {
-                "coophumaneval" => CodingTask::CoopHumanEval,
-                "humaneval" => CodingTask::HumanEval,
-                _ => CodingTask::Sample,
-            };
-            let cols = Columns::with_overrides(&t.columns)?;
-            let problems = match (&t.data, task) {
-                (Some(p), _) => load_problems(p, &cols)?,
-                (None, CodingTask::CoopHumanEval) => {
-                    load_problems(&collm_envs::resolve_data_path(std::path::Path::new(DEFAULT_COOP_HUMANEVAL)), &cols)
-                        .context("the default CoopHumanEval file (set task.data to another)")?
-                }
-                (None, CodingTask::HumanEval) => load_problems(&collm_model::fetch::fetch("humaneval")?, &cols)?,
-                (None, CodingTask::Sample) => Coding::sample_problems(),
-            };
-            let mut c = match &t.eval_data {
-                // With an eval file, all of `data` trains.
-                Some(e) => Coding::with_splits(task, problems, load_problems(e, &cols)?, Coding::default_sandbox()?)?,
-                None => Coding::new(task, problems, Coding::default_sandbox()?)?,
-            };
-            c.reward_shift = t.reward_shift.unwrap_or_else(|| collm_envs::paper_reward_shift(&t.name));
-            c.per_test_timeout = std::time::Duration::from_secs_f64(t.per_test_timeout);
-            Box::new(c)
-        }
-        "str_build" => {
-            use collm_envs::minecraft::StrBuild;
-            let path = collm_envs::resolve_data_path(&t.data.clone().unwrap_or_else(|| DEFAULT_STR_BUILD.into()));
-            let mut e = StrBuild::load(&path)?;
-            e.reward_shift = t.reward_shift.unwrap_or_else(|| collm_envs::paper_reward_shift(&t.name));
-            Box::new(e)
-        }
-        "house_build" => {
-            use collm_envs::minecraft::HouseBuild;
-            let path = collm_envs::resolve_data_path(&t.data.clone().unwrap_or_else(|| DEFAULT_HOUSE_BUILD.into()));
-            let mut e = HouseBuild::load(&path)?;
-            e.reward_shift = t.reward_shift.unwrap_or_else(|| collm_envs::paper_reward_shift(&t.name));
-            Box::new(e)
-        }
-        other => bail!("unknown task '{other}'"),
-    })
+    collm_envs::tasks::build(&cfg.task, &|name| collm_model::fetch::fetch(name))
 }
 
 /// The signal (SIGINT, SIGTERM) that asked the run to stop, or 0. The binary's signal handler
@@ -113,10 +52,6 @@ fn stop_signal() -> Option<i32> {
         s => Some(s),
     }
 }
-
-pub const DEFAULT_COOP_HUMANEVAL: &str = "../shared/data/coding/coop_humaneval.json";
-pub const DEFAULT_STR_BUILD: &str = "../shared/data/minecraft/str_build.csv";
-pub const DEFAULT_HOUSE_BUILD: &str = "../shared/data/minecraft/house_build.json";
 
 pub struct Trainer {
     pub cfg: Config,
@@ -258,7 +193,7 @@ pub fn kl_to_reference(
         let (toks, spans) = crate::rollout::AgentSeq::batch(&seqs);
         let pad = p.tokenizer.pad_id();
         let (mut cur, mut refs) = (vec![], vec![]);
-        for r in algos::micro_batches(toks.len(), micro) {
+        for r in algos::fitted_batches(&algos::agent_lens(&seqs), micro, &p.model.cfg, false)? {
             let none = vec![vec![]; r.len()];
             let (tk, sp) = (&toks[r.clone()], &spans[r]);
             cur.extend(collm_model::score::score_spans_at(&p.model, tk, sp, &none, pad, t)?.token_logprobs.to_vec1::<f32>()?);

@@ -14,8 +14,9 @@
 //! of an update, and on later `epochs`.
 
 use super::{
-    agent_batch, agent_step, buffer_sequences, clipped_value_loss, critic_batch, critic_step, critic_values, mean, micro_batches,
-    mini_batches, node_advantages, policy_loss, schedule_groups, td_by_node, tensor, Algorithm, CriticSeq, Tally, UpdateCtx, UpdateStats,
+    agent_batch, agent_lens, agent_step, buffer_sequences, clipped_value_loss, critic_batch, critic_step, critic_values, fitted_batches,
+    mean, mini_batches, node_advantages, policy_loss, schedule_groups, td_by_node, tensor, Algorithm, CriticSeq, Tally, UpdateCtx,
+    UpdateStats,
 };
 use crate::config::{AdvantageNorm, Config, CriticKind, DcCritic, PromptFormat, Schedule};
 use crate::rollout::{AgentSeq, ResponseId, Rollout};
@@ -186,7 +187,7 @@ fn update_heads(team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: UpdateCtx
 fn head_values(p: &Agent, i: usize, seqs: &[AgentSeq], cfg: &Config, num_nodes: usize) -> Result<Vec<f64>> {
     let Some(head) = &p.head else { bail!("agent {i} has no value head (critic.dc = \"head\")") };
     let mut out = vec![f64::NAN; num_nodes];
-    for r in micro_batches(seqs.len(), cfg.micro_batch) {
+    for r in fitted_batches(&agent_lens(seqs), cfg.micro_batch, &p.model.cfg, false)? {
         let part = &seqs[r];
         let toks: Vec<Vec<u32>> = part.iter().map(|s| s.tokens.clone()).collect();
         let s =
@@ -223,7 +224,7 @@ fn head_step(
     let head_params: Vec<_> = head.trainable().collect();
     let mut grads = Grads::new();
     let (mut pl_sum, mut vl_sum) = (0.0, 0.0);
-    for r in micro_batches(seqs.len(), cfg.micro_batch) {
+    for r in fitted_batches(&agent_lens(seqs), cfg.micro_batch, &p.model.cfg, true)? {
         let part = &seqs[r];
         let (toks, spans) = AgentSeq::batch(part);
         let ids: Vec<ResponseId> = part.iter().flat_map(|s| s.ids.iter().copied()).collect();

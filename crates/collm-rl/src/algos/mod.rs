@@ -68,7 +68,7 @@ pub fn kl_penalties(
 ) -> Result<BTreeMap<ResponseId, f64>> {
     let seqs = rollout.agent_sequences(i);
     let mut out = BTreeMap::new();
-    for r in micro_batches(seqs.len(), micro) {
+    for r in fitted_batches(&agent_lens(&seqs), micro, &reference.cfg, false)? {
         let part = &seqs[r];
         let (toks, spans) = AgentSeq::batch(part);
         let lp = score_spans(reference, &toks, &spans, &vec![vec![]; toks.len()], pad, false)?.token_logprobs.to_vec1::<f32>()?;
@@ -274,6 +274,78 @@ pub fn micro_batches(n: usize, size: usize) -> Vec<std::ops::Range<usize>> {
     (0..n).step_by(size).map(|s| s..(s + size).min(n)).collect()
 }
 
+/// The bytes a teacher-forced pass over `rows` sequences padded to `len` tokens holds at its
+/// peak, `scored` positions of them through the vocabulary. With gradients every layer keeps its
+/// activations for the backward pass; on SmolLM2-135M one sequence measured about 3.6 MB per
+/// token (`collm bench model --train-batch 1 --train-tokens 512` and `2048`), and this estimate is
+/// about 10% above that.
+pub fn pass_bytes(m: &collm_model::ModelConfig, rows: usize, len: usize, scored: usize, grad: bool) -> u64 {
+    let (h, i, layers, vocab) = (m.hidden_size as u64, m.intermediate_size as u64, m.num_layers as u64, m.vocab_size as u64);
+    let tokens = (rows * len) as u64;
+    let per_token =
+        if grad { layers * (12 * h + 5 * i) * 8 } else { layers * 2 * (m.num_kv_heads * m.head_dim) as u64 * 4 + (4 * h + 2 * i) * 4 };
+    tokens * per_token + scored as u64 * vocab * if grad { 12 } else { 4 }
+}
+
+/// [`micro_batches`] of sequences with (tokens, scored positions) `lens`, each split further
+/// (halved) while its pass would not fit in four fifths of the memory this process may use, so a
+/// long history costs time, never an abort; a single sequence that cannot fit is an error.
+pub fn fitted_batches(
+    lens: &[(usize, usize)],
+    size: usize,
+    m: &collm_model::ModelConfig,
+    grad: bool,
+) -> Result<Vec<std::ops::Range<usize>>> {
+    match collm_model::model::available_memory() {
+        Some(b) => batches_within(lens, size, m, grad, b / 5 * 4),
+        None => Ok(micro_batches(lens.len(), size)),
+    }
+}
+
+/// [`fitted_batches`] with the byte budget given.
+pub fn batches_within(
+    lens: &[(usize, usize)],
+    size: usize,
+    m: &collm_model::ModelConfig,
+    grad: bool,
+    budget: u64,
+) -> Result<Vec<std::ops::Range<usize>>> {
+    let bytes = |r: &std::ops::Range<usize>| {
+        let part = &lens[r.clone()];
+        let len = part.iter().map(|x| x.0).max().unwrap_or(0);
+        pass_bytes(m, part.len(), len, part.iter().map(|x| x.1).sum(), grad)
+    };
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut out = vec![];
+    let mut todo: Vec<std::ops::Range<usize>> = micro_batches(lens.len(), size).into_iter().rev().collect();
+    while let Some(r) = todo.pop() {
+        if bytes(&r) <= budget {
+            out.push(r);
+        } else if r.len() > 1 {
+            let mid = r.start + r.len() / 2;
+            todo.push(mid..r.end);
+            todo.push(r.start..mid);
+        } else {
+            bail!(
+                "a sequence of {} tokens needs about {:.1} GiB for its {} but only {:.1} GiB of memory is available: shorten the task's texts or its history (task.turns, sampling.max_new_tokens), or use a machine with more memory",
+                lens[r.start].0,
+                gib(bytes(&r)),
+                if grad { "forward and backward pass" } else { "forward pass" },
+                gib(budget)
+            );
+        }
+    }
+    Ok(out)
+}
+
+pub fn agent_lens(seqs: &[AgentSeq]) -> Vec<(usize, usize)> {
+    seqs.iter().map(|s| (s.tokens.len(), s.spans.iter().map(|(a, b)| b - a).sum())).collect()
+}
+
+fn critic_lens(seqs: &[CriticSeq]) -> Vec<(usize, usize)> {
+    seqs.iter().map(|s| (s.tokens.len(), 0)).collect()
+}
+
 /// One optimizer step of agent `i` on a mini-batch: every response in `seqs` gets its advantage
 /// `adv[id]` in the policy loss (mean over the batch's responses). Returns (loss, grad norm).
 pub(crate) fn agent_step(
@@ -291,7 +363,7 @@ pub(crate) fn agent_step(
     let pad = p.tokenizer.pad_id();
     let mut grads = Grads::new();
     let mut loss_sum = 0.0;
-    for r in micro_batches(seqs.len(), cfg.micro_batch) {
+    for r in fitted_batches(&agent_lens(seqs), cfg.micro_batch, &p.model.cfg, true)? {
         let part = &seqs[r];
         let (toks, spans) = AgentSeq::batch(part);
         let ids: Vec<ResponseId> = part.iter().flat_map(|s| s.ids.iter().copied()).collect();
@@ -351,7 +423,7 @@ pub fn critic_batch(rollout: &Rollout, units: &[usize], schedule: Schedule, chai
 pub(crate) fn critic_values(c: &Critic, seqs: &[CriticSeq], micro: usize, num_nodes: usize) -> Result<Vec<f64>> {
     let mut out = vec![f64::NAN; num_nodes];
     let pad = c.tokenizer.pad_id();
-    for r in micro_batches(seqs.len(), micro) {
+    for r in fitted_batches(&critic_lens(seqs), micro, &c.model.cfg, false)? {
         let part = &seqs[r];
         let toks: Vec<Vec<u32>> = part.iter().map(|s| s.tokens.clone()).collect();
         let pos: Vec<Vec<usize>> = part.iter().map(|s| s.positions.clone()).collect();
@@ -375,7 +447,7 @@ pub(crate) fn critic_step(c: &mut Critic, seqs: &[CriticSeq], y: &[f64], cfg: &C
     let pad = c.tokenizer.pad_id();
     let mut grads = Grads::new();
     let mut loss_sum = 0.0;
-    for r in micro_batches(seqs.len(), cfg.micro_batch) {
+    for r in fitted_batches(&critic_lens(seqs), cfg.micro_batch, &c.model.cfg, true)? {
         let part = &seqs[r];
         let toks: Vec<Vec<u32>> = part.iter().map(|s| s.tokens.clone()).collect();
         let pos: Vec<Vec<usize>> = part.iter().map(|s| s.positions.clone()).collect();
@@ -424,6 +496,22 @@ impl Tally {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn passes_that_would_not_fit_are_split_and_a_sequence_that_cannot_is_an_error() {
+        let m = collm_model::ModelConfig::tiny(collm_model::Arch::Llama, 100);
+        // hidden 32, intermediate 64, 2 layers: with gradients 2·(12·32 + 5·64)·8 = 11264 bytes a
+        // token, and 12·100 = 1200 per scored position.
+        assert_eq!(pass_bytes(&m, 1, 10, 2, true), 10 * 11264 + 2 * 1200);
+        let lens = [(10, 2), (10, 2), (10, 2), (10, 2)];
+        let one = pass_bytes(&m, 1, 10, 2, true);
+        assert_eq!(batches_within(&lens, 0, &m, true, u64::MAX).unwrap(), vec![0..4]);
+        assert_eq!(batches_within(&lens, 0, &m, true, 2 * one).unwrap(), vec![0..2, 2..4]);
+        assert_eq!(batches_within(&lens, 3, &m, true, 2 * one).unwrap(), vec![0..1, 1..3, 3..4]);
+        assert_eq!(batches_within(&lens, 0, &m, true, one).unwrap(), vec![0..1, 1..2, 2..3, 3..4]);
+        let e = batches_within(&lens, 0, &m, true, one - 1).unwrap_err().to_string();
+        assert!(e.contains("a sequence of 10 tokens needs about") && e.contains("forward and backward pass"), "{e}");
+    }
+
     use super::*;
 
     #[test]
