@@ -261,7 +261,7 @@ pub fn mutate_json(rng: &mut Rng, doc: &Value) -> Value {
 pub fn run<G, C>(target: &str, regressions: &Path, n: usize, deadline: Duration, gen: G, check: C)
 where
     G: Fn(&mut Rng) -> Vec<u8> + Send + 'static,
-    C: Fn(&[u8]) -> Result<bool, String> + Send + 'static,
+    C: FnMut(&[u8]) -> Result<bool, String> + Send + 'static,
 {
     let failures = failures_dir();
     std::fs::create_dir_all(&failures).unwrap();
@@ -282,6 +282,7 @@ where
     let (tx, rx) = mpsc::channel::<(String, Vec<u8>, Result<bool, String>)>();
     let (start_tx, start_rx) = mpsc::channel::<String>();
     let worker = std::thread::spawn(move || {
+        let mut check = check;
         for (name, given) in inputs {
             let bytes = given.unwrap_or_else(|| {
                 let seed: u64 = name.trim_start_matches("seed ").parse().unwrap();

@@ -33,6 +33,9 @@ use std::time::Duration;
 /// The protocol version this collm speaks.
 pub const PROTOCOL: u64 = 1;
 
+/// Fresh workers one request is retried on before it fails, whatever the restart budget.
+const MAX_RETRIES: usize = 2;
+
 /// Lines of a worker's stderr kept for error messages.
 const STDERR_LINES: usize = 20;
 
@@ -219,6 +222,7 @@ impl Pool {
                 idle = self.freed.wait(idle).unwrap_or_else(|e| e.into_inner());
             }
         };
+        let mut tries = 0;
         let result = loop {
             match w.request(msg, self.spec.timeout) {
                 Ok(r) => break Ok(r),
@@ -226,6 +230,13 @@ impl Pool {
                 Err(Failure::Restart(why)) => {
                     let tail = w.stderr_tail();
                     w.kill();
+                    tries += 1;
+                    if tries > MAX_RETRIES {
+                        break Err(anyhow::anyhow!(
+                            "{}: {what}: the worker {why}; {tail}\n(the same request failed on {tries} workers: giving up)",
+                            self.program()
+                        ));
+                    }
                     let used = self.restarts_used.fetch_add(1, Ordering::SeqCst);
                     if used >= self.spec.restarts {
                         break Err(anyhow::anyhow!(

@@ -9,6 +9,7 @@ mod mutate;
 use collm_envs::coding::{load_problems, Columns};
 use collm_envs::minecraft::{HouseBuild, StrBuild};
 use collm_envs::writing::Lexicons;
+use collm_envs::Env;
 use mutate::{cases, mutate_bytes, mutate_json, Rng};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -231,6 +232,80 @@ fn fuzz_lexicons() {
             match Lexicons::load(&p) {
                 Ok(_) => Ok(true),
                 Err(e) => names(&e, &p),
+            }
+        },
+    );
+}
+
+/// The external task protocol: a worker whose replies to `observe` and `step` are mutated
+/// protocol objects (and bytes). Every reply must be taken (a sane outcome) or refused with an
+/// error naming the task program, the item and the turn; garbage restarts the worker.
+#[test]
+fn fuzz_task_protocol() {
+    setup();
+    let dir = case_dir("protocol");
+    let reply_file = dir.join("reply.txt");
+    let program = dir.join("proto.py");
+    std::fs::write(
+        &program,
+        format!(
+            "import json, sys\nfor line in sys.stdin:\n    msg = json.loads(line)\n    if msg['op'] == 'hello':\n        print(json.dumps({{'protocol': 1, 'agents': 2, 'turns': 2, 'name': 'fuzz'}}), flush=True)\n    else:\n        sys.stdout.write(open({:?}, encoding='utf-8', errors='replace').read().replace('\\n', ' ') + '\\n')\n        sys.stdout.flush()\n",
+            reply_file.display().to_string()
+        ),
+    )
+    .unwrap();
+    let spec = collm_envs::external::Spec {
+        command: vec!["python3".into(), program.display().to_string()],
+        options: Default::default(),
+        workers: 1,
+        timeout: Duration::from_secs(10),
+        // Unbounded: a request that keeps getting garbage must still fail (after 2 retries).
+        restarts: usize::MAX,
+    };
+    let row = serde_json::json!({"question": "2 + 3?", "answer": 5}).as_object().unwrap().clone();
+    let env = collm_envs::external::External::start(spec, vec![row], vec![]).unwrap();
+    let seeds = [
+        serde_json::json!({"reward": 0.4, "metrics": {"exact": 0.0, "numeric": 1.0}, "done": false, "observations": ["next 0", "next 1"]}),
+        serde_json::json!({"observations": ["first 0", "first 1"]}),
+        serde_json::json!({"reward": 1.4, "done": true}),
+        serde_json::json!({"error": "ValueError: bad"}),
+    ];
+    mutate::run(
+        "task_protocol",
+        &regressions(),
+        // Each garbage reply costs worker restarts (a Python start each): a small CI budget.
+        cases(40),
+        DEADLINE,
+        move |rng: &mut Rng| {
+            let seed = rng.pick(&seeds).clone();
+            let observe = seed.get("reward").is_none() && seed.get("error").is_none();
+            let body = if rng.chance(0.8) {
+                mutate_json(rng, &seed).to_string().into_bytes()
+            } else {
+                mutate_bytes(rng, seed.to_string().as_bytes(), &[])
+            };
+            encode_case(if observe { "observe" } else { "step" }, body)
+        },
+        move |case: &[u8]| {
+            let (op, body) = decode_case(case);
+            std::fs::write(&reply_file, body).unwrap();
+            let joint = vec![vec!["2 plus 3".to_string(), "5".to_string()]];
+            let r = if op == "observe" {
+                env.reset(collm_envs::Split::Train, 0).map(|o| o.len() == 2)
+            } else {
+                env.step(collm_envs::Split::Train, 0, 0, &joint).map(|o| o.reward.is_finite() && o.next_observations.len() == 2)
+            };
+            match r {
+                Ok(true) => Ok(true),
+                Ok(false) => Err("an outcome with a non-finite reward or the wrong number of observations was accepted".into()),
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if msg.contains("proto.py") && msg.contains("item 0") {
+                        Ok(false)
+                    } else {
+                        Err(format!("the error names neither the program nor the item: {msg}"))
+                    }
+                }
             }
         },
     );
