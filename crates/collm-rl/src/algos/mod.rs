@@ -296,6 +296,15 @@ pub fn fitted_batches(
     m: &collm_model::ModelConfig,
     grad: bool,
 ) -> Result<Vec<std::ops::Range<usize>>> {
+    // Passes under 256 MiB need no look at the machine (reading /proc on every pass of a tiny
+    // model cost about 4% of a training run).
+    let small = micro_batches(lens.len(), size).iter().all(|r| {
+        let part = &lens[r.clone()];
+        pass_bytes(m, part.len(), part.iter().map(|x| x.0).max().unwrap_or(0), part.iter().map(|x| x.1).sum(), grad) < 256 << 20
+    });
+    if small {
+        return Ok(micro_batches(lens.len(), size));
+    }
     match collm_model::model::available_memory() {
         Some(b) => batches_within(lens, size, m, grad, b / 5 * 4),
         None => Ok(micro_batches(lens.len(), size)),
