@@ -92,6 +92,25 @@ fn check_out_dir(out: &Path) -> Result<bool> {
 /// The config keys `--resume` may change with `--set`.
 pub const RESUMABLE_KEYS: [&str; 4] = ["steps", "eval_every", "eval_items", "checkpoint_every"];
 
+/// The `--set`s that keep an older run's config meaning what it did: a run written before update
+/// schedules existed took one step per buffer.
+fn legacy_sets(saved: &toml::Table) -> Vec<String> {
+    if saved.contains_key("schedule") {
+        vec![]
+    } else {
+        vec!["schedule=\"buffer\"".to_string()]
+    }
+}
+
+/// The TensorBoard prefix of a metrics line: eval lines and train lines.
+fn tb_prefix(line: &Value) -> &'static str {
+    if line.get("eval_reward_mean").is_some() {
+        "eval"
+    } else {
+        "train"
+    }
+}
+
 /// Every key of a TOML table, dotted, with its value.
 fn flatten(prefix: &str, t: &toml::Table, out: &mut BTreeMap<String, toml::Value>) {
     for (k, v) in t {
@@ -125,7 +144,7 @@ fn check_unchanged(cfg: &Config, path: &Path, ckpt: &Path) -> Result<()> {
     // Through the config's own parser, so keys added since the checkpoint was written take their
     // defaults on both sides.
     let old: toml::Table = toml::from_str(&saved).with_context(|| format!("{}: not valid TOML", saved_path.display()))?;
-    let keep = if old.contains_key("schedule") { vec![] } else { vec!["schedule=\"buffer\"".to_string()] };
+    let keep = legacy_sets(&old);
     let saved_cfg = Config::from_toml(&saved, &saved_path.display().to_string(), &keep)?;
     let saved: toml::Table = toml::from_str(&toml::to_string(&saved_cfg)?)?;
     let now: toml::Table = toml::from_str(&toml::to_string(cfg)?)?;
@@ -273,9 +292,8 @@ impl Trainer {
                 );
             }
         }
-        // A run written before update schedules existed took one step per buffer: keep it so.
         let old: toml::Table = toml::from_str(&text).with_context(|| format!("{}: not valid TOML", path.display()))?;
-        let mut sets = if old.contains_key("schedule") { vec![] } else { vec!["schedule=\"buffer\"".to_string()] };
+        let mut sets = legacy_sets(&old);
         sets.extend(overrides.iter().cloned());
         let cfg = Config::from_toml(&text, &path.display().to_string(), &sets)?;
         check_unchanged(&cfg, &path, &ckpt)?;
@@ -304,8 +322,7 @@ impl Trainer {
         }
         let tensorboard = crate::tensorboard::EventWriter::create(out)?;
         for line in &kept {
-            let prefix = if line.get("eval_reward_mean").is_some() { "eval" } else { "train" };
-            tensorboard.scalars(line["step"].as_u64().unwrap_or(0), prefix, line)?;
+            tensorboard.scalars(line["step"].as_u64().unwrap_or(0), tb_prefix(line), line)?;
         }
         Ok(Self { cfg, env, team, out: out.to_path_buf(), step, tensorboard: Some(tensorboard), references })
     }
@@ -507,8 +524,7 @@ impl Trainer {
             std::fs::OpenOptions::new().append(true).create(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
         writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
         if let Some(tb) = &self.tensorboard {
-            let prefix = if line.get("eval_reward_mean").is_some() { "eval" } else { "train" };
-            tb.scalars(line["step"].as_u64().unwrap_or(0), prefix, line)?;
+            tb.scalars(line["step"].as_u64().unwrap_or(0), tb_prefix(line), line)?;
         }
         Ok(())
     }
