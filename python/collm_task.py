@@ -19,6 +19,12 @@
 A single-turn task may give `@task.reward` instead of `step`: `reward(item, responses, options)`
 returns a number (or a (number, metrics) pair).
 
+Model-written code must not run in the task's own process: `task.sandbox(code)` (or
+`task.sandbox(files={"main.py": ..., "tests.py": ...}, main="main.py")`, with `timeout` seconds
+and `memory_mb`) asks collm to run it in its sandbox and returns the result as a dict: `status`
+("ok", "timeout", "memory", "signal" or "error"), `exit_code`, `signal`, `stdout`, `stderr`,
+`wall_s`, `reason`, `output_truncated`. It may be called from `observe`, `step` or `reward`.
+
 collm starts the file as a persistent worker (`task.command = ["python3", "my_task.py"]`) and
 speaks its task protocol over stdin and stdout, one JSON object per line; print logs to stderr.
 An exception in your function becomes an error naming the item and turn (training stops).
@@ -31,6 +37,10 @@ import traceback
 PROTOCOL = 1
 
 
+class SandboxError(RuntimeError):
+    """collm refused or could not make a sandbox run (the request was malformed, or no sandbox)."""
+
+
 class Task:
     def __init__(self, agents, turns=None, name="external"):
         self.agents = agents
@@ -40,6 +50,8 @@ class Task:
         self._step = None
         self._reward = None
         self.options = {}
+        self._in = None
+        self._out = None
 
     def observe(self, fn):
         self._observe = fn
@@ -52,6 +64,32 @@ class Task:
     def reward(self, fn):
         self._reward = fn
         return fn
+
+    def sandbox(self, code=None, files=None, main="main.py", timeout=None, memory_mb=None):
+        """Runs Python code in collm's sandbox and returns the run's result (a dict)."""
+        if self._out is None:
+            raise SandboxError("task.sandbox() works only inside a request from collm (after task.run())")
+        if (code is None) == (files is None):
+            raise SandboxError("give either code (Python source) or files (name -> text)")
+        req = {"op": "sandbox"}
+        if code is not None:
+            req["code"] = code
+        else:
+            req["files"] = dict(files)
+            req["main"] = main
+        if timeout is not None:
+            req["timeout"] = float(timeout)
+        if memory_mb is not None:
+            req["memory_mb"] = int(memory_mb)
+        self._out.write(json.dumps(req) + "\n")
+        self._out.flush()
+        line = self._in.readline()
+        if not line:
+            raise SandboxError("collm closed the connection")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise SandboxError(reply["error"])
+        return reply["sandbox"]
 
     def _handle(self, msg):
         op = msg.get("op")
@@ -84,9 +122,13 @@ class Task:
 
     def run(self):
         out = sys.stdout
+        self._in, self._out = sys.stdin, out
         # Anything the task prints goes to stderr, so stdout carries protocol lines only.
         sys.stdout = sys.stderr
-        for line in sys.stdin:
+        while True:
+            line = self._in.readline()
+            if not line:
+                break
             line = line.strip()
             if not line:
                 continue

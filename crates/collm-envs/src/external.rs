@@ -11,6 +11,12 @@
 //!   the joint action `joint_actions[turn]` (earlier entries are the turns before it on this branch),
 //!   the shared reward, task metrics, whether the episode ends, each agent's next observation.
 //!
+//! While collm waits for a reply the worker may ask collm for something: a line
+//! `{"op": "sandbox", "code": "print(1)", "timeout": 5}` (or `"files": {"main.py": ...}, "main":
+//! "main.py"`; `memory_mb` optional) runs model-written code in collm's sandbox and collm answers
+//! on the worker's stdin with `{"sandbox": {"status": "ok", "exit_code": 0, "stdout": "1\n", ...}}`
+//! or `{"error": "..."}`; then the worker goes on to its reply. So a task never runs model code itself.
+//!
 //! Like a Rust `Env` a worker is stateless, so tree rollouts can branch. A reply
 //! `{"error": "..."}` is the task's own error (training stops, naming it). A worker that exits,
 //! hangs past `task.timeout`, or prints a line that is not a protocol object is killed and
@@ -19,6 +25,7 @@
 //! collm (`task.data`, `task.eval_data`: JSON, JSONL, `.gz`, Parquet) and rows pass through as JSON.
 
 use crate::dataset::{read_rows, Row};
+use crate::sandbox::Sandbox;
 use crate::{check_step, Env, Outcome, Split};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -27,7 +34,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 /// The protocol version this collm speaks.
@@ -112,18 +119,43 @@ impl Worker {
         }
     }
 
-    /// Sends one request and reads its reply object.
-    fn request(&mut self, msg: &Value, timeout: Duration) -> std::result::Result<serde_json::Map<String, Value>, Failure> {
+    fn send(&mut self, msg: &Value, what: &str) -> std::result::Result<(), Failure> {
         let line = format!("{msg}\n");
         if self.stdin.write_all(line.as_bytes()).and_then(|_| self.stdin.flush()).is_err() {
-            return Err(Failure::Restart(self.exit_reason("exited before the request could be sent")));
+            return Err(Failure::Restart(self.exit_reason(&format!("exited before {what} could be sent"))));
         }
-        let reply = match self.lines.recv_timeout(timeout) {
-            Ok(l) => l,
-            Err(RecvTimeoutError::Timeout) => return Err(Failure::Restart(format!("gave no reply within {timeout:?} (task.timeout)"))),
-            Err(RecvTimeoutError::Disconnected) => return Err(Failure::Restart(self.exit_reason("exited"))),
-        };
-        match serde_json::from_str::<Value>(&reply) {
+        Ok(())
+    }
+
+    /// Sends one request and reads its reply object. Lines the worker sends before its reply that
+    /// are requests of its own (`{"op": "sandbox", ...}`) are answered through `callback`; the
+    /// timeout counts from the last line collm wrote.
+    fn request(
+        &mut self,
+        msg: &Value,
+        timeout: Duration,
+        callback: &dyn Fn(&serde_json::Map<String, Value>) -> Value,
+    ) -> std::result::Result<serde_json::Map<String, Value>, Failure> {
+        self.send(msg, "the request")?;
+        loop {
+            let reply = match self.lines.recv_timeout(timeout) {
+                Ok(l) => l,
+                Err(RecvTimeoutError::Timeout) => return Err(Failure::Restart(format!("gave no reply within {timeout:?} (task.timeout)"))),
+                Err(RecvTimeoutError::Disconnected) => return Err(Failure::Restart(self.exit_reason("exited"))),
+            };
+            match Self::parse(&reply)? {
+                m if m.contains_key("op") => {
+                    let answer = callback(&m);
+                    self.send(&answer, "the answer to its request")?;
+                }
+                m => return Ok(m),
+            }
+        }
+    }
+
+    /// A line of the worker's as a protocol object, or why it is not one.
+    fn parse(reply: &str) -> std::result::Result<serde_json::Map<String, Value>, Failure> {
+        match serde_json::from_str::<Value>(reply) {
             Ok(Value::Object(m)) => match m.get("error") {
                 Some(e) => Err(Failure::Task(format!(
                     "the task reported an error: {}",
@@ -176,9 +208,63 @@ struct Pool {
     idle: Mutex<Vec<Worker>>,
     freed: Condvar,
     restarts_used: AtomicUsize,
+    /// The sandbox model-written code runs in, made at the first `sandbox` request.
+    sandbox: OnceLock<std::result::Result<Arc<Sandbox>, String>>,
 }
 
+/// The longest a `sandbox` request may ask its code to run, in seconds.
+pub const SANDBOX_MAX_TIMEOUT: f64 = 300.0;
+
 impl Pool {
+    /// Answers a request a worker makes while collm waits for its reply: `sandbox` runs code in
+    /// collm's sandbox (`code`, or `files` and `main`; `timeout` seconds, `memory_mb`) and returns
+    /// the run's result; anything else is an error the worker sees.
+    fn answer(&self, m: &serde_json::Map<String, Value>) -> Value {
+        match m.get("op").and_then(|v| v.as_str()) {
+            Some("sandbox") => match self.run_sandbox(m) {
+                Ok(r) => json!({ "sandbox": r }),
+                Err(e) => json!({ "error": format!("sandbox: {e:#}") }),
+            },
+            other => json!({ "error": format!("unknown request {other:?} (collm answers \"sandbox\")") }),
+        }
+    }
+
+    fn run_sandbox(&self, m: &serde_json::Map<String, Value>) -> Result<crate::sandbox::RunResult> {
+        let sandbox = self
+            .sandbox
+            .get_or_init(|| crate::coding::Coding::default_sandbox().map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut limits = sandbox.limits.clone();
+        if let Some(t) = m.get("timeout") {
+            let t = t.as_f64().filter(|t| *t > 0.0 && *t <= SANDBOX_MAX_TIMEOUT);
+            let t = t.with_context(|| format!("'timeout' must be a number of seconds in (0, {SANDBOX_MAX_TIMEOUT}]"))?;
+            limits.timeout = Duration::from_secs_f64(t);
+        }
+        if let Some(mb) = m.get("memory_mb") {
+            let mb = mb.as_u64().filter(|mb| (16..=65536).contains(mb)).context("'memory_mb' must be a whole number from 16 to 65536")?;
+            limits.memory_mb = mb;
+        }
+        let sb = Sandbox { limits, isolation: sandbox.isolation.clone() };
+        match (m.get("code"), m.get("files")) {
+            (Some(code), None) => sb.run_code(code.as_str().context("'code' must be a string of Python source")?),
+            (None, Some(files)) => {
+                let files = files.as_object().context("'files' must be an object of file name to text")?;
+                let mut list = vec![];
+                for (name, text) in files {
+                    let text = text.as_str().with_context(|| format!("file '{name}' must be a string"))?;
+                    list.push((name.as_str(), text.as_bytes()));
+                }
+                let main = m.get("main").and_then(|v| v.as_str()).unwrap_or("main.py");
+                if !files.contains_key(main) {
+                    bail!("'main' = {main:?} is not one of the files");
+                }
+                sb.run(&list, main)
+            }
+            _ => bail!("give either 'code' (Python source) or 'files' (name to text) and 'main'"),
+        }
+    }
+
     fn program(&self) -> String {
         format!("task program `{}`", self.spec.command.join(" "))
     }
@@ -187,7 +273,8 @@ impl Pool {
     fn start(&self) -> Result<(Worker, Hello)> {
         let mut w = Worker::start(&self.spec)?;
         let hello = json!({"op": "hello", "protocol": PROTOCOL, "options": self.spec.options});
-        let reply = match w.request(&hello, self.spec.timeout) {
+        let no_requests = |_: &serde_json::Map<String, Value>| json!({"error": "requests to collm are not allowed during the handshake"});
+        let reply = match w.request(&hello, self.spec.timeout, &no_requests) {
             Ok(r) => r,
             Err(Failure::Restart(why) | Failure::Task(why)) => {
                 bail!("{}: the handshake failed: it {why}; {}", self.program(), w.stderr_tail())
@@ -224,7 +311,7 @@ impl Pool {
         };
         let mut tries = 0;
         let result = loop {
-            match w.request(msg, self.spec.timeout) {
+            match w.request(msg, self.spec.timeout, &|m| self.answer(m)) {
                 Ok(r) => break Ok(r),
                 Err(Failure::Task(why)) => break Err(anyhow::anyhow!("{}: {what}: {why}", self.program())),
                 Err(Failure::Restart(why)) => {
@@ -281,7 +368,8 @@ impl External {
         if spec.workers == 0 || spec.workers > 256 {
             bail!("'task.workers' = {}: must be between 1 and 256", spec.workers);
         }
-        let pool = Pool { spec, idle: Mutex::new(vec![]), freed: Condvar::new(), restarts_used: AtomicUsize::new(0) };
+        let pool =
+            Pool { spec, idle: Mutex::new(vec![]), freed: Condvar::new(), restarts_used: AtomicUsize::new(0), sandbox: OnceLock::new() };
         let mut hello = None;
         for _ in 0..pool.spec.workers {
             let (w, h) = pool.start()?;

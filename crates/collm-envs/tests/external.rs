@@ -110,3 +110,153 @@ fn another_protocol_version_is_refused_at_the_handshake() {
     let err = format!("{:#}", External::start(spec(vec!["/nonexistent/task".into()], 0), rows(), vec![]).err().unwrap());
     assert!(err.contains("starting the task program `/nonexistent/task`"), "{err}");
 }
+
+/// The built-in `tldr` task and the Python one in examples/tasks/tldr, both over that example's posts.
+fn tldr_pair() -> (Box<dyn Env>, Box<dyn Env>) {
+    use collm_envs::tasks::{build, TaskConfig};
+    let dir = repo().join("examples/tasks/tldr");
+    let fetch = &|_: &str| -> anyhow::Result<PathBuf> { anyhow::bail!("no dataset to fetch") };
+    let builtin = TaskConfig { name: "tldr".into(), data: Some(dir.join("posts.jsonl")), ..Default::default() };
+    let python = TaskConfig {
+        name: "external".into(),
+        command: vec!["python3".into(), dir.join("task.py").display().to_string()],
+        data: Some(dir.join("posts.jsonl")),
+        workers: 2,
+        ..Default::default()
+    };
+    (build(&builtin, fetch).unwrap(), build(&python, fetch).unwrap())
+}
+
+/// Responses that reach every level and sit on its edges: the writing tests' shapes over the real
+/// word lists, ratios and unique-word ratios exactly on the thresholds, transitions, stop words,
+/// Unicode (accents, case folding, CJK, non-breaking and exotic spaces), and seeded random texts.
+fn tldr_cases() -> Vec<(String, String)> {
+    let w = |n: usize, p: &str| (0..n).map(|i| format!("{p}{i}")).collect::<Vec<_>>().join(" ");
+    let c1 = "a b c d e f g hhhhhh".to_string(); // 8 tokens, 20 chars, 8 unique words
+    let pad = |n: usize, words: usize| {
+        // `words` distinct one-letter words, the last padded with 'x' to n characters.
+        let mut s = ('a'..='z').filter(|&c| c != 'x').take(words).map(String::from).collect::<Vec<_>>().join(" ");
+        assert!(s.len() <= n);
+        while s.chars().count() < n {
+            s.push('x');
+        }
+        s
+    };
+    let mut cases = vec![
+        ("short one".into(), w(20, "x")),
+        (w(10, "a"), w(25, "b")),
+        (w(10, "a"), format!("however {} a0 a1", w(20, "b"))),
+        (w(10, "a"), format!("however {} a0", w(24, "b"))),
+        (w(10, "a"), w(10, "c")),
+        (w(300, "a"), w(300, "b")),
+        (String::new(), w(20, "b")),
+        (c1.clone(), pad(32, 16)),
+        (c1.clone(), pad(64, 16)),
+        (c1.clone(), pad(100, 16)),
+        (c1.clone(), pad(22, 10)),
+        (c1.clone(), pad(40, 11)),
+        (c1.clone(), pad(101, 16)),
+        (c1.clone(), pad(40, 20)),
+        ("a b c d e f g h i jjjjj".into(), pad(40, 13)), // unique-word ratio exactly 1.3
+        (
+            "The bees pick a new home by voting.".into(),
+            "Scout bees inspect possible nest sites; furthermore, they dance for the best ones. However, \
+             other scouts check for themselves, and as a result support grows until a quorum forms, \
+             then the whole swarm moves in. In contrast to a single leader, the choice is shared."
+                .into(),
+        ),
+        (
+            "Café owners in Zürich ÉTÉ straße raised prices this year.".into(),
+            "Les cafés de Zürich: prices ROSE because ΣΟΦΟΣ rents İstanbul 東京 climbed; meanwhile \u{a0}customers\u{2003}left, \
+             so owners\u{1c}cut hours — consequently revenue fell 12% and 3½ staff quit 😀 for good."
+                .into(),
+        ),
+        ("  padded   with\tspaces\nand lines  here ok  ".into(), "  detailed\u{3000}text  with\u{2028}breaks ".repeat(5)),
+    ];
+    let vocab = [
+        "the",
+        "a",
+        "of",
+        "and",
+        "is",
+        "however",
+        "therefore",
+        "as",
+        "result",
+        "furthermore",
+        "bees",
+        "swarm",
+        "site",
+        "dance",
+        "library",
+        "glacier",
+        "ice",
+        "moves",
+        "slowly",
+        "for",
+        "example",
+        "in",
+        "addition",
+        "meanwhile",
+        "finally",
+        "first",
+        "because",
+        "Ice,",
+        "Bees.",
+        "x_y",
+        "42",
+        "é",
+        "naïve",
+        "similarly",
+        "on",
+        "other",
+        "hand",
+        "in",
+        "conclusion",
+    ];
+    let mut state = 0x2545F4914F6CDD1Du64;
+    let mut next = |m: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % m as u64) as usize
+    };
+    for _ in 0..300 {
+        let n1 = 4 + next(20);
+        let n2 = 4 + next(80);
+        let a: Vec<&str> = (0..n1).map(|_| vocab[next(vocab.len())]).collect();
+        let b: Vec<&str> = (0..n2).map(|_| vocab[next(vocab.len())]).collect();
+        cases.push((a.join(" "), b.join(" ")));
+    }
+    cases
+}
+
+#[test]
+fn the_python_tldr_task_gives_the_builtin_observations_rewards_levels_and_metrics() {
+    let (builtin, python) = tldr_pair();
+    assert_eq!(python.name(), "tldr");
+    for split in [Split::Train, Split::Eval] {
+        assert_eq!(builtin.len(split), python.len(split), "{split:?}");
+        for item in 0..builtin.len(split) {
+            assert_eq!(builtin.reset(split, item).unwrap(), python.reset(split, item).unwrap(), "{split:?} item {item}");
+        }
+    }
+    let cases = tldr_cases();
+    let mut levels_seen = std::collections::BTreeSet::new();
+    let mut rewards = std::collections::BTreeSet::new();
+    for (i, (c1, c2)) in cases.iter().enumerate() {
+        let joint = vec![vec![c1.clone(), c2.clone()]];
+        let (b, p) = (builtin.step(Split::Train, i % 8, 0, &joint).unwrap(), python.step(Split::Train, i % 8, 0, &joint).unwrap());
+        // Bit for bit: the same arithmetic in the same order, carried through JSON exactly.
+        assert_eq!(b.reward.to_bits(), p.reward.to_bits(), "case {i}: {c1:?} / {c2:?}: {} vs {}", b.reward, p.reward);
+        assert_eq!(b, p, "case {i}: {c1:?} / {c2:?}");
+        levels_seen.extend(b.metrics.keys().cloned());
+        rewards.insert(b.reward.to_bits());
+    }
+    // The cases reach every level and many different rewards.
+    assert_eq!(levels_seen.len(), 4, "{levels_seen:?}");
+    assert!(rewards.len() > 50, "only {} distinct rewards", rewards.len());
+    // A second turn: the revision prompts are the same too.
+    let two = vec![vec![cases[1].0.clone(), cases[1].1.clone()], vec![cases[14].0.clone(), cases[14].1.clone()]];
+    assert_eq!(builtin.step(Split::Eval, 1, 1, &two).unwrap(), python.step(Split::Eval, 1, 1, &two).unwrap());
+}
