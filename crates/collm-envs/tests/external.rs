@@ -260,3 +260,81 @@ fn the_python_tldr_task_gives_the_builtin_observations_rewards_levels_and_metric
     let two = vec![vec![cases[1].0.clone(), cases[1].1.clone()], vec![cases[14].0.clone(), cases[14].1.clone()]];
     assert_eq!(builtin.step(Split::Eval, 1, 1, &two).unwrap(), python.step(Split::Eval, 1, 1, &two).unwrap());
 }
+
+fn pair_coding(sandbox_timeout: f64) -> Box<dyn Env> {
+    use collm_envs::tasks::{build, TaskConfig};
+    let dir = repo().join("examples/tasks/pair_coding");
+    let mut options = serde_json::Map::new();
+    options.insert("timeout".into(), json!(sandbox_timeout));
+    let cfg = TaskConfig {
+        name: "external".into(),
+        command: vec!["python3".into(), dir.join("task.py").display().to_string()],
+        data: Some(dir.join("problems.jsonl")),
+        turns: 2,
+        workers: 2,
+        options,
+        ..Default::default()
+    };
+    build(&cfg, &|_: &str| -> anyhow::Result<PathBuf> { anyhow::bail!("no dataset to fetch") }).unwrap()
+}
+
+/// The pair-programming example scores model code through collm's sandbox: right code earns the
+/// full reward, wrong or lazy code less, code that loops past the sandbox's limit is stopped by
+/// the sandbox (not by the task), and files the code writes land in the sandbox's directory.
+#[test]
+fn the_pair_coding_example_runs_model_code_in_collms_sandbox() {
+    let e = pair_coding(3.0);
+    assert_eq!((e.name(), e.num_agents(), e.len(Split::Train), e.len(Split::Eval)), ("pair_coding", 2, 10, 2));
+    let obs = e.reset(Split::Train, 0).unwrap();
+    assert!(obs[0].contains("count_vowels(word)") && obs[1].contains("vowel_words(text)"), "{obs:?}");
+    let helper = "```python\ndef count_vowels(word):\n    return sum(c in 'aeiouAEIOU' for c in word)\n```";
+    let main = "def vowel_words(text):\n    return sum(1 for w in text.split() if count_vowels(w) >= 2)\n";
+    let step = |h: &str, m: &str| e.step(Split::Train, 0, 0, &[vec![h.to_string(), m.to_string()]]).unwrap();
+    let o = step(helper, main);
+    assert_eq!((o.reward, o.metrics["pass_rate"], o.done), (3.5, 1.0, true), "{o:?}");
+    // Right without the helper: no teamwork bonus.
+    let alone = "def vowel_words(text):\n    return sum(1 for w in text.split() if sum(c in 'aeiouAEIOU' for c in w) >= 2)";
+    let o = step(helper, alone);
+    assert_eq!((o.reward, o.metrics["uses_helper"]), (3.0, 0.0), "{o:?}");
+    // A wrong helper fails the main function's tests that need it: 'tree sky idea' and 'AUDIO ...'.
+    let o = step("def count_vowels(word):\n    return 1", main);
+    assert_eq!((o.metrics["pass_rate"], o.done), (0.5, false), "{o:?}");
+    assert!(o.next_observations[0].contains("assert vowel_words('tree sky idea') == 2"), "{:?}", o.next_observations);
+    // Code that turns off the per-assert timer and loops is killed by the sandbox's own limit.
+    let t = std::time::Instant::now();
+    let o = step("import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass", main);
+    assert_eq!((o.reward, o.metrics["timeout"]), (0.0, 1.0), "{o:?}");
+    assert!(t.elapsed().as_secs_f64() < 20.0, "{:?}", t.elapsed());
+    // A file the model code writes is not written where the task runs.
+    let marker = format!("collm-escape-{}.txt", std::process::id());
+    let o = step(&format!("open('{marker}', 'w').write('x')\n{helper}"), main);
+    assert_eq!(o.metrics["pass_rate"], 1.0, "{o:?}");
+    assert!(!Path::new(&marker).exists() && !repo().join("examples/tasks/pair_coding").join(&marker).exists());
+}
+
+/// A sandbox request collm refuses reaches the task as an exception, and the task's error names
+/// the problem; one it accepts returns the run's output.
+#[test]
+fn sandbox_requests_are_answered_or_refused_with_a_reason() {
+    let dir = std::env::temp_dir().join(format!("collm-external-sb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("sb_task.py");
+    let helper = repo().join("python");
+    std::fs::write(
+        &p,
+        format!(
+            "import sys\nsys.path.insert(0, {:?})\nfrom collm_task import Task\ntask = Task(agents=2, turns=1, name='sb')\n\
+             @task.observe\ndef observe(item, options):\n    return ['a', 'b']\n\
+             @task.reward\ndef reward(item, responses, options):\n    if responses[0] == 'bad':\n        task.sandbox(files={{'../x.py': 'print(1)'}}, main='../x.py')\n    \
+             r = task.sandbox(code=responses[1], timeout=5)\n    return float(r['stdout'].strip()), {{'ok': float(r['status'] == 'ok')}}\n\
+             task.run()\n",
+            helper.display().to_string()
+        ),
+    )
+    .unwrap();
+    let e = External::start(spec(vec!["python3".into(), p.display().to_string()], 0), rows(), vec![]).unwrap();
+    let o = e.step(Split::Train, 0, 0, &[vec!["good".into(), "print(6 * 7)".into()]]).unwrap();
+    assert_eq!((o.reward, o.metrics["ok"]), (42.0, 1.0), "{o:?}");
+    let err = format!("{:#}", e.step(Split::Train, 0, 0, &[vec!["bad".into(), "print(1)".into()]]).unwrap_err());
+    assert!(err.contains("SandboxError") && err.contains("plain name") && err.contains("item 0"), "{err}");
+}

@@ -187,3 +187,29 @@ fn the_python_tldr_task_trains_like_the_builtin_one() {
     }
     assert_eq!(builtin.1, python.1, "the samples differ");
 }
+
+/// The pair-programming example (model code scored in collm's sandbox over the protocol) trains
+/// end to end from its own config, with a tiny model in place of SmolLM2.
+#[test]
+fn the_pair_coding_example_trains_end_to_end() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/tasks/pair_coding/config.toml");
+    let sets = ["steps=2", "eval_every=2", "checkpoint_every=0", "agents.model=tiny", "agents.format=raw", "agents.tiny.vocab=bytes"]
+        .into_iter()
+        .chain(["sampling.max_new_tokens=8", "agents.lr=1e-3", "critic.lr=1e-3"])
+        .map(String::from)
+        .collect::<Vec<_>>();
+    let cfg = Config::load(&path, &sets).unwrap();
+    let dir = std::env::temp_dir().join(format!("collm-task-pair-coding-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let lines = Trainer::new(cfg, &dir).unwrap().run(false).unwrap();
+    let train: Vec<&Value> = lines.iter().filter(|l| l.get("reward_mean").is_some()).collect();
+    assert_eq!(train.len(), 2);
+    for l in &train {
+        for m in ["pass_rate", "helper_defined", "main_defined", "uses_helper", "timeout"] {
+            assert!(l["metrics"][m].as_f64().is_some_and(f64::is_finite), "no metric {m}: {l}");
+        }
+    }
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    assert!(text.lines().any(|l| serde_json::from_str::<Value>(l).unwrap()["eval_reward_mean"].is_f64()), "no eval line:\n{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
