@@ -1,4 +1,5 @@
-//! `collm bench model`: decode speed and train-step time of one model on this machine.
+//! `collm bench model`: decode speed and train-step time of one model on this machine; `collm
+//! bench train`: a training workload's epoch; `collm bench env`: the external-task protocol's cost.
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
@@ -29,6 +30,24 @@ pub enum BenchCmd {
         /// (same machine, same run) and print collm's figures as ratios to it.
         #[arg(long)]
         reference_python: Option<String>,
+    },
+    /// The external-task protocol's cost per joint action (a trivial reward through a Python worker
+    /// pool) at each worker count, against the OS's pipe round trip and the built-in reward.
+    Env {
+        /// The task program (default: bench/trivial_task.py, a length-ratio reward).
+        #[arg(long, num_args = 1.., value_delimiter = ' ')]
+        command: Option<Vec<String>>,
+        /// Worker counts to time (one client thread per worker, as many requests in flight).
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        workers: Vec<usize>,
+        /// Joint actions scored per worker count (after a warm-up).
+        #[arg(long, default_value_t = 2000)]
+        joint_actions: usize,
+        /// Characters of each response and of the dataset row's text.
+        #[arg(long, default_value_t = 400)]
+        chars: usize,
+        #[arg(long)]
+        json: bool,
     },
     /// One epoch of a fixed training workload through the real trainer (the `collm train` path).
     Train {
@@ -117,7 +136,140 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Train { workload, algo, turns, model, json } => bench_train(&workload, &algo, turns, &model, json),
         m @ BenchCmd::Model { .. } => bench_model(m),
+        BenchCmd::Env { command, workers, joint_actions, chars, json } => bench_env(command, &workers, joint_actions, chars, json),
     }
+}
+
+/// The CPU's model name (from /proc/cpuinfo), to name the machine beside its figures.
+pub fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// Seconds per round trip of one `bytes`-long line through a `cat` child: the pipes' floor.
+fn pipe_round_trip_s(bytes: usize, n: usize) -> Result<f64> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = std::process::Command::new("cat")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cat for the pipe round trip")?;
+    let mut stdin = child.stdin.take().context("cat's stdin")?;
+    let mut stdout = BufReader::new(child.stdout.take().context("cat's stdout")?);
+    let line = format!("{}\n", "x".repeat(bytes));
+    let mut back = String::new();
+    let mut once = |back: &mut String| -> Result<()> {
+        stdin.write_all(line.as_bytes())?;
+        stdin.flush()?;
+        back.clear();
+        stdout.read_line(back)?;
+        Ok(())
+    };
+    for _ in 0..100 {
+        once(&mut back)?;
+    }
+    let t0 = Instant::now();
+    for _ in 0..n {
+        once(&mut back)?;
+    }
+    let s = t0.elapsed().as_secs_f64() / n as f64;
+    drop(stdin);
+    let _ = child.wait();
+    Ok(s)
+}
+
+/// Times joint actions scored through an external task's worker pool.
+fn bench_env(command: Option<Vec<String>>, workers: &[usize], n: usize, chars: usize, json: bool) -> Result<()> {
+    use collm_envs::external::{External, Spec};
+    use collm_envs::{Env, Split};
+    if n == 0 || workers.is_empty() || workers.contains(&0) {
+        anyhow::bail!("--joint-actions and every --workers count must be at least 1");
+    }
+    let command = command.unwrap_or_else(|| {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/trivial_task.py");
+        vec!["python3".into(), script.display().to_string()]
+    });
+    let text: String = "The quick brown fox jumps over the lazy dog. ".chars().cycle().take(chars).collect();
+    let rows: Vec<collm_envs::dataset::Row> =
+        (0..16).map(|i| serde_json::json!({"id": i, "text": text}).as_object().cloned().unwrap_or_default()).collect();
+    // Joint actions that differ (so no layer can cache a reply): two responses of `chars` characters.
+    let joint = |j: usize| vec![vec![format!("{j} {}", &text[..chars / 2]), format!("{j} {text}")]];
+    let bytes = serde_json::json!({"op": "step", "item": rows[0], "turn": 0, "joint_actions": joint(0)}).to_string().len();
+    let pipe_s = pipe_round_trip_s(bytes, 2000)?;
+    // The built-in summary task's reward on the same joint actions, in process.
+    let builtin =
+        collm_envs::summary::Summary::new(collm_envs::Texts { train: rows.iter().map(|_| text.clone()).collect(), eval: vec![] }, 1)?;
+    let t0 = Instant::now();
+    for j in 0..n {
+        std::hint::black_box(builtin.step(Split::Train, j % rows.len(), 0, &joint(j))?);
+    }
+    let builtin_s = t0.elapsed().as_secs_f64() / n as f64;
+    let mut results = vec![];
+    for &w in workers {
+        let spec = Spec {
+            command: command.clone(),
+            options: Default::default(),
+            workers: w,
+            timeout: std::time::Duration::from_secs(30),
+            restarts: 0,
+        };
+        let env = External::start(spec, rows.clone(), vec![])?;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let score = |count: usize| -> Result<()> {
+            let next = &next;
+            next.store(0, std::sync::atomic::Ordering::SeqCst);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..w)
+                    .map(|_| {
+                        s.spawn(|| -> Result<()> {
+                            loop {
+                                let j = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                if j >= count {
+                                    return Ok(());
+                                }
+                                std::hint::black_box(env.step(Split::Train, j % rows.len(), 0, &joint(j))?);
+                            }
+                        })
+                    })
+                    .collect();
+                handles.into_iter().try_for_each(|h| h.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))?)
+            })
+        };
+        score(200.min(n))?;
+        let t0 = Instant::now();
+        score(n)?;
+        let per = t0.elapsed().as_secs_f64() / n as f64;
+        results.push(serde_json::json!({"workers": w, "ms_per_joint_action": per * 1e3, "joint_actions_per_s": 1.0 / per,
+            "over_pipe_floor": per / pipe_s}));
+    }
+    let out = serde_json::json!({
+        "cpu": cpu_name(), "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "command": command.join(" "), "joint_actions": n, "request_bytes": bytes,
+        "pipe_round_trip_ms": pipe_s * 1e3, "builtin_summary_ms": builtin_s * 1e3, "external": results,
+    });
+    if json {
+        println!("{out}");
+    } else {
+        println!(
+            "collm bench env on {} ({} threads): {n} joint actions of {bytes}-byte requests",
+            out["cpu"].as_str().unwrap_or(""),
+            out["threads"]
+        );
+        println!("  pipe round trip through cat      {:>8.4} ms (the floor)", pipe_s * 1e3);
+        println!("  built-in summary reward           {:>8.4} ms (in process)", builtin_s * 1e3);
+        for r in &results {
+            println!(
+                "  external, {:>2} worker(s)           {:>8.4} ms per joint action ({:.0}/s, {:.1}x the pipe floor)",
+                r["workers"],
+                r["ms_per_joint_action"].as_f64().unwrap_or(f64::NAN),
+                r["joint_actions_per_s"].as_f64().unwrap_or(f64::NAN),
+                r["over_pipe_floor"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Runs a workload file's epoch through the trainer and reports seconds per prompt, the

@@ -197,3 +197,20 @@ fn reward_scores_through_an_external_task_program() {
     let out = collm().args(["reward", "--task", "external", "--responses"]).arg(&r0).arg(&r1).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("give --config"));
 }
+
+/// `collm bench env` times the protocol at each worker count and reports the machine, the pipe
+/// floor and the built-in reward beside it (figures are not checked: timings are benchmarks).
+#[test]
+fn bench_env_reports_the_protocol_cost_per_worker_count() {
+    let out = collm().args(["bench", "env", "--workers", "1,2", "--joint-actions", "50", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ext = v["external"].as_array().unwrap();
+    assert_eq!(ext.iter().map(|r| r["workers"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2]);
+    for r in ext {
+        assert!(r["ms_per_joint_action"].as_f64().is_some_and(|x| x > 0.0 && x.is_finite()), "{v}");
+    }
+    assert!(v["pipe_round_trip_ms"].as_f64().is_some_and(|x| x > 0.0) && v["cpu"].as_str().is_some_and(|c| !c.is_empty()), "{v}");
+    let out = collm().args(["bench", "env", "--workers", "0"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--workers"));
+}
