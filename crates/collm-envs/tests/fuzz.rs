@@ -245,11 +245,15 @@ fn fuzz_task_protocol() {
     setup();
     let dir = case_dir("protocol");
     let reply_file = dir.join("reply.txt");
+    let hello_file = dir.join("hello.txt");
+    let good_hello = serde_json::json!({"protocol": 1, "agents": 2, "turns": 2, "name": "fuzz"});
+    std::fs::write(&hello_file, good_hello.to_string()).unwrap();
     let program = dir.join("proto.py");
     std::fs::write(
         &program,
         format!(
-            "import json, sys\nfor line in sys.stdin:\n    msg = json.loads(line)\n    if msg['op'] == 'hello':\n        print(json.dumps({{'protocol': 1, 'agents': 2, 'turns': 2, 'name': 'fuzz'}}), flush=True)\n    else:\n        sys.stdout.write(open({:?}, encoding='utf-8', errors='replace').read().replace('\\n', ' ') + '\\n')\n        sys.stdout.flush()\n",
+            "import json, sys\nfor line in sys.stdin:\n    msg = json.loads(line)\n    path = {:?} if msg['op'] == 'hello' else {:?}\n    sys.stdout.write(open(path, encoding='utf-8', errors='replace').read().replace('\\n', ' ') + '\\n')\n    sys.stdout.flush()\n",
+            hello_file.display().to_string(),
             reply_file.display().to_string()
         ),
     )
@@ -263,7 +267,8 @@ fn fuzz_task_protocol() {
         restarts: usize::MAX,
     };
     let row = serde_json::json!({"question": "2 + 3?", "answer": 5}).as_object().unwrap().clone();
-    let env = collm_envs::external::External::start(spec, vec![row], vec![]).unwrap();
+    let env = collm_envs::external::External::start(spec.clone(), vec![row.clone()], vec![]).unwrap();
+    let hellos = [good_hello.clone(), serde_json::json!({"protocol": 1, "agents": 3}), serde_json::json!({"protocol": 2, "agents": 2})];
     let seeds = [
         serde_json::json!({"reward": 0.4, "metrics": {"exact": 0.0, "numeric": 1.0}, "done": false, "observations": ["next 0", "next 1"]}),
         serde_json::json!({"observations": ["first 0", "first 1"]}),
@@ -277,6 +282,16 @@ fn fuzz_task_protocol() {
         cases(40),
         DEADLINE,
         move |rng: &mut Rng| {
+            if rng.chance(0.25) {
+                // The handshake's reply.
+                let seed = rng.pick(&hellos).clone();
+                let body = if rng.chance(0.8) {
+                    mutate_json(rng, &seed).to_string().into_bytes()
+                } else {
+                    mutate_bytes(rng, seed.to_string().as_bytes(), &[])
+                };
+                return encode_case("hello", body);
+            }
             let seed = rng.pick(&seeds).clone();
             let observe = seed.get("reward").is_none() && seed.get("error").is_none();
             let body = if rng.chance(0.8) {
@@ -288,6 +303,23 @@ fn fuzz_task_protocol() {
         },
         move |case: &[u8]| {
             let (op, body) = decode_case(case);
+            if op == "hello" {
+                std::fs::write(&hello_file, body).unwrap();
+                let started = collm_envs::external::External::start(spec.clone(), vec![row.clone()], vec![]);
+                std::fs::write(&hello_file, good_hello.to_string()).unwrap();
+                return match started {
+                    Ok(e) if (1..=64).contains(&e.num_agents()) => Ok(true),
+                    Ok(e) => Err(format!("a handshake giving {} agents was accepted", e.num_agents())),
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        if msg.contains("proto.py") {
+                            Ok(false)
+                        } else {
+                            Err(format!("the handshake's error does not name the program: {msg}"))
+                        }
+                    }
+                };
+            }
             std::fs::write(&reply_file, body).unwrap();
             let joint = vec![vec!["2 plus 3".to_string(), "5".to_string()]];
             let r = if op == "observe" {
