@@ -213,3 +213,46 @@ fn the_pair_coding_example_trains_end_to_end() {
     assert!(text.lines().any(|l| serde_json::from_str::<Value>(l).unwrap()["eval_reward_mean"].is_f64()), "no eval line:\n{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A task program that keeps failing stops training with an error naming it, the item and the
+/// turn, after its restarts; the last checkpoint is intact and the run resumes from it once the
+/// program works again.
+#[test]
+fn a_failing_task_program_stops_training_with_the_last_checkpoint_intact() {
+    let dir = std::env::temp_dir().join(format!("collm-task-failing-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (program, data, counter, broken) = (dir.join("flaky.py"), dir.join("rows.jsonl"), dir.join("count"), dir.join("broken"));
+    std::fs::write(&data, (0..6).map(|i| format!("{{\"n\": {i}}}\n")).collect::<String>()).unwrap();
+    // After 4 step requests (2 train steps of buffer 2) it exits on every request while `broken` exists.
+    std::fs::write(
+        &program,
+        format!(
+            "import json, os, sys\nCOUNT, BROKEN = {:?}, {:?}\nfor line in sys.stdin:\n    msg = json.loads(line)\n    op = msg['op']\n    if op == 'hello':\n        reply = {{'protocol': 1, 'agents': 2, 'name': 'flaky'}}\n    elif op == 'observe':\n        reply = {{'observations': ['n=%d:' % msg['item']['n']] * 2}}\n    else:\n        n = int(open(COUNT).read()) if os.path.exists(COUNT) else 0\n        open(COUNT, 'w').write(str(n + 1))\n        if n >= 4 and os.path.exists(BROKEN):\n            sys.stderr.write('flaky: giving up on request %d\\n' % n)\n            sys.exit(1)\n        reply = {{'reward': float(len(msg['joint_actions'][0][1]) % 3), 'observations': ['', '']}}\n    print(json.dumps(reply), flush=True)\n",
+            counter.display().to_string(),
+            broken.display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::write(&broken, "").unwrap();
+    let toml = format!(
+        "seed = 0\nalgo = \"cc\"\nsteps = 4\nbuffer = 2\neval_every = 0\ncheckpoint_every = 1\n[task]\nname = \"external\"\ncommand = [\"python3\", {:?}]\ndata = {:?}\nrestarts = 1\ntimeout = 10\n[agents]\nmodel = \"tiny\"\nformat = \"raw\"\n[agents.tiny]\nvocab = \"bytes\"\nhidden = 16\nlayers = 1\nheads = 2\nkv_heads = 1\nintermediate = 32\n[sampling]\nmax_new_tokens = 4\n",
+        program.display().to_string(),
+        data.display().to_string()
+    );
+    let cfg = Config::from_toml(&toml, "test config", &[]).unwrap();
+    let out = dir.join("run");
+    let err = format!("{:#}", Trainer::new(cfg, &out).unwrap().run(false).unwrap_err());
+    assert!(err.contains("flaky.py") && err.contains("item") && err.contains("turn 0") && err.contains("giving up on request"), "{err}");
+    assert!(err.contains("task.restarts = 1"), "{err}");
+    let latest = collm_rl::trainer::latest_checkpoint(&out).unwrap().expect("a checkpoint");
+    assert!(latest.ends_with("step-000002"), "{}", latest.display());
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+    // Fixed, the run resumes from step 2 and finishes.
+    std::fs::remove_file(&broken).unwrap();
+    let lines = Trainer::resume(&out).unwrap().run(false).unwrap();
+    assert_eq!(lines.last().and_then(|l| l["step"].as_u64()), Some(4), "{lines:?}");
+    assert_eq!(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count(), 4);
+    let _ = std::fs::remove_dir_all(&dir);
+}
