@@ -1,5 +1,5 @@
-//! `collm`: train teams of LLM agents with multi-agent RL. Subcommands: train, eval, generate, score,
-//! fetch, bench.
+//! `collm`: train teams of LLM agents with multi-agent RL. Subcommands: train, eval, run, generate,
+//! score, fetch, reward, sandbox, study, bench.
 
 mod bench;
 
@@ -28,6 +28,8 @@ enum Cmd {
     Train(TrainArgs),
     /// Evaluate a checkpoint on the task's eval split.
     Eval(EvalArgs),
+    /// Run a trained team decentralized on a task: each agent on its own history, no critic.
+    Run(RunArgs),
     /// Score one joint action of a task exactly as training does.
     Reward(RewardArgs),
     /// Run a Python file in the sandbox, exactly as the coding rewards run model-written code.
@@ -180,6 +182,30 @@ struct EvalArgs {
     sampled: bool,
 }
 
+#[derive(Args)]
+struct RunArgs {
+    /// A checkpoint directory (runs/X/checkpoints/step-N) or a run directory (its latest).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Another task for the team (the same number of agents); its keys with --set task.KEY=V.
+    #[arg(long)]
+    task: Option<String>,
+    /// Episodes (0: the whole split).
+    #[arg(long, default_value_t = 0)]
+    items: usize,
+    #[arg(long, value_parser = ["train", "eval"], default_value = "eval")]
+    split: String,
+    /// Sample (with the config's temperature and top-p) instead of greedy decoding.
+    #[arg(long)]
+    sampled: bool,
+    /// Write one transcript per episode here (JSON lines: observations, responses, rewards, metrics).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override a key of the run's config (task.data=F, sampling.max_new_tokens=N, ...).
+    #[arg(long = "set")]
+    set: Vec<String>,
+}
+
 fn prompt_ids(a: &PromptArgs, lm: &loader::LoadedModel) -> Result<Vec<u32>> {
     let text = if let Some(p) = &a.prompt {
         p.clone()
@@ -266,6 +292,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { what } => bench::run(what)?,
         Cmd::Train(a) => train(a)?,
         Cmd::Eval(a) => eval(a)?,
+        Cmd::Run(a) => run_team(a)?,
         Cmd::Reward(a) => reward(a)?,
         Cmd::Sandbox(a) => sandbox(a)?,
         Cmd::Study(a) => {
@@ -416,12 +443,33 @@ fn sandbox(a: SandboxArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_team(a: RunArgs) -> Result<()> {
+    let mut sets = a.set.clone();
+    if let Some(t) = &a.task {
+        sets.push(format!("task.name={t}"));
+    }
+    let t0 = std::time::Instant::now();
+    let d = collm_rl::run::Deployed::load(&a.checkpoint, &sets)?;
+    eprintln!(
+        "collm: running {} agent(s) of {} (step {}) on {}, decentralized: no critic",
+        d.team.agents.len(),
+        d.checkpoint.display(),
+        d.step,
+        d.env.name()
+    );
+    let split = if a.split == "train" { collm_envs::Split::Train } else { collm_envs::Split::Eval };
+    let e = d.run(split, a.items, !a.sampled, a.out.as_deref())?;
+    println!(
+        "{}",
+        serde_json::json!({"checkpoint": d.checkpoint, "step": d.step, "task": d.env.name(), "split": a.split, "episodes": e.episodes,
+            "reward_mean": e.reward_mean, "reward_per_turn": e.reward_per_turn, "metrics": e.metrics,
+            "transcripts": a.out, "peak_rss_mb": bench::peak_rss_mb(), "wall_s": t0.elapsed().as_secs_f64()})
+    );
+    Ok(())
+}
+
 fn eval(a: EvalArgs) -> Result<()> {
-    let dir = if a.checkpoint.join("trainer.json").exists() {
-        a.checkpoint.clone()
-    } else {
-        collm_rl::trainer::latest_checkpoint(&a.checkpoint)?.with_context(|| format!("{}: no checkpoint found", a.checkpoint.display()))?
-    };
+    let dir = collm_rl::trainer::checkpoint_dir(&a.checkpoint)?;
     let cfg = Config::load(&dir.join("config.toml"), &[])?;
     let env = collm_rl::trainer::make_env(&cfg)?;
     let mut team = collm_rl::team::Team::load(&cfg, env.num_agents())?;

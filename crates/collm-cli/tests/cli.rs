@@ -214,3 +214,58 @@ fn bench_env_reports_the_protocol_cost_per_worker_count() {
     let out = collm().args(["bench", "env", "--workers", "0"]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--workers"));
 }
+
+/// `collm run` executes a trained team decentralized: the same episodes (rewards, per-turn
+/// rewards, metrics) as `collm eval` on the same items and seeds, with the critic's files never
+/// read (they are destroyed first, and `collm eval`, which loads the critic, then fails).
+#[test]
+fn run_executes_the_team_without_its_critic_and_matches_eval() {
+    let d = tmp("run");
+    let config = d.join("team.toml");
+    std::fs::write(
+        &config,
+        "seed = 3\nalgo = \"cc\"\nsteps = 2\nbuffer = 2\neval_every = 0\ncheckpoint_every = 2\n[task]\nname = \"summary\"\nturns = 2\n\
+         [agents]\nmodel = \"tiny\"\nformat = \"raw\"\nlr = 1e-3\n[agents.tiny]\nvocab = \"bytes\"\nhidden = 16\nlayers = 1\nheads = 2\nkv_heads = 1\nintermediate = 32\n\
+         [sampling]\nmax_new_tokens = 12\ntemperature = 1.0\ntop_p = 1.0\n[critic]\nlr = 1e-3\n",
+    )
+    .unwrap();
+    let run = d.join("out");
+    let out = collm().args(["train", "--config"]).arg(&config).arg("--out").arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json = |out: std::process::Output| -> serde_json::Value {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let eval = json(collm().args(["eval", "--sampled", "--checkpoint"]).arg(&run).output().unwrap());
+    // Destroy the critic: unreadable garbage in place of every file it saved.
+    let critic = run.join("checkpoints/step-000002/critic_0");
+    let files: Vec<PathBuf> = std::fs::read_dir(&critic).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(!files.is_empty());
+    for f in &files {
+        std::fs::write(f, b"not a critic").unwrap();
+        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    }
+    let transcripts = d.join("episodes.jsonl");
+    let ran = json(collm().args(["run", "--sampled", "--checkpoint"]).arg(&run).arg("--out").arg(&transcripts).output().unwrap());
+    for k in ["episodes", "reward_mean", "reward_per_turn", "metrics", "step"] {
+        assert_eq!(ran[k], eval[k], "{k}: run {ran} vs eval {eval}");
+    }
+    assert_eq!(ran["episodes"], 2);
+    assert!(ran["peak_rss_mb"].as_f64().is_some_and(|m| m > 0.0), "{ran}");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&transcripts).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    let mean_return = lines.iter().map(|l| l["return"].as_f64().unwrap()).sum::<f64>() / 2.0;
+    assert!((mean_return - eval["reward_mean"].as_f64().unwrap()).abs() < 1e-9, "{mean_return} vs {eval}");
+    for l in &lines {
+        let turns = l["turns"].as_array().unwrap();
+        assert_eq!(turns.len(), 2, "{l}");
+        assert!(turns.iter().all(|t| t["responses"].as_array().unwrap().len() == 2 && t["observations"].as_array().unwrap().len() == 2));
+    }
+    // Proof that the critic's files were needed by eval and left alone by run.
+    let out = collm().args(["eval", "--sampled", "--checkpoint"]).arg(&run).output().unwrap();
+    assert!(!out.status.success(), "eval loaded a destroyed critic");
+    // Greedy runs too, and another task with the same number of agents.
+    let other = json(collm().args(["run", "--task", "tldr", "--items", "1", "--checkpoint"]).arg(&run).output().unwrap());
+    assert_eq!((other["task"].as_str(), other["episodes"].as_u64()), (Some("tldr"), Some(1)), "{other}");
+}

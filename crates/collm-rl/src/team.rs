@@ -172,7 +172,17 @@ fn adamw(spec: &ModelSpec) -> AdamW {
 }
 
 impl Team {
+    /// The team a config describes: its agents and, as the algorithm needs them, its critics.
     pub fn load(cfg: &Config, num_agents: usize) -> Result<Self> {
+        Self::build(cfg, num_agents, true)
+    }
+
+    /// The agents alone, for decentralized execution: no critic and no value head is made.
+    pub fn load_agents(cfg: &Config, num_agents: usize) -> Result<Self> {
+        Self::build(cfg, num_agents, false)
+    }
+
+    fn build(cfg: &Config, num_agents: usize, with_critics: bool) -> Result<Self> {
         if cfg.agent.len() > num_agents {
             bail!("the config lists {} [[agent]] entries but the task has {num_agents} agents", cfg.agent.len());
         }
@@ -207,14 +217,14 @@ impl Team {
                 ),
                 PromptFormat::Raw => None,
             };
-            let head = if cfg.algo == Algo::Dc && cfg.critic.dc == DcCritic::Head {
+            let head = if with_critics && cfg.algo == Algo::Dc && cfg.critic.dc == DcCritic::Head {
                 Some(ValueHead::new(cfg.critic.head, model.cfg.hidden_size, seed ^ 0x5eed, &model.device)?)
             } else {
                 None
             };
             agents.push(Agent { model, tokenizer, format: spec.format, chat, opt: adamw(spec), head });
         }
-        let n_critics = crate::algos::algorithm(cfg.algo).critics(cfg, num_agents);
+        let n_critics = if with_critics { crate::algos::algorithm(cfg.algo).critics(cfg, num_agents) } else { 0 };
         let mut critics = Vec::new();
         let cspec = cfg.critic_spec();
         for j in 0..n_critics {

@@ -234,6 +234,103 @@ pub struct EvalStats {
     pub metrics: std::collections::BTreeMap<String, f64>,
 }
 
+impl EvalStats {
+    /// The mean episode reward, the per-turn means and the task's metrics of eval rollouts.
+    pub fn of(rollouts: &[(Vec<usize>, Rollout)]) -> Self {
+        let count: usize = rollouts.iter().map(|(c, _)| c.len()).sum();
+        let mut reward_sum = 0.0;
+        // Per turn: the sum of the joint actions' rewards and their count, over every chunk.
+        let mut per_turn: Vec<(f64, usize)> = vec![];
+        let mut metrics: std::collections::BTreeMap<String, f64> = Default::default();
+        for (chunk, r) in rollouts {
+            reward_sum += r.mean_episode_reward() * chunk.len() as f64;
+            for (t, (sum, n)) in r.reward_sums_per_turn().into_iter().enumerate() {
+                if per_turn.len() <= t {
+                    per_turn.resize(t + 1, (0.0, 0));
+                }
+                per_turn[t].0 += sum;
+                per_turn[t].1 += n;
+            }
+            for (k, v) in r.final_metrics() {
+                *metrics.entry(k).or_default() += v * chunk.len() as f64 / count as f64;
+            }
+        }
+        // The mean over the joint actions executed at turn t (episodes that ended earlier do not count).
+        let reward_per_turn = per_turn.iter().map(|&(s, n)| s / n.max(1) as f64).collect();
+        EvalStats { episodes: count, reward_mean: reward_sum / count.max(1) as f64, reward_per_turn, metrics }
+    }
+}
+
+/// The sampling parameters of a config, greedy or not.
+pub fn sampling_params(cfg: &Config, greedy: bool) -> SamplingParams {
+    let s = &cfg.sampling;
+    SamplingParams { max_new_tokens: s.max_new_tokens, temperature: s.temperature, top_p: s.top_p, top_k: s.top_k, greedy }
+}
+
+/// Eval episodes over `items` items of a split (all when 0), one sample per agent and turn,
+/// greedy or sampled, in chunks of 4 buffers; each chunk samples with its own random streams,
+/// seeded by the run's seed, the checkpoint's step and the chunk. `collm eval` (through
+/// [`Trainer::evaluate`]) and `collm run` share it, so they give the same episodes.
+pub fn eval_rollouts(
+    team: &Team,
+    env: &dyn Env,
+    cfg: &Config,
+    step: usize,
+    split: Split,
+    items: usize,
+    greedy: bool,
+) -> Result<Vec<(Vec<usize>, Rollout)>> {
+    let n = env.len(split);
+    if n == 0 {
+        bail!("{}: the {split:?} split is empty", env.name());
+    }
+    let count = if items == 0 { n } else { items.min(n) };
+    let ids: Vec<usize> = (0..count).collect();
+    let mut out = vec![];
+    for chunk in ids.chunks(cfg.buffer.max(1) * 4) {
+        let spec = RolloutSpec {
+            split,
+            items: chunk,
+            turns: cfg.task.turns,
+            k: 1,
+            joint_mode: JointMode::Aligned,
+            history_cache: cfg.history_cache,
+            sampling: sampling_params(cfg, greedy),
+            early_termination: cfg.early_termination,
+            // A stream follows an episode's place in its chunk, so each chunk needs its own.
+            seed: mix(mix(cfg.seed ^ 0xe7a1, step as u64), chunk[0] as u64),
+        };
+        out.push((chunk.to_vec(), rollout(team, env, &spec)?));
+    }
+    Ok(out)
+}
+
+/// An episode of a rollout as each turn's observations, responses, reward and metrics (its
+/// first joint action at each node: with K = 1, the episode).
+pub fn episode_turns(r: &Rollout, root: usize) -> Vec<Value> {
+    let mut turns = vec![];
+    let mut x = Some(root);
+    while let Some(n) = x {
+        let nd = &r.nodes[n];
+        let Some(j) = nd.joints.first() else { break };
+        let responses: Vec<&str> = j.choice.iter().enumerate().map(|(i, &k)| nd.responses[i][k].text.as_str()).collect();
+        turns.push(
+            json!({"turn": nd.turn, "observations": nd.observations, "responses": responses, "reward": j.reward, "metrics": j.metrics}),
+        );
+        x = j.child;
+    }
+    turns
+}
+
+/// A checkpoint directory (holding trainer.json), or a run directory's latest checkpoint.
+pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
+    if path.join("trainer.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    latest_checkpoint(path)?
+        .with_context(|| format!("{}: no checkpoint found (give a run directory or one of its checkpoints/step-N)", path.display()))
+}
+
 fn mix(a: u64, b: u64) -> u64 {
     let mut x = a.wrapping_add(b.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     x ^= x >> 30;
@@ -328,8 +425,7 @@ impl Trainer {
     }
 
     fn sampling(&self, greedy: bool) -> SamplingParams {
-        let s = &self.cfg.sampling;
-        SamplingParams { max_new_tokens: s.max_new_tokens, temperature: s.temperature, top_p: s.top_p, top_k: s.top_k, greedy }
+        sampling_params(&self.cfg, greedy)
     }
 
     /// The train items of step `step`: a seeded permutation per epoch, read in order.
@@ -440,75 +536,22 @@ impl Trainer {
         }))
     }
 
-    /// The eval rollouts over `items` episodes of a split (all when 0), greedy or sampled, in
-    /// chunks of 4 buffers; each chunk samples with its own random streams.
+    /// The eval rollouts over `items` episodes of a split (all when 0), greedy or sampled (see
+    /// [`eval_rollouts`]).
     pub fn eval_rollouts(&self, split: Split, items: usize, greedy: bool) -> Result<Vec<(Vec<usize>, Rollout)>> {
-        let n = self.env.len(split);
-        if n == 0 {
-            bail!("{}: the {split:?} split is empty", self.env.name());
-        }
-        let count = if items == 0 { n } else { items.min(n) };
-        let ids: Vec<usize> = (0..count).collect();
-        let mut out = vec![];
-        for chunk in ids.chunks(self.cfg.buffer.max(1) * 4) {
-            let spec = RolloutSpec {
-                split,
-                items: chunk,
-                turns: self.cfg.task.turns,
-                k: 1,
-                joint_mode: JointMode::Aligned,
-                history_cache: self.cfg.history_cache,
-                sampling: self.sampling(greedy),
-                early_termination: self.cfg.early_termination,
-                // A stream follows an episode's place in its chunk, so each chunk needs its own.
-                seed: mix(mix(self.cfg.seed ^ 0xe7a1, self.step as u64), chunk[0] as u64),
-            };
-            out.push((chunk.to_vec(), rollout(&self.team, self.env.as_ref(), &spec)?));
-        }
-        Ok(out)
+        eval_rollouts(&self.team, self.env.as_ref(), &self.cfg, self.step, split, items, greedy)
     }
 
     /// Mean reward on `items` episodes of a split (all when 0), greedy or sampled.
     pub fn evaluate(&self, split: Split, items: usize, greedy: bool) -> Result<EvalStats> {
-        let rollouts = self.eval_rollouts(split, items, greedy)?;
-        let count: usize = rollouts.iter().map(|(c, _)| c.len()).sum();
-        let mut reward_sum = 0.0;
-        // Per turn: the sum of the joint actions' rewards and their count, over every chunk.
-        let mut per_turn: Vec<(f64, usize)> = vec![];
-        let mut metrics: std::collections::BTreeMap<String, f64> = Default::default();
-        for (chunk, r) in &rollouts {
-            reward_sum += r.mean_episode_reward() * chunk.len() as f64;
-            for (t, (sum, n)) in r.reward_sums_per_turn().into_iter().enumerate() {
-                if per_turn.len() <= t {
-                    per_turn.resize(t + 1, (0.0, 0));
-                }
-                per_turn[t].0 += sum;
-                per_turn[t].1 += n;
-            }
-            for (k, v) in r.final_metrics() {
-                *metrics.entry(k).or_default() += v * chunk.len() as f64 / count as f64;
-            }
-        }
-        // The mean over the joint actions executed at turn t (episodes that ended earlier do not count).
-        let reward_per_turn = per_turn.iter().map(|&(s, n)| s / n.max(1) as f64).collect();
-        Ok(EvalStats { episodes: count, reward_mean: reward_sum / count as f64, reward_per_turn, metrics })
+        Ok(EvalStats::of(&self.eval_rollouts(split, items, greedy)?))
     }
 
     /// Appends the rollout's first episode (each turn's observations, responses and reward) to
     /// samples.jsonl, so what the agents actually say can be read as training goes.
     fn log_sample(&self, step: usize, r: &Rollout) -> Result<()> {
         let Some(&root) = r.roots.first() else { return Ok(()) };
-        let mut turns = vec![];
-        let mut x = Some(root);
-        while let Some(n) = x {
-            let nd = &r.nodes[n];
-            let Some(j) = nd.joints.first() else { break };
-            let responses: Vec<&str> = j.choice.iter().enumerate().map(|(i, &k)| nd.responses[i][k].text.as_str()).collect();
-            turns.push(
-                json!({"turn": nd.turn, "observations": nd.observations, "responses": responses, "reward": j.reward, "metrics": j.metrics}),
-            );
-            x = j.child;
-        }
+        let turns = episode_turns(r, root);
         let path = self.out.join("samples.jsonl");
         let mut f =
             std::fs::OpenOptions::new().append(true).create(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
