@@ -2,6 +2,7 @@
 //! score, fetch, reward, sandbox, study, bench.
 
 mod bench;
+mod serve;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -30,6 +31,8 @@ enum Cmd {
     Eval(EvalArgs),
     /// Run a trained team decentralized on a task: each agent on its own history, no critic.
     Run(RunArgs),
+    /// Serve a trained team's agents (or one model) over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
     /// Score one joint action of a task exactly as training does.
     Reward(RewardArgs),
     /// Run a Python file in the sandbox, exactly as the coding rewards run model-written code.
@@ -183,6 +186,24 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    /// A checkpoint directory or a run directory (its latest): serves each agent as agent-0, agent-1, ...
+    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
+    checkpoint: Option<PathBuf>,
+    /// A plain model instead (`smollm2-135m`, a .gguf file, a Hugging Face directory).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// The port (0: any free one; the address is printed as JSON on stdout).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Rows each agent decodes together at most (later requests wait for room).
+    #[arg(long, default_value_t = 32)]
+    max_batch: usize,
+}
+
+#[derive(Args)]
 struct RunArgs {
     /// A checkpoint directory (runs/X/checkpoints/step-N) or a run directory (its latest).
     #[arg(long)]
@@ -293,6 +314,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => train(a)?,
         Cmd::Eval(a) => eval(a)?,
         Cmd::Run(a) => run_team(a)?,
+        Cmd::Serve(a) => serve_models(a)?,
         Cmd::Reward(a) => reward(a)?,
         Cmd::Sandbox(a) => sandbox(a)?,
         Cmd::Study(a) => {
@@ -441,6 +463,47 @@ fn sandbox(a: SandboxArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn serve_models(a: ServeArgs) -> Result<()> {
+    use std::sync::Arc;
+    if a.max_batch == 0 || a.max_batch > 4096 {
+        bail!("--max-batch {}: must be from 1 to 4096", a.max_batch);
+    }
+    let models = match (&a.checkpoint, &a.model) {
+        (Some(dir), _) => {
+            let (_, team, dir) = collm_rl::run::load_team(dir)?;
+            eprintln!("collm: loaded {} agent(s) from {} (no critic)", team.agents.len(), dir.display());
+            team.agents
+                .into_iter()
+                .enumerate()
+                .map(|(i, ag)| {
+                    let pad = ag.tokenizer.pad_id();
+                    let context = ag.model.cfg.max_position_embeddings;
+                    serve::Served {
+                        name: format!("agent-{i}"),
+                        chat_template: ag.format == collm_rl::config::PromptFormat::Chat,
+                        context,
+                        batcher: collm_model::batcher::Batcher::start(Arc::new(ag.model), pad, a.max_batch),
+                        tokenizer: ag.tokenizer,
+                    }
+                })
+                .collect()
+        }
+        (None, Some(m)) => {
+            let lm = loader::load(m)?;
+            let pad = lm.tokenizer.pad_id();
+            vec![serve::Served {
+                name: m.clone(),
+                chat_template: lm.tokenizer.chat_template.is_some(),
+                context: lm.model.cfg.max_position_embeddings,
+                batcher: collm_model::batcher::Batcher::start(Arc::new(lm.model), pad, a.max_batch),
+                tokenizer: Arc::new(lm.tokenizer),
+            }]
+        }
+        (None, None) => bail!("give --checkpoint DIR or --model M"),
+    };
+    serve::run(models, &a.host, a.port)
 }
 
 fn run_team(a: RunArgs) -> Result<()> {
