@@ -49,6 +49,21 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// `collm serve`'s requests/s and tokens/s at each number of concurrent clients, against
+    /// `generate` at the same batch sizes in the same run (greedy: the same tokens either way).
+    Serve {
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        clients: Vec<usize>,
+        /// Requests each client sends, one after another.
+        #[arg(long, default_value_t = 2)]
+        requests: usize,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// One epoch of a fixed training workload through the real trainer (the `collm train` path).
     Train {
         /// The workload JSON (e.g. ../shared/bench/tldr_like.json).
@@ -137,6 +152,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Train { workload, algo, turns, model, json } => bench_train(&workload, &algo, turns, &model, json),
         m @ BenchCmd::Model { .. } => bench_model(m),
         BenchCmd::Env { command, workers, joint_actions, chars, json } => bench_env(command, &workers, joint_actions, chars, json),
+        BenchCmd::Serve { model, clients, requests, max_tokens, json } => bench_serve(&model, &clients, requests, max_tokens, json),
     }
 }
 
@@ -449,6 +465,124 @@ fn bench_model(cmd: BenchCmd) -> Result<()> {
                 "  train step full {:.2} s; collm takes {:.2}x its time",
                 r["train_step"]["full_s"].as_f64().unwrap_or(0.0),
                 q["train_step_time_ratio"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One HTTP/1.1 POST of a JSON body; returns the JSON reply.
+fn post_json(addr: &std::net::SocketAddr, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    let body = body.to_string();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, rest) = raw.split_once("\r\n\r\n").context("a reply without headers")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        anyhow::bail!("the server answered {}: {rest}", head.lines().next().unwrap_or(""));
+    }
+    serde_json::from_str(rest).context("the server's reply is not JSON")
+}
+
+/// Prompts of about the same length, one per row or client.
+fn serve_prompts(n: usize) -> Vec<String> {
+    let topics = ["bees", "glaciers", "libraries", "lighthouses", "octopuses", "railways", "bread", "cities"];
+    (0..n).map(|i| format!("Write a short story about {} number {i}, in plain words, for a child.", topics[i % topics.len()])).collect()
+}
+
+fn bench_serve(model: &str, clients: &[usize], requests: usize, max_tokens: usize, json: bool) -> Result<()> {
+    use std::sync::Arc;
+    if clients.is_empty() || clients.contains(&0) || requests == 0 || max_tokens == 0 {
+        anyhow::bail!("--clients, --requests and --max-tokens must be at least 1");
+    }
+    let lm = loader::load(model)?;
+    let pad = lm.tokenizer.pad_id();
+    let stops = lm.tokenizer.stop_ids.clone();
+    let model_arc = Arc::new(lm.model);
+    let tokenizer = Arc::new(lm.tokenizer);
+    let served = crate::serve::Served {
+        name: "bench".into(),
+        tokenizer: tokenizer.clone(),
+        chat_template: tokenizer.chat_template.is_some(),
+        context: model_arc.cfg.max_position_embeddings,
+        batcher: collm_model::batcher::Batcher::start(model_arc.clone(), pad, clients.iter().copied().max().unwrap_or(1)),
+    };
+    let addr = crate::serve::spawn(vec![served])?;
+    let params = SamplingParams { max_new_tokens: max_tokens, greedy: true, ..Default::default() };
+    let mut rows = vec![];
+    for &c in clients {
+        let prompts = serve_prompts(c);
+        // generate(): one batch of the same prompts, `requests` times.
+        // The prompts as the server renders them: through the chat template where there is one.
+        let ids: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| match &tokenizer.chat_template {
+                Some(_) => tokenizer.encode(
+                    &tokenizer.apply_chat_template(&[collm_model::Message { role: "user".into(), content: p.clone() }], true)?,
+                    false,
+                ),
+                None => tokenizer.encode(p, true),
+            })
+            .collect::<Result<_>>()?;
+        let t0 = Instant::now();
+        let mut gen_tokens = 0usize;
+        for _ in 0..requests {
+            let g = collm_model::generate(&model_arc, &ids, &params, &stops, 0, pad)?;
+            gen_tokens += g.iter().map(|g| g.tokens.len() - usize::from(g.stopped)).sum::<usize>();
+        }
+        let gen_s = t0.elapsed().as_secs_f64();
+        // collm serve: c clients, each sending its prompt `requests` times.
+        let t0 = Instant::now();
+        let counts: Vec<Result<usize>> = std::thread::scope(|s| {
+            let hs: Vec<_> = prompts
+                .iter()
+                .map(|p| {
+                    s.spawn(move || -> Result<usize> {
+                        let mut n = 0;
+                        for _ in 0..requests {
+                            let body = serde_json::json!({"model": "bench", "messages": [{"role": "user", "content": p}], "max_tokens": max_tokens, "temperature": 0});
+                            let r = post_json(&addr, "/v1/chat/completions", &body)?;
+                            n += r["usage"]["completion_tokens"].as_u64().context("no usage in the reply")? as usize;
+                        }
+                        Ok(n)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a client thread panicked")))).collect()
+        });
+        let serve_s = t0.elapsed().as_secs_f64();
+        let serve_tokens: usize = counts.into_iter().sum::<Result<usize>>()?;
+        let reqs = (c * requests) as f64;
+        rows.push(serde_json::json!({
+            "clients": c, "requests": c * requests,
+            "serve_requests_per_s": reqs / serve_s, "serve_tokens_per_s": serve_tokens as f64 / serve_s,
+            "generate_requests_per_s": reqs / gen_s, "generate_tokens_per_s": gen_tokens as f64 / gen_s,
+            "serve_over_generate": (serve_tokens as f64 / serve_s) / (gen_tokens as f64 / gen_s),
+            "tokens": {"serve": serve_tokens, "generate": gen_tokens},
+        }));
+    }
+    let out = serde_json::json!({"cpu": cpu_name(), "model": model, "max_tokens": max_tokens, "rows": rows, "peak_rss_mb": peak_rss_mb()});
+    if json {
+        println!("{out}");
+    } else {
+        println!("collm bench serve on {} ({model}, greedy, up to {max_tokens} tokens per request)", out["cpu"].as_str().unwrap_or(""));
+        println!("  clients  serve req/s  serve tok/s  generate req/s  generate tok/s  serve/generate");
+        for r in &rows {
+            let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "  {:>7}  {:>11.2}  {:>11.1}  {:>14.2}  {:>14.1}  {:>14.2}",
+                r["clients"],
+                f("serve_requests_per_s"),
+                f("serve_tokens_per_s"),
+                f("generate_requests_per_s"),
+                f("generate_tokens_per_s"),
+                f("serve_over_generate")
             );
         }
     }

@@ -549,6 +549,33 @@ async fn serve(app: Arc<App>, ask: Ask, chat: bool) -> Result<Response, ApiError
     Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).keep_alive(KeepAlive::default()).into_response())
 }
 
+/// Serves on 127.0.0.1 (any free port) from a background thread for the rest of the process
+/// (`collm bench serve`); returns the address.
+pub fn spawn(models: Vec<Served>) -> Result<std::net::SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = tx.send(Err(anyhow::anyhow!("starting the tokio runtime: {e}")));
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let listener = match tokio::net::TcpListener::bind(("127.0.0.1", 0)).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(Err(anyhow::anyhow!("binding 127.0.0.1: {e}")));
+                    return;
+                }
+            };
+            let _ = tx.send(listener.local_addr().map_err(anyhow::Error::from));
+            let _ = axum::serve(listener, router(Arc::new(App::new(models)))).await;
+        });
+    });
+    rx.recv().context("the server thread ended")?
+}
+
 /// Serves until Ctrl-C or SIGTERM, then drains the requests in flight. Prints one JSON line
 /// with the address and the models once listening.
 pub fn run(models: Vec<Served>, host: &str, port: u16) -> Result<()> {

@@ -269,3 +269,18 @@ fn run_executes_the_team_without_its_critic_and_matches_eval() {
     let other = json(collm().args(["run", "--task", "tldr", "--items", "1", "--checkpoint"]).arg(&run).output().unwrap());
     assert_eq!((other["task"].as_str(), other["episodes"].as_u64()), (Some("tldr"), Some(1)), "{other}");
 }
+
+/// `collm bench serve` times the server against generate() at each client count (figures are
+/// not checked: timings are benchmarks; the greedy token counts must agree).
+#[test]
+fn bench_serve_compares_the_server_with_generate() {
+    let out = collm().args(["bench", "serve", "--clients", "1,2", "--requests", "1", "--max-tokens", "4", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        assert_eq!(r["tokens"]["serve"], r["tokens"]["generate"], "{r}");
+        assert!(r["serve_tokens_per_s"].as_f64().is_some_and(|x| x > 0.0), "{r}");
+    }
+}
