@@ -33,6 +33,8 @@ enum Cmd {
     Run(RunArgs),
     /// Serve a trained team's agents (or one model) over an OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// Export a trained agent (or the critic, or a plain model) as a Hugging Face directory, a PEFT adapter or a GGUF file.
+    Export(ExportArgs),
     /// Score one joint action of a task exactly as training does.
     Reward(RewardArgs),
     /// Run a Python file in the sandbox, exactly as the coding rewards run model-written code.
@@ -186,6 +188,30 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct ExportArgs {
+    /// A checkpoint directory or a run directory (its latest).
+    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
+    checkpoint: Option<PathBuf>,
+    /// The agent to export (0-based).
+    #[arg(long, default_value_t = 0, conflicts_with = "critic")]
+    agent: usize,
+    /// Export critic J instead: its backbone as a Hugging Face directory plus value_head.safetensors.
+    #[arg(long)]
+    critic: Option<usize>,
+    /// A plain model instead of a checkpoint (`smollm2-135m`, a .gguf file, a Hugging Face directory).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long, value_parser = ["hf", "peft", "gguf"])]
+    format: String,
+    /// GGUF tensor type for the matrices.
+    #[arg(long = "type", default_value = "f32", value_parser = ["f32", "f16", "q8_0"])]
+    ty: String,
+    /// The output directory (hf, peft) or file (gguf).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct ServeArgs {
     /// A checkpoint directory or a run directory (its latest): serves each agent as agent-0, agent-1, ...
     #[arg(long, conflicts_with = "model", required_unless_present = "model")]
@@ -315,6 +341,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => eval(a)?,
         Cmd::Run(a) => run_team(a)?,
         Cmd::Serve(a) => serve_models(a)?,
+        Cmd::Export(a) => export(a)?,
         Cmd::Reward(a) => reward(a)?,
         Cmd::Sandbox(a) => sandbox(a)?,
         Cmd::Study(a) => {
@@ -462,6 +489,67 @@ fn sandbox(a: SandboxArgs) -> Result<()> {
             r.wall_s
         );
     }
+    Ok(())
+}
+
+fn export(a: ExportArgs) -> Result<()> {
+    use collm_model::export::{export_gguf, export_peft, GgufType};
+    // The model, its tokenizer and the base model it started from.
+    let (model, tokenizer, base, what) = match (&a.checkpoint, &a.model) {
+        (Some(path), _) if a.critic.is_some() => {
+            let j = a.critic.unwrap_or(0);
+            if a.format != "hf" {
+                bail!("--critic exports as --format hf (its backbone) with value_head.safetensors beside it");
+            }
+            let dir = collm_rl::trainer::checkpoint_dir(path)?;
+            let cfg = Config::load(&dir.join("config.toml"), &[])?;
+            let n = collm_rl::run::trainer_state(&dir)?["agents"].as_array().map_or(0, |x| x.len());
+            let mut team = collm_rl::team::Team::load(&cfg, n)?;
+            let count = team.critics.len();
+            if j >= count {
+                bail!("--critic {j}: the run has {count} critic(s) (algo {})", cfg.algo.name());
+            }
+            let mut c = team.critics.swap_remove(j);
+            let d = dir.join(format!("critic_{j}"));
+            collm_model::checkpoint::load_into(&mut c.model, &d)?;
+            collm_rl::trainer::load_head(&c.head.params, &d.join("value_head.safetensors"))?;
+            collm_model::checkpoint::export_hf(&c.model, &c.tokenizer, &a.out)?;
+            collm_model::loader::write_safetensors(&c.head.tensors(), &a.out.join("value_head.safetensors"))?;
+            std::fs::write(
+                a.out.join("value_head.json"),
+                serde_json::to_string_pretty(&serde_json::json!({"kind": cfg.critic.head, "hidden_size": c.model.cfg.hidden_size,
+                    "input": "the last hidden state (after the final norm) at each position", "tensors": c.head.tensors().keys().collect::<Vec<_>>()}))?,
+            )?;
+            println!("{}", serde_json::json!({"format": "hf", "critic": j, "out": a.out}));
+            return Ok(());
+        }
+        (Some(path), _) => {
+            let (cfg, team, dir) = collm_rl::run::load_team(path)?;
+            let count = team.agents.len();
+            let Some(agent) = team.agents.into_iter().nth(a.agent) else { bail!("--agent {}: the team has {count} agent(s)", a.agent) };
+            let base = cfg.agent_spec(a.agent).model.clone();
+            (agent.model, agent.tokenizer, base, format!("agent {} of {}", a.agent, dir.display()))
+        }
+        (None, Some(m)) => {
+            let lm = loader::load(m)?;
+            (lm.model, std::sync::Arc::new(lm.tokenizer), m.clone(), m.clone())
+        }
+        (None, None) => bail!("give --checkpoint DIR or --model M"),
+    };
+    match a.format.as_str() {
+        "hf" => collm_model::checkpoint::export_hf(&model, &tokenizer, &a.out)?,
+        "peft" => export_peft(&model, &base, &a.out)?,
+        _ => {
+            let path = loader::resolve(&base).with_context(|| format!("the base model '{base}'"))?;
+            if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+                bail!("a GGUF export takes its tokenizer's GGUF metadata from the base model, and '{base}' is not a .gguf file: export --format hf instead");
+            }
+            let md = loader::gguf_tokenizer_metadata(&path)?;
+            export_gguf(&model, &md, GgufType::parse(&a.ty)?, &a.out)?;
+        }
+    }
+    eprintln!("collm: exported {what} as {} to {}", a.format, a.out.display());
+    println!("{}", serde_json::json!({"format": a.format, "out": a.out, "base": base}));
     Ok(())
 }
 

@@ -284,3 +284,26 @@ fn bench_serve_compares_the_server_with_generate() {
         assert!(r["serve_tokens_per_s"].as_f64().is_some_and(|x| x > 0.0), "{r}");
     }
 }
+
+/// On a terminal `collm train` draws a progress bar with its rate and ETA; into a pipe it
+/// prints one plain line per step.
+#[test]
+fn train_shows_a_bar_on_a_terminal_and_lines_otherwise() {
+    let d = tmp("progress");
+    let config = d.join("c.toml");
+    std::fs::write(
+        &config,
+        "seed = 1\nalgo = \"cc\"\nsteps = 3\nbuffer = 2\neval_every = 0\ncheckpoint_every = 0\n[task]\nname = \"synthetic\"\n[agents]\nmodel = \"tiny\"\nformat = \"raw\"\n[sampling]\nmax_new_tokens = 3\n",
+    )
+    .unwrap();
+    let plain = collm().args(["train", "--config"]).arg(&config).arg("--out").arg(d.join("a")).output().unwrap();
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert!(err.contains("step    3/3 reward") && !err.contains("\x1b["), "{err}");
+    // `script` gives the command a terminal.
+    let cmd = format!("{} train --config {} --out {}", env!("CARGO_BIN_EXE_collm"), config.display(), d.join("b").display());
+    let tty = Command::new("script").args(["-qec", &cmd, "/dev/null"]).output().unwrap();
+    assert!(tty.status.success(), "{}", String::from_utf8_lossy(&tty.stdout));
+    let out = String::from_utf8_lossy(&tty.stdout);
+    assert!(out.contains("3/3 steps") && out.contains("ETA") && out.contains("/s") && !out.contains("step    3/3 reward"), "{out}");
+}

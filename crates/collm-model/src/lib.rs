@@ -4,6 +4,7 @@
 pub mod batcher;
 pub mod checkpoint;
 pub mod config;
+pub mod export;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;

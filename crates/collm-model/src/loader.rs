@@ -96,35 +96,69 @@ pub fn gguf_config(content: &gguf_file::Content, source: &str) -> Result<ModelCo
     Ok(cfg)
 }
 
+/// GGUF module names and their Hugging Face names, per layer (`blk.N.X` ↔ `model.layers.N.Y`).
+const LAYER_MODULES: [(&str, &str); 11] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// Tensors outside the layers: GGUF name, Hugging Face name.
+const TOP_TENSORS: [(&str, &str); 3] =
+    [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
+
 /// GGUF tensor name → Hugging Face name.
 fn hf_name(gguf: &str) -> Option<String> {
-    let simple = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(s) = simple {
-        return Some(s.to_string());
+    if let Some((_, hf)) = TOP_TENSORS.iter().find(|(g, _)| *g == gguf) {
+        return Some(hf.to_string());
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let m = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
+    let (_, m) = LAYER_MODULES.iter().find(|(g, _)| *g == module)?;
     Some(format!("model.layers.{layer}.{m}.{kind}"))
+}
+
+/// Hugging Face tensor name → GGUF name (the inverse of [`hf_name`]).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    if let Some((g, _)) = TOP_TENSORS.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let (g, _) = LAYER_MODULES.iter().find(|(_, h)| *h == module)?;
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// The `tokenizer.*` metadata of a GGUF file (what a GGUF export carries over from its base).
+pub fn gguf_tokenizer_metadata(path: &Path) -> Result<Vec<(String, gguf_file::Value)>> {
+    let source = path.display().to_string();
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {source}"))?;
+    let content = gguf_file::Content::read(&mut f).map_err(|e| anyhow!("{source}: not a readable GGUF file: {e}"))?;
+    let mut md: Vec<(String, gguf_file::Value)> = content.metadata.into_iter().filter(|(k, _)| k.starts_with("tokenizer.")).collect();
+    md.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(md)
+}
+
+/// llama.cpp's Q/K row permutation for interleaved RoPE (the inverse of [`unpermute_rows`]).
+pub fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+        bail!("{rows} rows cannot be split into {heads} heads of an even size");
+    }
+    let hd = rows / heads;
+    Ok(t.reshape((heads, 2, hd / 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
 }
 
 /// Undoes llama.cpp's Q/K row permutation (made for interleaved RoPE) so the rows are in the

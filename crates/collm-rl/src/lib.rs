@@ -5,6 +5,7 @@
 pub mod algos;
 pub mod config;
 pub mod plot;
+pub mod progress;
 pub mod returns;
 pub mod rollout;
 pub mod run;

@@ -126,6 +126,8 @@ fn mean_std(x: &[f64]) -> (f64, f64) {
 pub fn run(study: &StudyConfig, out: &Path, progress: bool) -> Result<Value> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut results: Vec<RunResult> = vec![];
+    let total = study.setting.len() * study.algos.len() * study.seeds.len();
+    let bar = progress.then(|| crate::progress::Progress::new(total as u64, 0, "run"));
     for st in &study.setting {
         for algo in &study.algos {
             for &seed in &study.seeds {
@@ -135,8 +137,14 @@ pub fn run(study: &StudyConfig, out: &Path, progress: bool) -> Result<Value> {
                 let t0 = std::time::Instant::now();
                 let (curve, final_reward) =
                     run_one(cfg, st.env_steps, &dir).with_context(|| format!("{} / {algo} / seed {seed}", st.name))?;
-                if progress {
-                    eprintln!("{} {algo} seed {seed}: final eval reward {final_reward:.3} ({:.0} s)", st.name, t0.elapsed().as_secs_f64());
+                if let Some(b) = &bar {
+                    let line = format!(
+                        "{} {algo} seed {seed}: final eval reward {final_reward:.3} ({:.0} s)",
+                        st.name,
+                        t0.elapsed().as_secs_f64()
+                    );
+                    b.println(&line);
+                    b.tick(&format!("{} {algo} seed {seed}", st.name), "");
                 }
                 results.push(RunResult { setting: st.name.clone(), algo: algo.clone(), seed, final_reward, curve });
             }

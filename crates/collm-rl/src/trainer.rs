@@ -578,34 +578,36 @@ impl Trainer {
         let mut lines = vec![];
         let t0 = Instant::now();
         let start = self.step;
+        let bar = progress.then(|| crate::progress::Progress::new(self.cfg.steps as u64, start as u64, "step"));
         if self.step == 0 && self.cfg.eval_every > 0 {
-            self.eval_and_log(progress)?;
+            self.eval_and_log(bar.as_ref())?;
         }
         while self.step < self.cfg.steps {
             let line = self.train_step()?;
             self.log(&line)?;
-            if progress {
+            if let Some(bar) = &bar {
                 let done = self.step - start;
                 let per = t0.elapsed().as_secs_f64() / done as f64;
                 let eta = per * (self.cfg.steps - self.step) as f64;
-                eprintln!(
-                    "step {:>4}/{} reward {:.4} policy loss {:?} value loss {} | {:.1} s/step, {:.0} tok/s, ETA {:.0} s",
-                    self.step,
-                    self.cfg.steps,
-                    line["reward_mean"].as_f64().unwrap_or(f64::NAN),
-                    line["policy_loss"]
-                        .as_array()
-                        .map(|a| a.iter().map(|x| (x.as_f64().unwrap_or(0.0) * 1e4).round() / 1e4).collect::<Vec<_>>())
-                        .unwrap_or_default(),
-                    line["value_loss"].as_f64().map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
-                    per,
-                    line["tokens_per_s"].as_f64().unwrap_or(0.0),
-                    eta
+                let reward = line["reward_mean"].as_f64().unwrap_or(f64::NAN);
+                let value_loss = line["value_loss"].as_f64().map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+                bar.tick(
+                    &format!("reward {reward:.4}, value loss {value_loss}"),
+                    &format!(
+                        "step {:>4}/{} reward {reward:.4} policy loss {:?} value loss {value_loss} | {per:.1} s/step, {:.0} tok/s, ETA {eta:.0} s",
+                        self.step,
+                        self.cfg.steps,
+                        line["policy_loss"]
+                            .as_array()
+                            .map(|a| a.iter().map(|x| (x.as_f64().unwrap_or(0.0) * 1e4).round() / 1e4).collect::<Vec<_>>())
+                            .unwrap_or_default(),
+                        line["tokens_per_s"].as_f64().unwrap_or(0.0),
+                    ),
                 );
             }
             lines.push(line);
             if self.cfg.eval_every > 0 && self.step % self.cfg.eval_every == 0 {
-                self.eval_and_log(progress)?;
+                self.eval_and_log(bar.as_ref())?;
             }
             let mut saved = None;
             if self.cfg.checkpoint_every > 0 && (self.step % self.cfg.checkpoint_every == 0 || self.step == self.cfg.steps) {
@@ -621,6 +623,9 @@ impl Trainer {
             }
         }
         self.plot()?;
+        if let Some(b) = &bar {
+            b.finish();
+        }
         Ok(lines)
     }
 
@@ -645,10 +650,10 @@ impl Trainer {
         crate::plot::panels(&panels, &self.out.join("curves.png"))
     }
 
-    fn eval_and_log(&self, progress: bool) -> Result<()> {
+    fn eval_and_log(&self, progress: Option<&crate::progress::Progress>) -> Result<()> {
         let e = self.evaluate(Split::Eval, self.cfg.eval_items, self.cfg.eval_greedy)?;
-        if progress {
-            eprintln!("eval at step {}: reward {:.4} over {} episodes", self.step, e.reward_mean, e.episodes);
+        if let Some(p) = progress {
+            p.println(&format!("eval at step {}: reward {:.4} over {} episodes", self.step, e.reward_mean, e.episodes));
         }
         self.log(&json!({"step": self.step, "eval_reward_mean": e.reward_mean, "eval_reward_per_turn": e.reward_per_turn, "eval_episodes": e.episodes, "eval_metrics": e.metrics}))
     }
@@ -703,7 +708,8 @@ fn save_critic(c: &Critic, dir: &Path) -> Result<Value> {
     Ok(json!({"adam_t": c.opt.t, "adam_steps": c.opt.param_steps()}))
 }
 
-fn load_head(params: &BTreeMap<String, collm_model::model::Param>, path: &Path) -> Result<()> {
+/// Loads a value head's saved weights into its parameters.
+pub fn load_head(params: &BTreeMap<String, collm_model::model::Param>, path: &Path) -> Result<()> {
     let t = loader::read_safetensors(path)?;
     for (n, p) in params {
         let v = t.get(n).with_context(|| format!("{}: missing tensor '{n}'", path.display()))?;
