@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENV=target/pyenv
-PINS="torch==2.15.0 transformers==5.24.0 peft==0.21.2 numpy llama-cpp-python==0.3.16 openai==1.*"
+PINS="torch==2.15.0 transformers==5.24.0 peft==0.21.2 numpy llama-cpp-python==0.3.36 openai==1.*"
 STAMP="$ENV/collm-pins.txt"
 if [ -x "$ENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$PINS" ]; then
   exit 0
@@ -16,6 +16,8 @@ rm -rf "$ENV"
 python3 -m venv "$ENV"
 # llama-cpp-python compiles llama.cpp: two jobs on this machine's two cores.
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
+# Only the library: not the multimodal tools.
+export CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF"
 for try in 1 2 3; do
   if "$ENV/bin/pip" install --quiet --retries 10 --timeout 120 $PINS; then
     echo "$PINS" > "$STAMP"
