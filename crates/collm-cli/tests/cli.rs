@@ -307,3 +307,42 @@ fn train_shows_a_bar_on_a_terminal_and_lines_otherwise() {
     let out = String::from_utf8_lossy(&tty.stdout);
     assert!(out.contains("3/3 steps") && out.contains("ETA") && out.contains("/s") && !out.contains("step    3/3 reward"), "{out}");
 }
+
+/// `collm export` of a tiny trained team: an agent as a Hugging Face directory that collm loads
+/// back, the critic with its value head, and clear errors for what a run cannot give.
+#[test]
+fn export_writes_agents_and_the_critic_and_refuses_what_it_cannot() {
+    let d = tmp("export");
+    let config = d.join("c.toml");
+    std::fs::write(
+        &config,
+        "seed = 2\nalgo = \"cc\"\nsteps = 1\nbuffer = 2\neval_every = 0\ncheckpoint_every = 1\n[task]\nname = \"summary\"\n\
+         [agents]\nmodel = \"tiny\"\nformat = \"raw\"\n[agents.tiny]\nvocab = \"bytes\"\nhidden = 16\nlayers = 1\nheads = 2\nkv_heads = 1\nintermediate = 32\n\
+         [sampling]\nmax_new_tokens = 4\n",
+    )
+    .unwrap();
+    let run = d.join("run");
+    let out = collm().args(["train", "--config"]).arg(&config).arg("--out").arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let export = |args: &[&str]| collm().arg("export").arg("--checkpoint").arg(&run).args(args).output().unwrap();
+    let agent = d.join("agent1");
+    let out = export(&["--agent", "1", "--format", "hf", "--out", agent.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m = collm_model::loader::load(agent.to_str().unwrap()).unwrap();
+    assert_eq!(m.model.cfg.hidden_size, 16);
+    let critic = d.join("critic");
+    let out = export(&["--critic", "0", "--format", "hf", "--out", critic.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "value_head.safetensors", "value_head.json"] {
+        assert!(critic.join(f).exists(), "no {f}");
+    }
+    assert!(!collm_model::loader::read_safetensors(&critic.join("value_head.safetensors")).unwrap().is_empty());
+    let err = |out: std::process::Output| {
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    assert!(err(export(&["--critic", "3", "--format", "hf", "--out", "x"])).contains("has 1 critic"));
+    assert!(err(export(&["--agent", "5", "--format", "hf", "--out", "x"])).contains("has 2 agent"));
+    assert!(err(export(&["--format", "peft", "--out", "x"])).contains("needs a LoRA model"));
+    assert!(err(export(&["--format", "gguf", "--out", "x"])).contains("tiny"));
+}

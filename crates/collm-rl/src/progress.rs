@@ -24,6 +24,22 @@ impl Progress {
         Self { bar: Some(bar) }
     }
 
+    /// A spinner with the elapsed time for work of unknown length (a plain line when stderr is
+    /// not a terminal).
+    pub fn spinner(what: &str) -> Self {
+        if !std::io::stderr().is_terminal() {
+            eprintln!("{what}");
+            return Self { bar: None };
+        }
+        let bar = ProgressBar::new_spinner();
+        if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+            bar.set_style(style);
+        }
+        bar.set_message(what.to_string());
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        Self { bar: Some(bar) }
+    }
+
     /// One more unit done: on a terminal the bar moves and shows `short`; otherwise `line` is
     /// printed (when not empty).
     pub fn tick(&self, short: &str, line: &str) {

@@ -181,7 +181,11 @@ fn truncate_jsonl(path: &Path, step: usize) -> Result<Vec<Value>> {
         .filter(|v| v["step"].as_u64().is_some_and(|s| s as usize <= step))
         .collect();
     let body: String = kept.iter().map(|v| format!("{v}\n")).collect();
-    std::fs::write(path, body).with_context(|| format!("writing {}", path.display()))?;
+    // Atomically: a run killed while it resumes must not find the log emptied (a plain write
+    // truncates the file first; a kill -9 there lost samples.jsonl's first 20 steps).
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, body).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(kept)
 }
 
@@ -280,6 +284,21 @@ pub fn eval_rollouts(
     items: usize,
     greedy: bool,
 ) -> Result<Vec<(Vec<usize>, Rollout)>> {
+    eval_rollouts_with(team, env, cfg, step, split, items, greedy, None)
+}
+
+/// [`eval_rollouts`], ticking `progress` once per episode as each chunk finishes.
+#[allow(clippy::too_many_arguments)]
+pub fn eval_rollouts_with(
+    team: &Team,
+    env: &dyn Env,
+    cfg: &Config,
+    step: usize,
+    split: Split,
+    items: usize,
+    greedy: bool,
+    progress: Option<&crate::progress::Progress>,
+) -> Result<Vec<(Vec<usize>, Rollout)>> {
     let n = env.len(split);
     if n == 0 {
         bail!("{}: the {split:?} split is empty", env.name());
@@ -300,7 +319,19 @@ pub fn eval_rollouts(
             // A stream follows an episode's place in its chunk, so each chunk needs its own.
             seed: mix(mix(cfg.seed ^ 0xe7a1, step as u64), chunk[0] as u64),
         };
-        out.push((chunk.to_vec(), rollout(team, env, &spec)?));
+        let r = rollout(team, env, &spec)?;
+        if let Some(p) = progress {
+            let mean = r.mean_episode_reward();
+            for (k, &item) in chunk.iter().enumerate() {
+                let line = if k + 1 == chunk.len() {
+                    format!("episodes {}/{count}: mean return {mean:.4} over the last {}", item + 1, chunk.len())
+                } else {
+                    String::new()
+                };
+                p.tick(&format!("mean return {mean:.4}"), &line);
+            }
+        }
+        out.push((chunk.to_vec(), r));
     }
     Ok(out)
 }
