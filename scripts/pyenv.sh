@@ -16,8 +16,6 @@ rm -rf "$ENV"
 python3 -m venv "$ENV"
 # llama-cpp-python compiles llama.cpp: two jobs on this machine's two cores.
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
-# Only the library: not the multimodal tools.
-export CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF"
 for try in 1 2 3; do
   if "$ENV/bin/pip" install --quiet --retries 10 --timeout 120 $PINS; then
     echo "$PINS" > "$STAMP"
