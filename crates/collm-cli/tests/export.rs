@@ -74,17 +74,22 @@ fn exports_load_in_transformers_peft_llama_cpp_and_collm() {
     assert!(max_diff(&logits(&back.model, &ids), &want) < 1e-5);
 
     // GGUF at F32 and Q8_0: collm reads them back (F32 within 1e-4, Q8_0 with the same greedy tokens as llama.cpp below).
-    let (g32, g8) = (d.join("f32.gguf"), d.join("q8_0.gguf"));
+    let (g32, g16, g8) = (d.join("f32.gguf"), d.join("f16.gguf"), d.join("q8_0.gguf"));
     run(&["export", "--model", "smollm2-135m", "--format", "gguf", "--type", "f32", "--out", g32.to_str().unwrap()]);
+    run(&["export", "--model", "smollm2-135m", "--format", "gguf", "--type", "f16", "--out", g16.to_str().unwrap()]);
     run(&["export", "--model", "smollm2-135m", "--format", "gguf", "--type", "q8_0", "--out", g8.to_str().unwrap()]);
     let m32 = loader::load(g32.to_str().unwrap()).unwrap();
     assert!(max_diff(&logits(&m32.model, &ids), &want) < 1e-4);
     assert_eq!(m32.tokenizer.chat_template, base.tokenizer.chat_template, "the chat template travels in the metadata");
     assert!(std::fs::metadata(&g8).unwrap().len() * 3 < std::fs::metadata(&g32).unwrap().len(), "Q8_0 is not smaller");
     let m8 = loader::load(g8.to_str().unwrap()).unwrap();
+    let m16 = loader::load(g16.to_str().unwrap()).unwrap();
+    // F16 rounds each weight to 11 significant bits: close, not equal.
+    assert!(max_diff(&logits(&m16.model, &ids), &want) < 0.5);
     let new_tokens = 12;
     let greedy32 = greedy(&base.model, &ids, new_tokens);
     let greedy8 = greedy(&m8.model, &ids, new_tokens);
+    let greedy16 = greedy(&m16.model, &ids, new_tokens);
 
     // PEFT: a LoRA model whose adapters matter (B drawn at random, not zero).
     let mut lora = base.model.deep_clone().unwrap();
@@ -120,7 +125,7 @@ fn exports_load_in_transformers_peft_llama_cpp_and_collm() {
         "ids": ids,
         "hf": {"dir": hf, "logits": lw},
         "peft": {"dir": peft, "base": hf, "logits": lp},
-        "gguf": {"files": {"f32": g32, "q8_0": g8}, "new_tokens": new_tokens},
+        "gguf": {"files": {"f32": g32, "f16": g16, "q8_0": g8}, "new_tokens": new_tokens},
     });
     let spec_path = d.join("spec.json");
     std::fs::write(&spec_path, spec.to_string()).unwrap();
@@ -135,5 +140,6 @@ fn exports_load_in_transformers_peft_llama_cpp_and_collm() {
     assert!(r["peft_base_max_abs_diff"].as_f64().unwrap() > 1e-2, "the adapter changed nothing: {r}");
     let toks = |k: &str| -> Vec<u32> { r["gguf"][k].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect() };
     assert_eq!(toks("f32"), greedy32, "llama.cpp on the F32 export against collm on the original: {r}");
+    assert_eq!(toks("f16"), greedy16, "llama.cpp and collm on the F16 export: {r}");
     assert_eq!(toks("q8_0"), greedy8, "llama.cpp and collm on the Q8_0 export: {r}");
 }
