@@ -74,15 +74,8 @@ pub fn load_into(model: &mut Transformer, dir: &Path) -> Result<()> {
 /// `generation_config.json`.
 pub fn export_hf(model: &Transformer, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let merged;
-    let m = if model.lora.is_some() {
-        let mut c = model.deep_clone()?;
-        c.merge_lora()?;
-        merged = c;
-        &merged
-    } else {
-        model
-    };
+    let merged = model.lora_merged()?;
+    let m = merged.as_ref().unwrap_or(model);
     let bos = tokenizer.bos.as_ref().map(|b| b.0);
     let eos = tokenizer.eos.as_ref().map(|b| b.0);
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&m.cfg.to_hf_json(bos, eos))?)?;

@@ -77,15 +77,8 @@ impl GgufType {
 /// llama.cpp's converter does. Matrices take `ty`; 1-D tensors stay F32.
 pub fn export_gguf(model: &Transformer, tokenizer: &[(String, gguf_file::Value)], ty: GgufType, path: &Path) -> Result<()> {
     use gguf_file::Value as V;
-    let merged;
-    let m = if model.lora.is_some() {
-        let mut c = model.deep_clone()?;
-        c.merge_lora()?;
-        merged = c;
-        &merged
-    } else {
-        model
-    };
+    let merged = model.lora_merged()?;
+    let m = merged.as_ref().unwrap_or(model);
     let c = &m.cfg;
     let arch = match c.arch {
         Arch::Llama => "llama",

@@ -117,26 +117,25 @@ const TOP_TENSORS: [(&str, &str); 3] =
 
 /// GGUF tensor name → Hugging Face name.
 fn hf_name(gguf: &str) -> Option<String> {
-    if let Some((_, hf)) = TOP_TENSORS.iter().find(|(g, _)| *g == gguf) {
-        return Some(hf.to_string());
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let (_, m) = LAYER_MODULES.iter().find(|(g, _)| *g == module)?;
-    Some(format!("model.layers.{layer}.{m}.{kind}"))
+    map_name(gguf, false)
 }
 
 /// Hugging Face tensor name → GGUF name (the inverse of [`hf_name`]).
 pub fn gguf_name(hf: &str) -> Option<String> {
-    if let Some((g, _)) = TOP_TENSORS.iter().find(|(_, h)| *h == hf) {
-        return Some(g.to_string());
+    map_name(hf, true)
+}
+
+/// Renames a tensor through [`TOP_TENSORS`] and [`LAYER_MODULES`], to GGUF names or from them.
+fn map_name(name: &str, to_gguf: bool) -> Option<String> {
+    let pick = |&(g, h): &(&'static str, &'static str)| if to_gguf { (h, g) } else { (g, h) };
+    if let Some((_, to)) = TOP_TENSORS.iter().map(pick).find(|(from, _)| *from == name) {
+        return Some(to.to_string());
     }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
+    let (from_prefix, to_prefix) = if to_gguf { ("model.layers.", "blk.") } else { ("blk.", "model.layers.") };
+    let (layer, rest) = name.strip_prefix(from_prefix)?.split_once('.')?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let (g, _) = LAYER_MODULES.iter().find(|(_, h)| *h == module)?;
-    Some(format!("blk.{layer}.{g}.{kind}"))
+    let (_, to) = LAYER_MODULES.iter().map(pick).find(|(from, _)| *from == module)?;
+    Some(format!("{to_prefix}{layer}.{to}.{kind}"))
 }
 
 /// The `tokenizer.*` metadata of a GGUF file (what a GGUF export carries over from its base).
@@ -151,6 +150,11 @@ pub fn gguf_tokenizer_metadata(path: &Path) -> Result<Vec<(String, gguf_file::Va
 
 /// llama.cpp's Q/K row permutation for interleaved RoPE (the inverse of [`unpermute_rows`]).
 pub fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    regroup_rows(t, heads, true)
+}
+
+/// Each head's rows as (2, head_dim / 2) → (head_dim / 2, 2) for GGUF (`to_gguf`), or back.
+fn regroup_rows(t: &Tensor, heads: usize, to_gguf: bool) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
     let rest: usize = dims[1..].iter().product();
@@ -158,20 +162,14 @@ pub fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
         bail!("{rows} rows cannot be split into {heads} heads of an even size");
     }
     let hd = rows / heads;
-    Ok(t.reshape((heads, 2, hd / 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+    let grouped = if to_gguf { t.reshape((heads, 2, hd / 2, rest))? } else { t.reshape((heads, hd / 2, 2, rest))? };
+    Ok(grouped.transpose(1, 2)?.contiguous()?.reshape(dims)?)
 }
 
 /// Undoes llama.cpp's Q/K row permutation (made for interleaved RoPE) so the rows are in the
 /// Hugging Face "rotate half" order.
 fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
-    let dims = t.dims().to_vec();
-    let rows = dims[0];
-    let rest: usize = dims[1..].iter().product();
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
-        bail!("{rows} rows cannot be split into {heads} heads of an even size");
-    }
-    let hd = rows / heads;
-    Ok(t.reshape((heads, hd / 2, 2, rest))?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+    regroup_rows(t, heads, false)
 }
 
 pub fn load_gguf(path: &Path) -> Result<LoadedModel> {

@@ -256,6 +256,17 @@ impl Transformer {
         Ok(())
     }
 
+    /// A copy with the LoRA adapters folded in, or None when the model has none (use it as it is):
+    /// `let m = model.lora_merged()?; let m = m.as_ref().unwrap_or(model);`.
+    pub fn lora_merged(&self) -> Result<Option<Transformer>> {
+        if self.lora.is_none() {
+            return Ok(None);
+        }
+        let mut c = self.deep_clone()?;
+        c.merge_lora()?;
+        Ok(Some(c))
+    }
+
     pub fn trainable(&self) -> impl Iterator<Item = (&String, &Var)> {
         self.params.iter().filter(|(_, p)| p.trainable).map(|(n, p)| (n, &p.var))
     }
