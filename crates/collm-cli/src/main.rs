@@ -173,6 +173,7 @@ struct StudyArgs {
 }
 
 #[derive(Args)]
+/// Which episodes of a checkpoint `collm eval` and `collm run` play.
 struct EvalArgs {
     /// A checkpoint directory (runs/X/checkpoints/step-N) or a run directory (its latest).
     #[arg(long)]
@@ -185,6 +186,16 @@ struct EvalArgs {
     /// Sample (with the config's temperature and top-p) instead of greedy decoding.
     #[arg(long)]
     sampled: bool,
+}
+
+impl EvalArgs {
+    fn split(&self) -> collm_envs::Split {
+        if self.split == "train" {
+            collm_envs::Split::Train
+        } else {
+            collm_envs::Split::Eval
+        }
+    }
 }
 
 #[derive(Args)]
@@ -231,20 +242,11 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// A checkpoint directory (runs/X/checkpoints/step-N) or a run directory (its latest).
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[command(flatten)]
+    episodes: EvalArgs,
     /// Another task for the team (the same number of agents); its keys with --set task.KEY=V.
     #[arg(long)]
     task: Option<String>,
-    /// Episodes (0: the whole split).
-    #[arg(long, default_value_t = 0)]
-    items: usize,
-    #[arg(long, value_parser = ["train", "eval"], default_value = "eval")]
-    split: String,
-    /// Sample (with the config's temperature and top-p) instead of greedy decoding.
-    #[arg(long)]
-    sampled: bool,
     /// Write one transcript per episode here (JSON lines: observations, responses, rewards, metrics).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -603,7 +605,8 @@ fn run_team(a: RunArgs) -> Result<()> {
         sets.push(format!("task.name={t}"));
     }
     let t0 = std::time::Instant::now();
-    let d = collm_rl::run::Deployed::load(&a.checkpoint, &sets)?;
+    let ep = &a.episodes;
+    let d = collm_rl::run::Deployed::load(&ep.checkpoint, &sets)?;
     eprintln!(
         "collm: running {} agent(s) of {} (step {}) on {}, decentralized: no critic",
         d.team.agents.len(),
@@ -611,11 +614,10 @@ fn run_team(a: RunArgs) -> Result<()> {
         d.step,
         d.env.name()
     );
-    let split = if a.split == "train" { collm_envs::Split::Train } else { collm_envs::Split::Eval };
-    let e = d.run(split, a.items, !a.sampled, a.out.as_deref())?;
+    let e = d.run(ep.split(), ep.items, !ep.sampled, a.out.as_deref())?;
     println!(
         "{}",
-        serde_json::json!({"checkpoint": d.checkpoint, "step": d.step, "task": d.env.name(), "split": a.split, "episodes": e.episodes,
+        serde_json::json!({"checkpoint": d.checkpoint, "step": d.step, "task": d.env.name(), "split": ep.split, "episodes": e.episodes,
             "reward_mean": e.reward_mean, "reward_per_turn": e.reward_per_turn, "metrics": e.metrics,
             "transcripts": a.out, "peak_rss_mb": bench::peak_rss_mb(), "wall_s": t0.elapsed().as_secs_f64()})
     );
@@ -629,8 +631,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let mut team = collm_rl::team::Team::load(&cfg, env.num_agents())?;
     let step = collm_rl::trainer::load_checkpoint(&mut team, &dir)?;
     let t = Trainer { cfg, env, team, out: dir.clone(), step, tensorboard: None, references: vec![] };
-    let split = if a.split == "train" { collm_envs::Split::Train } else { collm_envs::Split::Eval };
-    let e = t.evaluate(split, a.items, !a.sampled)?;
+    let e = t.evaluate(a.split(), a.items, !a.sampled)?;
     println!(
         "{}",
         serde_json::json!({"checkpoint": dir, "step": step, "split": a.split, "episodes": e.episodes, "reward_mean": e.reward_mean, "reward_per_turn": e.reward_per_turn, "metrics": e.metrics})

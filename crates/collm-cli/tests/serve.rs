@@ -196,20 +196,12 @@ fn serve_answers_like_openai() {
     });
     assert_eq!(together, alone);
     let stats = serde_json::from_str::<Value>(&http(a, "GET", "/v1/stats", "").1).unwrap();
-    let batched: u64 = stats["models"]["agent-0"]["steps_by_batch"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.parse::<usize>().unwrap() > 1)
-        .map(|(_, v)| v.as_u64().unwrap())
-        .sum();
-    let batched_before: u64 = before["models"]["agent-0"]["steps_by_batch"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.parse::<usize>().unwrap() > 1)
-        .map(|(_, v)| v.as_u64().unwrap())
-        .sum();
+    // Decode steps agent-0 ran with more than one row.
+    let batched_steps = |stats: &Value| -> u64 {
+        let by_batch = stats["models"]["agent-0"]["steps_by_batch"].as_object().unwrap();
+        by_batch.iter().filter(|(k, _)| k.parse::<usize>().unwrap() > 1).map(|(_, v)| v.as_u64().unwrap()).sum()
+    };
+    let (batched, batched_before) = (batched_steps(&stats), batched_steps(&before));
     assert!(batched > batched_before, "no decode step ran more than one row: {stats}");
     assert!(stats["models"]["agent-0"]["max_batch"].as_u64().unwrap() > 1, "{stats}");
 

@@ -6,7 +6,7 @@
 //! the checkpoint is read.
 
 use crate::team::Team;
-use crate::trainer::{checkpoint_dir, episode_turns, eval_rollouts_with, make_env, EvalStats};
+use crate::trainer::{checkpoint_dir, episode_count, episode_turns, eval_rollouts, make_env, EvalStats};
 use crate::Config;
 use anyhow::{Context, Result};
 use collm_envs::{Env, Split};
@@ -38,10 +38,8 @@ impl Deployed {
     /// Runs `items` episodes of a split (all when 0), greedy or sampled; writes one transcript
     /// per episode to `transcripts` (JSON lines) when given, and returns the task's metrics.
     pub fn run(&self, split: Split, items: usize, greedy: bool, transcripts: Option<&Path>) -> Result<EvalStats> {
-        let n = self.env.len(split);
-        let count = if items == 0 { n } else { items.min(n) };
-        let bar = crate::progress::Progress::new(count as u64, 0, "episode");
-        let rollouts = eval_rollouts_with(&self.team, self.env.as_ref(), &self.cfg, self.step, split, items, greedy, Some(&bar))?;
+        let bar = crate::progress::Progress::new(episode_count(self.env.as_ref(), split, items) as u64, 0, "episode");
+        let rollouts = eval_rollouts(&self.team, self.env.as_ref(), &self.cfg, self.step, split, items, greedy, Some(&bar))?;
         bar.finish();
         if let Some(path) = transcripts {
             let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);

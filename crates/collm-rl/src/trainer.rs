@@ -271,25 +271,23 @@ pub fn sampling_params(cfg: &Config, greedy: bool) -> SamplingParams {
     SamplingParams { max_new_tokens: s.max_new_tokens, temperature: s.temperature, top_p: s.top_p, top_k: s.top_k, greedy }
 }
 
+/// How many episodes `items` asks of a split: all of them when 0, else at most the split's size.
+pub fn episode_count(env: &dyn Env, split: Split, items: usize) -> usize {
+    let n = env.len(split);
+    if items == 0 {
+        n
+    } else {
+        items.min(n)
+    }
+}
+
 /// Eval episodes over `items` items of a split (all when 0), one sample per agent and turn,
 /// greedy or sampled, in chunks of 4 buffers; each chunk samples with its own random streams,
 /// seeded by the run's seed, the checkpoint's step and the chunk. `collm eval` (through
-/// [`Trainer::evaluate`]) and `collm run` share it, so they give the same episodes.
-pub fn eval_rollouts(
-    team: &Team,
-    env: &dyn Env,
-    cfg: &Config,
-    step: usize,
-    split: Split,
-    items: usize,
-    greedy: bool,
-) -> Result<Vec<(Vec<usize>, Rollout)>> {
-    eval_rollouts_with(team, env, cfg, step, split, items, greedy, None)
-}
-
-/// [`eval_rollouts`], ticking `progress` once per episode as each chunk finishes.
+/// [`Trainer::evaluate`]) and `collm run` share it, so they give the same episodes. `progress`,
+/// when given, ticks once per episode as each chunk finishes.
 #[allow(clippy::too_many_arguments)]
-pub fn eval_rollouts_with(
+pub fn eval_rollouts(
     team: &Team,
     env: &dyn Env,
     cfg: &Config,
@@ -299,11 +297,10 @@ pub fn eval_rollouts_with(
     greedy: bool,
     progress: Option<&crate::progress::Progress>,
 ) -> Result<Vec<(Vec<usize>, Rollout)>> {
-    let n = env.len(split);
-    if n == 0 {
+    if env.len(split) == 0 {
         bail!("{}: the {split:?} split is empty", env.name());
     }
-    let count = if items == 0 { n } else { items.min(n) };
+    let count = episode_count(env, split, items);
     let ids: Vec<usize> = (0..count).collect();
     let mut out = vec![];
     for chunk in ids.chunks(cfg.buffer.max(1) * 4) {
@@ -570,7 +567,7 @@ impl Trainer {
     /// The eval rollouts over `items` episodes of a split (all when 0), greedy or sampled (see
     /// [`eval_rollouts`]).
     pub fn eval_rollouts(&self, split: Split, items: usize, greedy: bool) -> Result<Vec<(Vec<usize>, Rollout)>> {
-        eval_rollouts(&self.team, self.env.as_ref(), &self.cfg, self.step, split, items, greedy)
+        eval_rollouts(&self.team, self.env.as_ref(), &self.cfg, self.step, split, items, greedy, None)
     }
 
     /// Mean reward on `items` episodes of a split (all when 0), greedy or sampled.
