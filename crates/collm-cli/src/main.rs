@@ -508,7 +508,7 @@ fn export(a: ExportArgs) -> Result<()> {
             }
             let dir = collm_rl::trainer::checkpoint_dir(path)?;
             let cfg = Config::load(&dir.join("config.toml"), &[])?;
-            let n = collm_rl::run::trainer_state(&dir)?["agents"].as_array().map_or(0, |x| x.len());
+            let n = collm_rl::trainer::trainer_state(&dir)?["agents"].as_array().map_or(0, |x| x.len());
             let mut team = collm_rl::team::Team::load(&cfg, n)?;
             let count = team.critics.len();
             if j >= count {

@@ -420,12 +420,13 @@ async fn completions_inner(app: Arc<App>, body: &[u8]) -> Result<Response, ApiEr
     serve(app, ask, false).await
 }
 
-fn logprobs_json(tok: &Tokenizer, c: &ChoiceText, chat: bool) -> Value {
-    let pieces: Vec<String> = c.tokens.iter().map(|&t| tok.decode(&[t], false).unwrap_or_default()).collect();
+/// The log-probs of `tokens` in OpenAI's shape (chat's `content` list, or completions' lists).
+fn logprobs_json(tok: &Tokenizer, tokens: &[u32], logprobs: &[f32], chat: bool) -> Value {
+    let pieces: Vec<String> = tokens.iter().map(|&t| tok.decode(&[t], false).unwrap_or_default()).collect();
     if chat {
         let content: Vec<Value> = pieces
             .iter()
-            .zip(&c.logprobs)
+            .zip(logprobs)
             .map(|(p, lp)| json!({"token": p, "logprob": lp, "bytes": p.as_bytes(), "top_logprobs": []}))
             .collect();
         json!({"content": content})
@@ -439,7 +440,7 @@ fn logprobs_json(tok: &Tokenizer, c: &ChoiceText, chat: bool) -> Value {
                 o
             })
             .collect();
-        json!({"tokens": pieces, "token_logprobs": c.logprobs, "top_logprobs": null, "text_offset": offsets})
+        json!({"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": null, "text_offset": offsets})
     }
 }
 
@@ -465,7 +466,7 @@ async fn serve(app: Arc<App>, ask: Ask, chat: bool) -> Result<Response, ApiError
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let lp = if ask.logprobs { logprobs_json(&tok, c, chat) } else { Value::Null };
+                let lp = if ask.logprobs { logprobs_json(&tok, &c.tokens, &c.logprobs, chat) } else { Value::Null };
                 if chat {
                     json!({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": lp, "finish_reason": c.finish})
                 } else {
@@ -514,15 +515,8 @@ async fn serve(app: Arc<App>, ask: Ask, chat: bool) -> Result<Response, ApiError
             if !piece.is_empty() || finish.is_some() {
                 let lp = if ask.logprobs {
                     let c = &choices[i];
-                    let part = ChoiceText {
-                        tokens: c.tokens[lp_sent[i]..].to_vec(),
-                        logprobs: c.logprobs[lp_sent[i]..].to_vec(),
-                        text: String::new(),
-                        sent: 0,
-                        finish: None,
-                    };
-                    lp_sent[i] = c.tokens.len();
-                    logprobs_json(&tok, &part, chat)
+                    let from = std::mem::replace(&mut lp_sent[i], c.tokens.len());
+                    logprobs_json(&tok, &c.tokens[from..], &c.logprobs[from..], chat)
                 } else {
                     Value::Null
                 };

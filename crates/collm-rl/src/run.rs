@@ -6,7 +6,7 @@
 //! the checkpoint is read.
 
 use crate::team::Team;
-use crate::trainer::{checkpoint_dir, episode_count, episode_turns, eval_rollouts, make_env, EvalStats};
+use crate::trainer::{checkpoint_dir, episode_count, episode_turns, eval_rollouts, make_env, trainer_state, EvalStats};
 use crate::Config;
 use anyhow::{Context, Result};
 use collm_envs::{Env, Split};
@@ -31,7 +31,7 @@ impl Deployed {
         let dir = checkpoint_dir(path)?;
         let cfg = Config::load(&dir.join("config.toml"), sets)?;
         let env = make_env(&cfg)?;
-        let (team, step) = load_agents(&dir, &cfg, env.num_agents())?;
+        let (team, step) = load_agents(&dir, &cfg, Some(env.num_agents()))?;
         Ok(Self { cfg, env, team, step, checkpoint: dir })
     }
 
@@ -57,16 +57,18 @@ impl Deployed {
     }
 }
 
-/// The trained agents of a checkpoint directory (no critic) and its step; `num_agents` defaults
-/// to the number the checkpoint saved.
-pub fn load_agents(dir: &Path, cfg: &Config, num_agents: usize) -> Result<(Team, usize)> {
+/// The trained agents of a checkpoint directory (no critic) and its step. `num_agents`, the
+/// task's number, must be the number the checkpoint saved; None takes the checkpoint's.
+pub fn load_agents(dir: &Path, cfg: &Config, num_agents: Option<usize>) -> Result<(Team, usize)> {
     let state = trainer_state(dir)?;
     let step = state["step"].as_u64().with_context(|| format!("{}/trainer.json: no 'step'", dir.display()))? as usize;
     let saved = state["agents"].as_array().map_or(0, |a| a.len());
-    if saved != num_agents {
-        anyhow::bail!("{}: the checkpoint holds {saved} agents, the task has {num_agents}", dir.display());
+    match num_agents {
+        None if saved == 0 => anyhow::bail!("{}/trainer.json: no agents", dir.display()),
+        Some(n) if n != saved => anyhow::bail!("{}: the checkpoint holds {saved} agents, the task has {n}", dir.display()),
+        _ => {}
     }
-    let mut team = Team::load_agents(cfg, num_agents)?;
+    let mut team = Team::load_agents(cfg, saved)?;
     for (i, a) in team.agents.iter_mut().enumerate() {
         let d = dir.join(format!("agent_{i}"));
         collm_model::checkpoint::load_into(&mut a.model, &d).with_context(|| format!("agent {i}: loading {}", d.display()))?;
@@ -74,23 +76,11 @@ pub fn load_agents(dir: &Path, cfg: &Config, num_agents: usize) -> Result<(Team,
     Ok((team, step))
 }
 
-/// A checkpoint's trainer.json.
-pub fn trainer_state(dir: &Path) -> Result<serde_json::Value> {
-    serde_json::from_str(
-        &std::fs::read_to_string(dir.join("trainer.json")).with_context(|| format!("reading {}/trainer.json", dir.display()))?,
-    )
-    .with_context(|| format!("{}/trainer.json: not JSON", dir.display()))
-}
-
 /// The trained agents of a checkpoint (or a run directory's latest), without building its task:
 /// what `collm serve` needs. Returns the run's config, the agents and the checkpoint directory.
 pub fn load_team(path: &Path) -> Result<(Config, Team, PathBuf)> {
     let dir = checkpoint_dir(path)?;
     let cfg = Config::load(&dir.join("config.toml"), &[])?;
-    let n = trainer_state(&dir)?["agents"].as_array().map_or(0, |a| a.len());
-    if n == 0 {
-        anyhow::bail!("{}/trainer.json: no agents", dir.display());
-    }
-    let (team, _) = load_agents(&dir, &cfg, n)?;
+    let (team, _) = load_agents(&dir, &cfg, None)?;
     Ok((cfg, team, dir))
 }

@@ -813,11 +813,16 @@ pub fn init_from(team: &mut Team, dir: &Path) -> Result<()> {
 }
 
 /// Loads a checkpoint into a team built from the same config; returns its step.
-pub fn load_checkpoint(team: &mut Team, dir: &Path) -> Result<usize> {
-    let state: Value = serde_json::from_str(
+/// A checkpoint's trainer.json.
+pub fn trainer_state(dir: &Path) -> Result<Value> {
+    serde_json::from_str(
         &std::fs::read_to_string(dir.join("trainer.json")).with_context(|| format!("reading {}/trainer.json", dir.display()))?,
     )
-    .with_context(|| format!("{}/trainer.json: not JSON", dir.display()))?;
+    .with_context(|| format!("{}/trainer.json: not JSON", dir.display()))
+}
+
+pub fn load_checkpoint(team: &mut Team, dir: &Path) -> Result<usize> {
+    let state = trainer_state(dir)?;
     let step = state["step"].as_u64().with_context(|| format!("{}/trainer.json: no 'step'", dir.display()))? as usize;
     for (i, p) in team.agents.iter_mut().enumerate() {
         let d = dir.join(format!("agent_{i}"));
