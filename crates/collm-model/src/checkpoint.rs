@@ -24,7 +24,7 @@ pub fn save(model: &Transformer, dir: &Path, lora_only: bool) -> Result<()> {
         bail!("a LoRA-only checkpoint needs a model with LoRA adapters");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tensors = model.tensors().into_iter().filter(|(n, _)| !lora_only || n.contains(".lora_")).collect();
+    let tensors = model.tensors()?.into_iter().filter(|(n, _)| !lora_only || n.contains(".lora_")).collect();
     write_safetensors(&tensors, &dir.join("model.safetensors"))?;
     let meta = CheckpointMeta { config: model.cfg.clone(), lora: model.lora.clone(), lora_only };
     let tmp = dir.join("collm_model.json.tmp");
@@ -60,7 +60,7 @@ pub fn load_into(model: &mut Transformer, dir: &Path) -> Result<()> {
                 if t.dims() != p.var.dims() {
                     bail!("{src}: tensor '{name}' has shape {:?}, the model {:?}", t.dims(), p.var.dims());
                 }
-                p.var.set(t)?;
+                p.var.set(&t.to_dtype(p.var.dtype())?.to_device(p.var.device())?)?;
             }
             None if needed => bail!("{src}: missing tensor '{name}'"),
             None => {}
@@ -79,7 +79,7 @@ pub fn export_hf(model: &Transformer, tokenizer: &Tokenizer, dir: &Path) -> Resu
     let bos = tokenizer.bos.as_ref().map(|b| b.0);
     let eos = tokenizer.eos.as_ref().map(|b| b.0);
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&m.cfg.to_hf_json(bos, eos))?)?;
-    write_safetensors(&m.tensors(), &dir.join("model.safetensors"))?;
+    write_safetensors(&m.tensors()?, &dir.join("model.safetensors"))?;
     tokenizer.save_hf(dir)?;
     let mut gc = serde_json::json!({ "eos_token_id": tokenizer.stop_ids });
     if let Some(b) = bos {

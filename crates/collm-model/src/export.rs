@@ -21,7 +21,7 @@ pub fn export_peft(model: &Transformer, base: &str, dir: &Path) -> Result<()> {
     };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tensors: BTreeMap<String, Tensor> =
-        model.tensors().into_iter().filter(|(n, _)| n.contains(".lora_")).map(|(n, t)| (format!("base_model.model.{n}"), t)).collect();
+        model.tensors()?.into_iter().filter(|(n, _)| n.contains(".lora_")).map(|(n, t)| (format!("base_model.model.{n}"), t)).collect();
     write_safetensors(&tensors, &dir.join("adapter_model.safetensors"))?;
     let config = serde_json::json!({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
@@ -111,7 +111,7 @@ pub fn export_gguf(model: &Transformer, tokenizer: &[(String, gguf_file::Value)]
     }
     md.extend(tokenizer.iter().cloned());
     let mut tensors: Vec<(String, QTensor)> = vec![];
-    for (name, t) in m.tensors() {
+    for (name, t) in m.tensors()? {
         let g = gguf_name(&name).with_context(|| format!("no GGUF name for tensor '{name}'"))?;
         let mut t = t.to_dtype(DType::F32)?;
         if c.arch == Arch::Llama && g.starts_with("blk.") {

@@ -259,7 +259,10 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 /// Writes named tensors to a safetensors file, atomically (temporary file, then rename).
 pub fn write_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
-    let map: std::collections::HashMap<String, Tensor> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let map = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
+        .collect::<Result<std::collections::HashMap<String, Tensor>>>()?;
     candle_core::safetensors::save(&map, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())

@@ -247,8 +247,9 @@ impl Transformer {
             let a = self.params.remove(&a_name).unwrap().var.as_detached_tensor();
             let b = self.params.remove(&format!("{prefix}.lora_B.weight")).unwrap().var.as_detached_tensor();
             let w = &self.params[&format!("{prefix}.weight")].var;
-            let merged = (w.as_detached_tensor() + (b.matmul(&a)? * lora.scale())?)?;
-            w.set(&merged)?;
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            let merged = (f32(&w.as_detached_tensor())? + (f32(&b)?.matmul(&f32(&a)?)? * lora.scale())?)?;
+            w.set(&merged.to_dtype(w.dtype())?)?;
         }
         for p in self.params.values_mut() {
             p.trainable = true;
@@ -265,6 +266,30 @@ impl Transformer {
         let mut c = self.deep_clone()?;
         c.merge_lora()?;
         Ok(Some(c))
+    }
+
+    /// The dtype the weights are held and computed in: F32, or BF16 (whose f32 master weights
+    /// the optimizer keeps).
+    pub fn dtype(&self) -> DType {
+        self.params.values().next().map_or(DType::F32, |p| p.var.dtype())
+    }
+
+    /// Puts every weight (LoRA adapters included) on `device` in `dtype` (F32 or BF16). Done
+    /// once, before training: a model never moves in the hot loop.
+    pub fn place(&mut self, device: &Device, dtype: DType) -> Result<()> {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            bail!("a model is held in f32 or bf16, not {dtype:?}");
+        }
+        if self.dtype() == dtype && self.device.same_device(device) {
+            return Ok(());
+        }
+        for (name, p) in self.params.iter_mut() {
+            let t =
+                p.var.as_detached_tensor().to_dtype(dtype)?.to_device(device).with_context(|| format!("moving '{name}' to {device:?}"))?;
+            p.var = Var::from_tensor(&t)?;
+        }
+        self.device = device.clone();
+        Ok(())
     }
 
     pub fn trainable(&self) -> impl Iterator<Item = (&String, &Var)> {
@@ -391,22 +416,28 @@ impl Transformer {
         Ok(ops::rms_norm(&x, &self.w("model.norm.weight", grad)?, cfg.rms_norm_eps)?)
     }
 
-    /// Output logits for hidden rows [n, hidden] → [n, vocab].
+    /// Output logits for hidden rows [n, hidden] → [n, vocab], in f32 whatever the model's dtype
+    /// (log-softmax, sampling and the losses work in f32).
     pub fn logits(&self, hidden: &Tensor, grad: bool) -> Result<Tensor> {
         let name = if self.cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
         let p = &self.params[name];
-        Ok(if grad && p.trainable {
+        let l = if grad && p.trainable {
             ops::linear_nt(hidden, p.var.as_tensor())?
         } else if grad {
             ops::frozen_linear(hidden, p.var.as_tensor())?
         } else {
             ops::linear_nt(hidden, &p.var.as_detached_tensor())?
-        })
+        };
+        Ok(l.to_dtype(DType::F32)?)
     }
 
-    /// Every weight, detached, by name (LoRA tensors included).
-    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        self.params.iter().map(|(n, p)| (n.clone(), p.var.as_detached_tensor())).collect()
+    /// Every weight, detached, by name (LoRA tensors included), in f32 on the host whatever the
+    /// model's dtype and device (bf16 widens exactly).
+    pub fn tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.params
+            .iter()
+            .map(|(n, p)| Ok((n.clone(), p.var.as_detached_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+            .collect()
     }
 
     /// A deep copy (own storage) of this model, e.g. to keep a reference policy.

@@ -1,13 +1,39 @@
 //! Fused CPU ops that candle lacks a backward for: attention softmax, RMSNorm, RoPE, token
 //! log-probabilities (log-softmax + gather) and a linear layer whose weight is frozen.
 //!
-//! Each op has a fast single-pass forward and an explicit backward, so the same model code serves
-//! sampling (detached weights, no graph) and training (gradients reach every trainable weight).
-//! On non-CPU devices every op falls back to a composition of differentiable candle ops.
+//! Each op has two paths. The fused path (CPU, f32) is a single-pass kernel with an explicit
+//! backward, so the same model code serves sampling (detached weights, no graph) and training
+//! (gradients reach every trainable weight). The generic path composes candle's differentiable
+//! ops and runs on any device and dtype; it is the reference the fused kernels are tested
+//! against ([`with_generic_ops`] forces it on the CPU).
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
+use std::cell::Cell;
 use std::sync::Arc;
+
+thread_local! {
+    static GENERIC: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every op on this thread taking its generic path (candle's differentiable ops),
+/// as on a device without collm kernels: the reference the fused CPU kernels are checked against.
+pub fn with_generic_ops<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GENERIC.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GENERIC.with(|g| g.replace(true)));
+    f()
+}
+
+/// Whether the fused CPU kernels serve `t`: an f32 tensor on the CPU, and the generic path not
+/// forced on this thread.
+pub fn fused(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && !GENERIC.with(|g| g.get())
+}
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
@@ -17,9 +43,14 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
-/// Runs `f` over the contiguous f32 data of `t` (CPU only).
+/// Runs `f` over the contiguous f32 data of `t`, brought to the host in f32 first when it lives
+/// on another device or in another dtype.
 pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
+    let t = if t.device().is_cpu() && t.dtype() == DType::F32 {
+        t.contiguous()?
+    } else {
+        t.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?.contiguous()?
+    };
     let (s, l) = t.storage_and_layout();
     match &*s {
         Storage::Cpu(c) => Ok(f(slice(c, l)?)),
@@ -135,16 +166,18 @@ impl CustomOp1 for AttnSoftmax {
 
 /// softmax(scale * scores + mask) over the last dim. `scores` is [batch, ..., q_len, k_len].
 pub fn attn_softmax(scores: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
-    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+    if fused(scores) {
         return scores.apply_op1(AttnSoftmax { mask: mask.clone(), scale });
     }
+    // In f32 whatever the scores' dtype (as transformers does), back in that dtype at the end.
     let dims = scores.dims().to_vec();
-    let m = mask.tensor(scores.device())?.to_dtype(scores.dtype())?;
-    let (b, rest) = (dims[0], dims[1..dims.len() - 2].iter().product::<usize>());
-    let s = (scores.reshape((b, rest, mask.q_len, mask.k_len))? * scale as f64)?.broadcast_add(&m)?;
+    let m = mask.tensor(scores.device())?;
+    // Every leading dim after the batch, the query heads stacked per key/value group included.
+    let (b, rest) = (dims[0], scores.elem_count() / (dims[0] * mask.q_len * mask.k_len));
+    let s = (scores.to_dtype(DType::F32)?.reshape((b, rest, mask.q_len, mask.k_len))? * scale as f64)?.broadcast_add(&m)?;
     let max = s.max_keepdim(D::Minus1)?.detach();
     let e = s.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.reshape(dims)
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.reshape(dims)?.to_dtype(scores.dtype())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -230,11 +263,13 @@ impl CustomOp2 for RmsNorm {
 
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if fused(&x) && w.dtype() == DType::F32 {
         return x.apply_op2(w, RmsNorm { eps: eps as f32 });
     }
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+    // Normalized in f32, then scaled in the input's dtype (as transformers does).
+    let x32 = x.to_dtype(DType::F32)?;
+    let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    x32.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(x.dtype())?.broadcast_mul(&w.to_dtype(x.dtype())?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -314,7 +349,7 @@ impl CustomOp1 for Rope {
 pub fn rope(x: &Tensor, table: &RopeTable) -> Result<Tensor> {
     let (b, t, h, d) = x.dims4()?;
     let x = x.contiguous()?;
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if fused(&x) {
         return x.apply_op1(Rope { table: table.clone(), heads: h, inverse: false });
     }
     let half = d / 2;
@@ -384,8 +419,9 @@ impl CustomOp1 for TokenLogprobs {
 
 /// log p(target) for each row of `logits` [n, vocab]; returns [n].
 pub fn token_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    let logits = logits.contiguous()?;
-    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+    // In f32 whatever the logits' dtype.
+    let logits = logits.contiguous()?.to_dtype(DType::F32)?;
+    if fused(&logits) {
         return logits.apply_op1(TokenLogprobs { targets: Arc::new(targets.to_vec()) });
     }
     let max = logits.max_keepdim(D::Minus1)?.detach();
@@ -461,7 +497,7 @@ pub fn matmul_nt(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32>
 
 /// y = x W^T where W receives no gradient (and costs no backward work); x keeps its gradient.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && x.track_op() {
+    if fused(x) && w.dtype() == DType::F32 && x.track_op() {
         return x.contiguous()?.apply_op1(FrozenLinear { w: w.detach().contiguous()? });
     }
     linear_nt(x, &w.detach())
@@ -476,7 +512,7 @@ pub fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     *dims.last_mut().unwrap() = out_f;
     // Few rows and no graph (sampling): stream each weight row once through dot products, which
     // is what decoding is bound by; a general GEMM would pack the whole weight matrix per call.
-    if rows <= SMALL_ROWS && x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() && !w.track_op() {
+    if rows <= SMALL_ROWS && fused(x) && w.dtype() == DType::F32 && !x.track_op() && !w.track_op() {
         let y = with_f32(&x2, |xs| with_f32(w, |ws| matmul_nt_small(xs, rows, in_f, ws, out_f)))???;
         return Tensor::from_vec(y, dims, x.device());
     }
@@ -921,7 +957,7 @@ impl candle_core::CustomOp3 for FusedAttention {
 /// share a key/value head, stacked) and k, v [b, groups, k_len, hd]. On CPU in f32 this is the
 /// fused, memory-lean op above; elsewhere the plain composition.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
-    if q.device().is_cpu() && q.dtype() == DType::F32 {
+    if fused(q) {
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         return q.apply_op3(&k, &v, FusedAttention { mask: mask.clone(), scale, q_len: mask.q_len });
     }

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Tensor, Var};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
@@ -25,7 +25,8 @@ impl Grads {
     pub fn accumulate<'a>(&mut self, store: &GradStore, params: impl IntoIterator<Item = (&'a String, &'a Var)>) -> Result<()> {
         for (name, var) in params {
             if let Some(g) = store.get(var.as_tensor()) {
-                let g = g.detach();
+                // Summed in f32 whatever the parameter's precision.
+                let g = g.detach().to_dtype(DType::F32)?;
                 let sum = match self.map.remove(name) {
                     Some(prev) => (prev + g)?,
                     None => g,
@@ -41,7 +42,12 @@ impl Grads {
     pub fn global_norm(&self) -> Result<f32> {
         let mut sq = 0f64;
         for g in self.map.values() {
-            sq += crate::ops::with_f32(g, |d| d.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())?;
+            sq += if crate::ops::fused(g) {
+                crate::ops::with_f32(g, |d| d.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())?
+            } else {
+                // On the gradient's device; one scalar comes back.
+                g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?
+            };
         }
         Ok(sq.sqrt() as f32)
     }
@@ -78,21 +84,73 @@ impl Default for AdamWConfig {
 /// p ← p·(1 − lr·wd) − lr · m̂ / (√v̂ + eps). As in PyTorch, each parameter counts its own
 /// steps: a parameter that had no gradient in an update (a frozen backbone during a value-head
 /// warm-up) is not stepped, and its bias correction starts at its own first step.
+///
+/// The moments are f32. A parameter held in a lower precision (bf16) is updated through an f32
+/// master copy kept here; the parameter then takes the master's rounding. On the CPU in f32 the
+/// update is one fused in-place pass; elsewhere it is composed of tensor ops on the parameter's
+/// device.
 pub struct AdamW {
     pub cfg: AdamWConfig,
     /// Updates taken (calls of `step`), for logs.
     pub t: u64,
-    /// Per parameter: its first and second moments and its own step count.
+    /// Per parameter: its moments, master copy and own step count.
     pub state: HashMap<String, ParamState>,
 }
 
 /// One parameter's AdamW state.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ParamState {
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
+    moments: Moments,
+    /// The f32 master weights of a parameter held in a lower precision.
+    master: Option<Tensor>,
     /// Steps this parameter has taken.
     pub t: u64,
+}
+
+/// First and second moments: host vectors for the fused CPU update, tensors on the parameter's
+/// device for the generic one.
+#[derive(Clone, Debug)]
+enum Moments {
+    Host { m: Vec<f32>, v: Vec<f32> },
+    Device { m: Tensor, v: Tensor },
+}
+
+impl Moments {
+    fn len(&self) -> usize {
+        match self {
+            Moments::Host { m, .. } => m.len(),
+            Moments::Device { m, .. } => m.elem_count(),
+        }
+    }
+
+    /// The moments in the form the update at hand needs (host for the fused path, on `like`'s
+    /// device and shape otherwise).
+    fn into_form(self, host: bool, like: &Tensor) -> Result<Self> {
+        Ok(match (self, host) {
+            (Moments::Device { m, v }, true) => Moments::Host {
+                m: m.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?,
+                v: v.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?,
+            },
+            (Moments::Host { m, v }, false) => Moments::Device {
+                m: Tensor::from_vec(m, like.shape(), like.device())?,
+                v: Tensor::from_vec(v, like.shape(), like.device())?,
+            },
+            (Moments::Device { m, v }, false) => Moments::Device {
+                m: m.reshape(like.shape())?.to_device(like.device())?,
+                v: v.reshape(like.shape())?.to_device(like.device())?,
+            },
+            (same, true) => same,
+        })
+    }
+
+    fn to_host(&self) -> Result<(Tensor, Tensor)> {
+        Ok(match self {
+            Moments::Host { m, v } => (Tensor::from_slice(m, m.len(), &Device::Cpu)?, Tensor::from_slice(v, v.len(), &Device::Cpu)?),
+            Moments::Device { m, v } => {
+                (m.flatten_all()?.to_device(&Device::Cpu)?.copy()?, v.flatten_all()?.to_device(&Device::Cpu)?.copy()?)
+            }
+        })
+    }
 }
 
 struct AdamWUpdate<'a> {
@@ -151,44 +209,86 @@ impl AdamW {
     /// One update of every parameter that has a gradient in `grads`.
     pub fn step<'a>(&mut self, params: impl IntoIterator<Item = (&'a String, &'a Var)>, grads: &Grads) -> Result<()> {
         self.t += 1;
-        let c = &self.cfg;
+        let c = self.cfg.clone();
         for (name, var) in params {
             let Some(g) = grads.map.get(name) else { continue };
             if g.dims() != var.dims() {
                 bail!("gradient of '{name}' has shape {:?}, parameter {:?}", g.dims(), var.dims());
             }
             let n = var.elem_count();
-            let st = self.state.entry(name.clone()).or_insert_with(|| ParamState { m: vec![0.0; n], v: vec![0.0; n], t: 0 });
-            if st.m.len() != n || st.v.len() != n {
-                bail!("AdamW state of '{name}' holds {} values, the parameter {n}", st.m.len());
+            let st = self.state.entry(name.clone()).or_insert_with(|| ParamState {
+                moments: Moments::Host { m: vec![0.0; n], v: vec![0.0; n] },
+                master: None,
+                t: 0,
+            });
+            if st.moments.len() != n {
+                bail!("AdamW state of '{name}' holds {} values, the parameter {n}", st.moments.len());
             }
+            // What the update applies to: the parameter itself in f32, else its f32 master.
+            st.master = if var.dtype() == DType::F32 {
+                None
+            } else {
+                Some(match st.master.take() {
+                    Some(m) if m.elem_count() == n => m.reshape(var.shape())?.to_device(var.device())?,
+                    _ => var.as_tensor().detach().to_dtype(DType::F32)?.copy()?,
+                })
+            };
             st.t += 1;
             let bc1 = 1.0 - c.beta1.powf(st.t as f64);
             let bc2 = 1.0 - c.beta2.powf(st.t as f64);
-            let op = AdamWUpdate {
-                m: RefCell::new(&mut st.m),
-                v: RefCell::new(&mut st.v),
-                lr: c.lr as f32,
-                b1: c.beta1 as f32,
-                b2: c.beta2 as f32,
-                eps: c.eps as f32,
-                decay: (1.0 - c.lr * c.weight_decay) as f32,
-                bc1: bc1 as f32,
-                bc2: bc2 as f32,
-                gscale: grads.scale,
-            };
-            let g = g.contiguous()?;
-            var.as_tensor().inplace_op2(&g, &op).with_context(|| format!("AdamW update of '{name}'"))?;
+            let target = st.master.clone().unwrap_or_else(|| var.as_tensor().clone());
+            let g = g.to_dtype(DType::F32)?.contiguous()?;
+            let host = crate::ops::fused(&target) && crate::ops::fused(&g);
+            let moments = std::mem::replace(&mut st.moments, Moments::Host { m: vec![], v: vec![] });
+            st.moments = moments.into_form(host, &target)?;
+            match &mut st.moments {
+                Moments::Host { m, v } => {
+                    let op = AdamWUpdate {
+                        m: RefCell::new(m),
+                        v: RefCell::new(v),
+                        lr: c.lr as f32,
+                        b1: c.beta1 as f32,
+                        b2: c.beta2 as f32,
+                        eps: c.eps as f32,
+                        decay: (1.0 - c.lr * c.weight_decay) as f32,
+                        bc1: bc1 as f32,
+                        bc2: bc2 as f32,
+                        gscale: grads.scale,
+                    };
+                    target.inplace_op2(&g, &op).with_context(|| format!("AdamW update of '{name}'"))?;
+                }
+                Moments::Device { m, v } => {
+                    // The same update as the fused kernel, in tensor ops on the parameter's device.
+                    let g = (g * grads.scale as f64)?;
+                    *m = ((&*m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+                    *v = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+                    let step = ((&*m / bc1)? / ((&*v / bc2)?.sqrt()? + c.eps)?)?;
+                    let p = ((&target * (1.0 - c.lr * c.weight_decay))? - (step * c.lr)?)?;
+                    match &mut st.master {
+                        Some(master) => *master = p,
+                        None => var.set(&p).with_context(|| format!("AdamW update of '{name}'"))?,
+                    }
+                }
+            }
+            if let Some(master) = &st.master {
+                var.set(&master.to_dtype(var.dtype())?).with_context(|| format!("AdamW update of '{name}'"))?;
+            }
         }
         Ok(())
     }
 
-    /// The moments as tensors, for checkpoints (the step counts: `param_steps`).
+    /// The moments (and master weights) as host tensors, for checkpoints (the step counts:
+    /// `param_steps`).
     pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         for (k, st) in &self.state {
-            out.insert(format!("{k}.exp_avg"), Tensor::from_slice(&st.m, st.m.len(), &candle_core::Device::Cpu)?);
-            out.insert(format!("{k}.exp_avg_sq"), Tensor::from_slice(&st.v, st.v.len(), &candle_core::Device::Cpu)?);
+            let (m, v) = st.moments.to_host()?;
+            out.insert(format!("{k}.exp_avg"), m);
+            out.insert(format!("{k}.exp_avg_sq"), v);
+            if let Some(master) = &st.master {
+                // A copy: the master is updated in place, and the caller keeps this tensor.
+                out.insert(format!("{k}.master"), master.flatten_all()?.to_device(&Device::Cpu)?.copy()?);
+            }
         }
         Ok(out)
     }
@@ -198,9 +298,9 @@ impl AdamW {
         self.state.iter().map(|(k, st)| (k.clone(), st.t)).collect()
     }
 
-    /// Restores the state: `t` updates taken, the moments, and each parameter's step count from
-    /// `steps` (a parameter missing there, as in checkpoints written before per-parameter counts,
-    /// takes `t`).
+    /// Restores the state: `t` updates taken, the moments (and master weights), and each
+    /// parameter's step count from `steps` (a parameter missing there, as in checkpoints written
+    /// before per-parameter counts, takes `t`).
     pub fn load_state_tensors(&mut self, t: u64, steps: &BTreeMap<String, u64>, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
         self.t = t;
         self.state.clear();
@@ -208,10 +308,13 @@ impl AdamW {
             if let Some(name) = k.strip_suffix(".exp_avg") {
                 let v =
                     tensors.get(&format!("{name}.exp_avg_sq")).with_context(|| format!("optimizer state: '{name}.exp_avg_sq' missing"))?;
-                let st = ParamState { m: m.to_vec1()?, v: v.to_vec1()?, t: steps.get(name).copied().unwrap_or(t) };
-                if st.m.len() != st.v.len() {
-                    bail!("optimizer state: '{name}' has {} first and {} second moments", st.m.len(), st.v.len());
+                let (m, v): (Vec<f32>, Vec<f32>) = (m.to_dtype(DType::F32)?.to_vec1()?, v.to_dtype(DType::F32)?.to_vec1()?);
+                if m.len() != v.len() {
+                    bail!("optimizer state: '{name}' has {} first and {} second moments", m.len(), v.len());
                 }
+                // A copy: the master is updated in place, and the caller keeps its tensor.
+                let master = tensors.get(&format!("{name}.master")).map(|t| t.to_dtype(DType::F32)?.copy()).transpose()?;
+                let st = ParamState { moments: Moments::Host { m, v }, master, t: steps.get(name).copied().unwrap_or(t) };
                 self.state.insert(name.to_string(), st);
             }
         }

@@ -59,7 +59,8 @@ impl ValueHead {
         if h.rank() != 2 {
             bail!("value head expects [rows, hidden], got {:?}", h.dims());
         }
-        let mut x = h.clone();
+        // In f32 whatever the backbone's dtype.
+        let mut x = h.to_dtype(candle_core::DType::F32)?;
         if self.kind == ValueHeadKind::Mlp {
             x = crate::ops::linear_nt(&x, &self.w("v_head.hidden.weight", grad))?
                 .broadcast_add(&self.w("v_head.hidden.bias", grad))?

@@ -485,7 +485,7 @@ fn a_study_writes_its_summary_table_and_plot() {
 }
 
 fn weights(m: &collm_model::Transformer) -> Vec<Vec<f32>> {
-    m.tensors().values().map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    m.tensors().unwrap().values().map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
 }
 
 #[test]

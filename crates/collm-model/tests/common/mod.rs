@@ -89,7 +89,7 @@ pub fn write_gguf_with(m: &Transformer, path: &std::path::Path, dtype: GgmlDType
         })
         .collect();
     let mut qts = vec![];
-    for (name, t) in m.tensors() {
+    for (name, t) in m.tensors().unwrap() {
         if Some(name.as_str()) == skip {
             continue;
         }
