@@ -4,6 +4,7 @@
 pub mod batcher;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod export;
 pub mod fetch;
 pub mod generate;
@@ -17,6 +18,7 @@ pub mod tokenizer;
 pub mod value_head;
 
 pub use config::{Arch, ModelConfig};
+pub use device::{DeviceSpec, Precision};
 pub use generate::{generate, Generation, SamplingParams};
 pub use loader::{load, LoadedModel};
 pub use model::{KvCache, LoraConfig, Transformer};

@@ -164,6 +164,10 @@ pub struct ModelSpec {
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub lora_targets: Vec<String>,
+    /// Where the model lives: `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// `f32`, or `bf16` (bf16 weights and activations, f32 master weights and moments).
+    pub dtype: collm_model::Precision,
 }
 
 impl Default for ModelSpec {
@@ -177,6 +181,8 @@ impl Default for ModelSpec {
             lora_rank: 0,
             lora_alpha: 16.0,
             lora_targets: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
+            device: "cpu".into(),
+            dtype: collm_model::Precision::F32,
         }
     }
 }
@@ -214,6 +220,10 @@ pub struct CriticConfig {
     /// Critic warm-up: for the first N updates only the critics learn (the actors keep their
     /// weights), so that a fresh critic's TD advantages do not steer a trained policy.
     pub warmup: usize,
+    /// Where the critics live (default: the critic model's `device`, else the agents').
+    pub device: Option<String>,
+    /// The critics' precision (default: the critic model's `dtype`, else the agents').
+    pub dtype: Option<collm_model::Precision>,
 }
 
 impl Default for CriticConfig {
@@ -227,6 +237,8 @@ impl Default for CriticConfig {
             value_coef: 0.6,
             value_clip: 0.2,
             warmup: 0,
+            device: None,
+            dtype: None,
         }
     }
 }
@@ -426,6 +438,12 @@ impl Config {
     pub fn critic_spec(&self) -> ModelSpec {
         let mut s = self.critic.model.clone().unwrap_or_else(|| self.agents.clone());
         s.lr = self.critic.lr;
+        if let Some(d) = &self.critic.device {
+            s.device = d.clone();
+        }
+        if let Some(d) = self.critic.dtype {
+            s.dtype = d;
+        }
         s
     }
 
@@ -436,6 +454,13 @@ impl Config {
         pos(self.task.turns, "task.turns")?;
         collm_envs::tasks::find(&self.task.name).map_err(|e| anyhow::anyhow!("'task.name': {e}"))?;
         pos(self.sampling.max_new_tokens, "sampling.max_new_tokens")?;
+        let mut devices = vec![("agents.device".to_string(), &self.agents.device)];
+        devices.extend(self.agent.iter().enumerate().map(|(i, a)| (format!("agent[{i}].device"), &a.device)));
+        devices.extend(self.critic.model.iter().map(|m| ("critic.model.device".to_string(), &m.device)));
+        devices.extend(self.critic.device.iter().map(|d| ("critic.device".to_string(), d)));
+        for (key, d) in devices {
+            collm_model::DeviceSpec::parse(d).map_err(|e| anyhow::anyhow!("'{key}': {e}"))?;
+        }
         if let Some(d) = &self.init {
             if !d.join("trainer.json").exists() {
                 bail!("'init': {} is not a checkpoint directory (it has no trainer.json)", d.display());

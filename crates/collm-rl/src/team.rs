@@ -3,7 +3,7 @@
 use crate::config::{Algo, Config, DcCritic, ModelSpec, PromptFormat};
 use anyhow::{bail, Context, Result};
 use candle_core::Var;
-use collm_model::{loader, AdamW, AdamWConfig, Arch, LoraConfig, Message, ModelConfig, Tokenizer, Transformer, ValueHead};
+use collm_model::{loader, AdamW, AdamWConfig, Arch, DeviceSpec, LoraConfig, Message, ModelConfig, Tokenizer, Transformer, ValueHead};
 use std::sync::Arc;
 
 /// The characters a `tiny` model's vocabulary holds: the synthetic tasks' alphabet plus what
@@ -164,7 +164,15 @@ pub fn load_model(spec: &ModelSpec, seed: u64) -> Result<(Transformer, Tokenizer
     if spec.lora_rank > 0 {
         model.add_lora(LoraConfig { rank: spec.lora_rank, alpha: spec.lora_alpha, targets: spec.lora_targets.clone() }, seed ^ 0x10ba)?;
     }
+    place(&mut model, spec)?;
     Ok((model, tok))
+}
+
+/// Puts a model on the device and in the precision its spec names.
+pub fn place(model: &mut Transformer, spec: &ModelSpec) -> Result<()> {
+    let device = DeviceSpec::parse(&spec.device)?;
+    let d = device.open()?;
+    model.place(&d, spec.dtype.dtype()).with_context(|| format!("placing model '{}' on {device} in {:?}", spec.model, spec.dtype))
 }
 
 fn adamw(spec: &ModelSpec) -> AdamW {
@@ -198,7 +206,9 @@ impl Team {
                     shared = Some((m, Arc::new(t)));
                 }
                 let (m, t) = shared.as_ref().unwrap();
-                (m.deep_clone()?, t.clone())
+                let mut m = m.deep_clone()?;
+                place(&mut m, spec)?;
+                (m, t.clone())
             } else {
                 let (m, t) = load_model(spec, seed)?;
                 (m, Arc::new(t))
@@ -230,7 +240,11 @@ impl Team {
         for j in 0..n_critics {
             let seed = cfg.seed.wrapping_mul(1000).wrapping_add(500 + j as u64);
             let (model, tok) = match (&shared, cfg.critic.model.is_none() && cspec.model != "tiny") {
-                (Some((m, t)), true) => (m.deep_clone()?, t.clone()),
+                (Some((m, t)), true) => {
+                    let mut m = m.deep_clone()?;
+                    place(&mut m, &cspec).context("the critic")?;
+                    (m, t.clone())
+                }
                 _ => {
                     let (m, t) = load_model(&cspec, seed)?;
                     (m, Arc::new(t))

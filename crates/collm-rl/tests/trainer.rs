@@ -314,9 +314,19 @@ fn strip_timing(v: &Value) -> Value {
 
 #[test]
 fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
-    for algo in ["cc", "magrpo"] {
-        let c = cfg(&[&format!("algo=\"{algo}\""), "steps=6", "checkpoint_every=3", "buffer=4"]);
+    // bf16: the optimizer's f32 master weights travel in the checkpoint, so bf16 resumes exactly too.
+    for (algo, dtype) in [("cc", "f32"), ("magrpo", "f32"), ("cc", "bf16")] {
+        let c = cfg(&[&format!("algo=\"{algo}\""), "steps=6", "checkpoint_every=3", "buffer=4", &format!("agents.dtype=\"{dtype}\"")]);
+        let algo = format!("{algo}-{dtype}");
         let mut full = Trainer::new(c.clone(), &tmp(&format!("full-{algo}"))).unwrap();
+        let want_dtype = if dtype == "bf16" { candle_core::DType::BF16 } else { candle_core::DType::F32 };
+        assert!(full
+            .team
+            .agents
+            .iter()
+            .map(|a| &a.model)
+            .chain(full.team.critics.iter().map(|c| &c.model))
+            .all(|m| m.dtype() == want_dtype));
         let want: Vec<Value> = full.run(false).unwrap().iter().map(strip_timing).collect();
 
         let dir = tmp(&format!("killed-{algo}"));
@@ -392,6 +402,11 @@ fn bad_configs_name_the_key() {
         ("advantage_norm = \"episode\"", "advantage_norm"),
         ("buffer = 4000000000", "'buffer' = 4000000000: at most 65536"),
         ("[task]\nturns = 1000", "'task.turns' = 1000: at most 64"),
+        ("[agents]\ndevice = \"gpu\"", "'agents.device': unknown device \"gpu\" (use \"cpu\", \"cuda\" or \"cuda:N\")"),
+        ("[[agent]]\ndevice = \"cuda:x\"", "'agent[0].device'"),
+        ("[critic]\ndevice = \"tpu:0\"", "'critic.device'"),
+        ("[agents]\ndtype = \"f16\"", "dtype"),
+        ("[critic]\ndtype = \"int8\"", "dtype"),
     ] {
         let r = Config::from_toml(text, "bad.toml", &[]).map(|c| collm_rl::trainer::make_env(&c).map(|_| ()));
         let err = match r {
@@ -400,6 +415,10 @@ fn bad_configs_name_the_key() {
             Ok(Ok(())) => panic!("{text:?} was accepted"),
         };
         assert!(err.contains(key), "{text:?}: {err}");
+    }
+    if !cfg!(feature = "cuda") {
+        let err = format!("{:#}", Config::from_toml("[critic]\ndevice = \"cuda:1\"", "gpu.toml", &[]).err().unwrap());
+        assert!(err.contains("'critic.device'") && err.contains("built without CUDA") && err.contains("scripts/build-cuda.sh"), "{err}");
     }
     let dir = tmp("exists");
     Trainer::new(cfg(&["steps=1"]), &dir).unwrap().run(false).unwrap();
