@@ -24,7 +24,7 @@ pins=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==1
 if [ "$(cat "$kit/.pins" 2>/dev/null)" != "${pins[*]}" ]; then
     echo "build-cuda: installing nvcc and the CUDA headers from PyPI into $kit"
     rm -rf "$kit"
-    python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$kit" "${pins[@]}"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$kit" "${pins[@]}"
     echo "${pins[*]}" > "$kit/.pins"
 fi
 root="$kit/nvidia/cu13"
@@ -34,6 +34,14 @@ export LD_LIBRARY_PATH="$root/lib:$root/nvvm/lib64:${LD_LIBRARY_PATH:-}"
 # nvcc's own tools (cicc) and headers: the wheels split them across nvvm/ and include/cccl.
 export NVCC_PREPEND_FLAGS="-I$root/include/cccl ${NVCC_PREPEND_FLAGS:-}"
 export CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
+# candle-kernels compiles its kernels with half the cores by default; nvcc is most of the time.
+export CUDAFORGE_THREADS=${CUDAFORGE_THREADS:-$(nproc)}
+# candle-kernels links its static kernels against -lcudart: the wheel has only the versioned
+# libcudart.so.13, so the linker gets an unversioned name beside it (the binary then needs
+# libcudart.so.13 at run time).
+mkdir -p "$kit/link"
+ln -sf "$root/lib/libcudart.so.13" "$kit/link/libcudart.so"
+export LIBRARY_PATH="$kit/link:${LIBRARY_PATH:-}"
 nvcc --version | tail -1
 
 # The patched candle-core: the registry's copy with cudarc's dynamic-linking swapped for

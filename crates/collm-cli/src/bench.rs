@@ -64,6 +64,28 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// A GPU's check (what scripts/gpu-check.sh runs): every op on the device against the fused
+    /// CPU kernels, log-probs against the CPU, decode tokens/s, a bf16 train step with its MFU,
+    /// and peak device memory, on random-init models of real shapes.
+    Gpu {
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        /// The device's dense bf16 peak, TFLOP/s (H100/H200 SXM: 989), for the MFU.
+        #[arg(long, default_value_t = 989.0)]
+        peak_tflops: f64,
+        /// The train step's model shape (smollm2-135m, qwen3-1.7b, qwen3-4b).
+        #[arg(long, default_value = "qwen3-1.7b")]
+        train_shape: String,
+        #[arg(long, default_value_t = 4)]
+        train_batch: usize,
+        #[arg(long, default_value_t = 1024)]
+        train_tokens: usize,
+        /// The model shapes whose decode speed is timed.
+        #[arg(long, value_delimiter = ',', default_value = "smollm2-135m,qwen3-1.7b")]
+        decode_shapes: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// One epoch of a fixed training workload through the real trainer (the `collm train` path).
     Train {
         /// The workload JSON (e.g. ../shared/bench/tldr_like.json).
@@ -73,9 +95,15 @@ pub enum BenchCmd {
         algo: String,
         #[arg(long, default_value_t = 1)]
         turns: usize,
-        /// The model every agent and critic copies.
+        /// The model every agent and critic copies; `random:smollm2-135m` is a random-init model
+        /// of SmolLM2-135M's shape with a byte vocabulary (where no weights can be brought).
         #[arg(long, default_value = "smollm2-135m")]
         model: String,
+        /// Where every agent and critic lives (cpu, cuda, cuda:N).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, value_parser = ["f32", "bf16"], default_value = "f32")]
+        dtype: String,
         #[arg(long)]
         json: bool,
     },
@@ -149,7 +177,20 @@ fn hf_reference(py: &str, model: &str, prompt: usize, new: usize, b: usize, t: u
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
-        BenchCmd::Train { workload, algo, turns, model, json } => bench_train(&workload, &algo, turns, &model, json),
+        BenchCmd::Train { workload, algo, turns, model, device, dtype, json } => {
+            bench_train(&workload, &algo, turns, &model, &device, &dtype, json)
+        }
+        BenchCmd::Gpu { device, peak_tflops, train_shape, train_batch, train_tokens, decode_shapes, json } => {
+            crate::bench_gpu::run(crate::bench_gpu::GpuBench {
+                device,
+                peak_tflops,
+                train_shape,
+                train_batch,
+                train_tokens,
+                decode_shapes,
+                json,
+            })
+        }
         m @ BenchCmd::Model { .. } => bench_model(m),
         BenchCmd::Env { command, workers, joint_actions, chars, json } => bench_env(command, &workers, joint_actions, chars, json),
         BenchCmd::Serve { model, clients, requests, max_tokens, json } => bench_serve(&model, &clients, requests, max_tokens, json),
@@ -290,7 +331,7 @@ fn bench_env(command: Option<Vec<String>>, workers: &[usize], n: usize, chars: u
 
 /// Runs a workload file's epoch through the trainer and reports seconds per prompt, the
 /// generation / update split, tokens/s, peak RSS and the mean reward.
-fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, json: bool) -> Result<()> {
+fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, device: &str, dtype: &str, json: bool) -> Result<()> {
     use collm_rl::config::{Algo, PromptFormat};
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let w: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
@@ -320,8 +361,28 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, js
     cfg.sampling.temperature = num("temperature")?;
     cfg.sampling.top_p = num("top_p")?;
     cfg.sampling.top_k = st["top_k"].as_u64().unwrap_or(0) as usize;
-    cfg.agents.model = model.to_string();
-    cfg.agents.format = PromptFormat::Chat;
+    match model.strip_prefix("random:") {
+        Some(shape) => {
+            let c = collm_model::ModelConfig::shape_of(shape)?;
+            cfg.agents.model = "tiny".into();
+            cfg.agents.format = PromptFormat::Raw;
+            cfg.agents.tiny = collm_rl::config::TinyModel {
+                hidden: c.hidden_size,
+                layers: c.num_layers,
+                heads: c.num_heads,
+                kv_heads: c.num_kv_heads,
+                intermediate: c.intermediate_size,
+                context: c.max_position_embeddings,
+                vocab: collm_rl::config::TinyVocab::Bytes,
+            };
+        }
+        None => {
+            cfg.agents.model = model.to_string();
+            cfg.agents.format = PromptFormat::Chat;
+        }
+    }
+    cfg.agents.device = device.into();
+    cfg.agents.dtype = if dtype == "bf16" { collm_model::Precision::Bf16 } else { collm_model::Precision::F32 };
     cfg.agents.lr = num("learning_rate")?;
     cfg.critic.lr = num("critic_learning_rate")?;
     cfg.critic.value_coef = num("value_loss_coef")?;
@@ -330,6 +391,7 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, js
     cfg.validate()?;
     let out = std::env::temp_dir().join(format!("collm-bench-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
+    let watch = collm_model::devcheck::MemoryWatch::start(&collm_model::DeviceSpec::parse(device)?.open()?)?;
     let t_load = Instant::now();
     let mut t = collm_rl::Trainer::new(cfg, &out)?;
     t.env = Box::new(collm_envs::summary::Summary::new(collm_envs::Texts { train: paragraphs.clone(), eval: vec![] }, turns)?);
@@ -361,10 +423,11 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, js
     let wall = t0.elapsed().as_secs_f64();
     let prompts = paragraphs.len();
     let out_json = serde_json::json!({
-        "workload": path, "algo": algo, "turns": turns, "prompts": prompts, "wall_s": wall, "load_s": load_s,
+        "workload": path, "algo": algo, "turns": turns, "model": model, "device": device, "dtype": dtype, "prompts": prompts, "wall_s": wall, "load_s": load_s,
         "s_per_prompt": wall / prompts as f64, "gen_s": gen_s, "update_s": update_s,
         "generated_tokens": tokens, "tokens_per_s": tokens as f64 / gen_s.max(1e-9),
-        "peak_rss_mb": peak_rss_mb(), "reward_mean": rewards.iter().sum::<f64>() / rewards.len().max(1) as f64,
+        "peak_rss_mb": peak_rss_mb(), "peak_device_mib": watch.peak_mib(),
+        "reward_mean": rewards.iter().sum::<f64>() / rewards.len().max(1) as f64,
         "threads": rayon::current_num_threads(),
     });
     let _ = std::fs::remove_dir_all(&out);

@@ -2,6 +2,7 @@
 //! score, fetch, reward, sandbox, study, bench.
 
 mod bench;
+mod bench_gpu;
 mod serve;
 
 use anyhow::{bail, Context, Result};

@@ -346,3 +346,31 @@ fn export_writes_agents_and_the_critic_and_refuses_what_it_cannot() {
     assert!(err(export(&["--format", "peft", "--out", "x"])).contains("needs a LoRA model"));
     assert!(err(export(&["--format", "gguf", "--out", "x"])).contains("tiny"));
 }
+
+/// `collm bench gpu` (what scripts/gpu-check.sh runs on a GPU) runs end to end with the CPU as
+/// the device: every op on the generic path agrees with the fused kernels, the f32 log-probs
+/// agree with the CPU's and bf16's are near them, and the train step reports its FLOP rate.
+#[test]
+fn bench_gpu_runs_its_sections_on_the_cpu() {
+    let args = ["bench", "gpu", "--device", "cpu", "--decode-shapes", "", "--train-shape", "smollm2-135m", "--train-batch", "1"];
+    let out = collm().args(args).args(["--train-tokens", "16", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let sections = summary["summary"].as_array().unwrap();
+    let get = |name: &str| &sections.iter().find(|s| s["section"] == name).unwrap_or_else(|| panic!("no {name}: {text}"))["result"];
+    assert_eq!(get("ops")["all_within_1e-4"], true, "{text}");
+    assert_eq!(get("ops")["checks"].as_array().unwrap().len(), 8);
+    let lp = get("logprobs_vs_cpu");
+    assert!(lp["f32"]["max_abs_diff"].as_f64().unwrap() < 1e-3, "{lp}");
+    let bf16 = lp["bf16"]["mean_abs_diff"].as_f64().unwrap();
+    assert!(bf16 > 0.0 && bf16 < 0.1, "{lp}");
+    let step = get("train_step");
+    assert!(step["step_s"].as_f64().unwrap() > 0.0 && step["tflops"].as_f64().unwrap() > 0.0, "{step}");
+    assert_eq!(step["params"], 134_515_008u64);
+    let out = collm().args(["bench", "gpu", "--device", "cuda:0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !cfg!(feature = "cuda") {
+        assert!(!out.status.success() && err.contains("built without CUDA"), "{err}");
+    }
+}

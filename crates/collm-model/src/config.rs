@@ -54,6 +54,49 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The shapes of real models, from their Hugging Face `config.json`, for random-init
+    /// benchmarks where no weights can be brought: `smollm2-135m`, `qwen3-1.7b`, `qwen3-4b`.
+    pub fn shape_of(name: &str) -> Result<Self> {
+        let llama = |vocab, hidden, inter, layers, heads, kv, ctx, theta| Self {
+            arch: Arch::Llama,
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_layers: layers,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim: hidden / heads,
+            rope_theta: theta,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: true,
+            qkv_bias: false,
+            qk_norm: false,
+            max_position_embeddings: ctx,
+        };
+        let qwen3 = |hidden, inter, layers, heads, kv| Self {
+            arch: Arch::Qwen3,
+            vocab_size: 151_936,
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_layers: layers,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim: 128,
+            rope_theta: 1_000_000.0,
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: true,
+            qkv_bias: false,
+            qk_norm: true,
+            max_position_embeddings: 40_960,
+        };
+        Ok(match name {
+            "smollm2-135m" => llama(49_152, 576, 1536, 30, 9, 3, 8192, 100_000.0),
+            "qwen3-1.7b" => qwen3(2048, 6144, 28, 16, 8),
+            "qwen3-4b" => Self { tie_word_embeddings: true, ..qwen3(2560, 9728, 36, 32, 8) },
+            other => bail!("no known shape '{other}' (smollm2-135m, qwen3-1.7b, qwen3-4b)"),
+        })
+    }
+
     /// A small random-initialised model for tests and synthetic tasks.
     pub fn tiny(arch: Arch, vocab_size: usize) -> Self {
         Self {

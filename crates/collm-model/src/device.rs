@@ -64,7 +64,21 @@ impl DeviceSpec {
             return Ok(d.clone());
         }
         let DeviceSpec::Cuda(n) = self else { unreachable!() };
-        let d = Device::new_cuda(n).with_context(|| format!("opening CUDA device {n} (is there a GPU {n}, and its driver?)"))?;
+        // cudarc panics when it cannot load the driver library (no GPU driver on this machine):
+        // that becomes an error here, not an abort.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let opened = std::panic::catch_unwind(|| Device::new_cuda(n));
+        std::panic::set_hook(hook);
+        let d = match opened {
+            Ok(r) => r.with_context(|| format!("opening CUDA device {n} (is there a GPU {n}?)"))?,
+            Err(p) => {
+                let why =
+                    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                let why = why.split(" - searched for").next().unwrap_or("").to_string();
+                bail!("opening CUDA device {n}: {why} (is the NVIDIA driver installed, and the CUDA 13 libraries on LD_LIBRARY_PATH?)");
+            }
+        };
         open.insert(self, d.clone());
         Ok(d)
     }

@@ -285,3 +285,21 @@ fn placing_a_model_checks_the_dtype_and_keeps_outputs() {
     let after = nll(&m, &seqs).to_scalar::<f32>().unwrap();
     assert!((before - after).abs() < 0.01, "{before} vs {after}");
 }
+
+/// What `collm bench gpu` runs on a GPU, here with the CPU's generic path as the device: every
+/// op passes, and a broken op would show (the check compares against the fused kernels).
+#[test]
+fn the_device_check_passes_on_the_cpus_generic_path() {
+    let checks = collm_model::devcheck::check_ops(&Device::Cpu).unwrap();
+    assert_eq!(checks.len(), 8);
+    for c in &checks {
+        assert!(c.passed(), "{c:?}");
+    }
+    // A random model of a real shape, made on a device in bf16.
+    let mut cfg = ModelConfig::shape_of("smollm2-135m").unwrap();
+    cfg.num_layers = 2;
+    let m = collm_model::devcheck::random_model_on(cfg, &Device::Cpu, DType::BF16).unwrap();
+    assert_eq!(m.dtype(), DType::BF16);
+    assert_eq!(m.cfg.hidden_size, 576);
+    assert!(ModelConfig::shape_of("llama-70b").is_err());
+}

@@ -73,6 +73,8 @@ fn smollm2_chat_template_renders_like_transformers() {
 fn smollm2_in_bf16_stays_near_f32() {
     let fx: Value = serde_json::from_str(&std::fs::read_to_string(shared().join("fixtures/smollm2_reference.json")).unwrap()).unwrap();
     let lm = loader::load("smollm2-135m").unwrap();
+    // The shape random-init GPU benchmarks use is the real model's.
+    assert_eq!(collm_model::ModelConfig::shape_of("smollm2-135m").unwrap(), lm.model.cfg);
     let pad = lm.tokenizer.pad_id();
     let mut half = lm.model.deep_clone().unwrap();
     half.place(&candle_core::Device::Cpu, candle_core::DType::BF16).unwrap();

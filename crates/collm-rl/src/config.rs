@@ -150,6 +150,43 @@ impl Default for TinyModel {
     }
 }
 
+/// One device for every model a spec makes, or one per model in order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Placement {
+    One(String),
+    Each(Vec<String>),
+}
+
+impl Placement {
+    /// The device of the i-th model this spec makes (`key` names the config key in errors).
+    pub fn get(&self, i: usize, key: &str) -> Result<collm_model::DeviceSpec> {
+        let name = match self {
+            Placement::One(d) => d,
+            Placement::Each(list) => list.get(i).with_context(|| {
+                format!("'{key}' lists {} device(s), but model {i} (counting from 0) needs one: give one device per model", list.len())
+            })?,
+        };
+        collm_model::DeviceSpec::parse(name).map_err(|e| anyhow::anyhow!("'{key}': {e}"))
+    }
+
+    /// Every device named, checked.
+    fn check(&self, key: &str) -> Result<()> {
+        let n = match self {
+            Placement::One(_) => 1,
+            Placement::Each(l) if l.is_empty() => bail!("'{key}' is an empty list: name at least one device"),
+            Placement::Each(l) => l.len(),
+        };
+        (0..n).try_for_each(|i| self.get(i, key).map(|_| ()))
+    }
+}
+
+impl From<&str> for Placement {
+    fn from(s: &str) -> Self {
+        Placement::One(s.to_string())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSpec {
@@ -164,8 +201,9 @@ pub struct ModelSpec {
     pub lora_rank: usize,
     pub lora_alpha: f64,
     pub lora_targets: Vec<String>,
-    /// Where the model lives: `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
+    /// Where the model lives: `cpu`, `cuda` or `cuda:N`; a list gives the i-th agent (or critic)
+    /// that takes this spec the i-th device: `device = ["cuda:0", "cuda:1"]`.
+    pub device: Placement,
     /// `f32`, or `bf16` (bf16 weights and activations, f32 master weights and moments).
     pub dtype: collm_model::Precision,
 }
@@ -181,7 +219,7 @@ impl Default for ModelSpec {
             lora_rank: 0,
             lora_alpha: 16.0,
             lora_targets: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
-            device: "cpu".into(),
+            device: Placement::One("cpu".into()),
             dtype: collm_model::Precision::F32,
         }
     }
@@ -220,8 +258,9 @@ pub struct CriticConfig {
     /// Critic warm-up: for the first N updates only the critics learn (the actors keep their
     /// weights), so that a fresh critic's TD advantages do not steer a trained policy.
     pub warmup: usize,
-    /// Where the critics live (default: the critic model's `device`, else the agents').
-    pub device: Option<String>,
+    /// Where the critics live (default: the critic model's `device`, else the agents'); a list
+    /// gives critic j the j-th device (CoLLM-DC with separate critics).
+    pub device: Option<Placement>,
     /// The critics' precision (default: the critic model's `dtype`, else the agents').
     pub dtype: Option<collm_model::Precision>,
 }
@@ -435,6 +474,24 @@ impl Config {
         self.agent.get(i).unwrap_or(&self.agents)
     }
 
+    /// The config key that places agent i.
+    pub fn agent_device_key(&self, i: usize) -> String {
+        if i < self.agent.len() {
+            format!("agent[{i}].device")
+        } else {
+            "agents.device".into()
+        }
+    }
+
+    /// The config key that places the critics.
+    pub fn critic_device_key(&self) -> &'static str {
+        match (&self.critic.device, &self.critic.model) {
+            (Some(_), _) => "critic.device",
+            (None, Some(_)) => "critic.model.device",
+            (None, None) => "agents.device",
+        }
+    }
+
     pub fn critic_spec(&self) -> ModelSpec {
         let mut s = self.critic.model.clone().unwrap_or_else(|| self.agents.clone());
         s.lr = self.critic.lr;
@@ -459,7 +516,7 @@ impl Config {
         devices.extend(self.critic.model.iter().map(|m| ("critic.model.device".to_string(), &m.device)));
         devices.extend(self.critic.device.iter().map(|d| ("critic.device".to_string(), d)));
         for (key, d) in devices {
-            collm_model::DeviceSpec::parse(d).map_err(|e| anyhow::anyhow!("'{key}': {e}"))?;
+            d.check(&key)?;
         }
         if let Some(d) = &self.init {
             if !d.join("trainer.json").exists() {

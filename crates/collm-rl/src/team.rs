@@ -164,14 +164,13 @@ pub fn load_model(spec: &ModelSpec, seed: u64) -> Result<(Transformer, Tokenizer
     if spec.lora_rank > 0 {
         model.add_lora(LoraConfig { rank: spec.lora_rank, alpha: spec.lora_alpha, targets: spec.lora_targets.clone() }, seed ^ 0x10ba)?;
     }
-    place(&mut model, spec)?;
     Ok((model, tok))
 }
 
-/// Puts a model on the device and in the precision its spec names.
-pub fn place(model: &mut Transformer, spec: &ModelSpec) -> Result<()> {
-    let device = DeviceSpec::parse(&spec.device)?;
-    let d = device.open()?;
+/// Puts the i-th model a spec makes on its device (`key` places it) in the spec's precision.
+pub fn place(model: &mut Transformer, spec: &ModelSpec, i: usize, key: &str) -> Result<()> {
+    let device: DeviceSpec = spec.device.get(i, key)?;
+    let d = device.open().with_context(|| format!("'{key}'"))?;
     model.place(&d, spec.dtype.dtype()).with_context(|| format!("placing model '{}' on {device} in {:?}", spec.model, spec.dtype))
 }
 
@@ -206,13 +205,13 @@ impl Team {
                     shared = Some((m, Arc::new(t)));
                 }
                 let (m, t) = shared.as_ref().unwrap();
-                let mut m = m.deep_clone()?;
-                place(&mut m, spec)?;
-                (m, t.clone())
+                (m.deep_clone()?, t.clone())
             } else {
                 let (m, t) = load_model(spec, seed)?;
                 (m, Arc::new(t))
             };
+            let mut model = model;
+            place(&mut model, spec, i, &cfg.agent_device_key(i)).with_context(|| format!("agent {i}"))?;
             let ctx = model.cfg.max_position_embeddings;
             if cfg.sampling.max_new_tokens >= ctx {
                 bail!(
@@ -240,16 +239,14 @@ impl Team {
         for j in 0..n_critics {
             let seed = cfg.seed.wrapping_mul(1000).wrapping_add(500 + j as u64);
             let (model, tok) = match (&shared, cfg.critic.model.is_none() && cspec.model != "tiny") {
-                (Some((m, t)), true) => {
-                    let mut m = m.deep_clone()?;
-                    place(&mut m, &cspec).context("the critic")?;
-                    (m, t.clone())
-                }
+                (Some((m, t)), true) => (m.deep_clone()?, t.clone()),
                 _ => {
                     let (m, t) = load_model(&cspec, seed)?;
                     (m, Arc::new(t))
                 }
             };
+            let mut model = model;
+            place(&mut model, &cspec, j, cfg.critic_device_key()).with_context(|| format!("critic {j}"))?;
             let head = ValueHead::new(cfg.critic.head, model.cfg.hidden_size, seed ^ 0x5eed, &model.device)?;
             critics.push(Critic { model, tokenizer: tok, head, opt: adamw(&cspec) });
         }

@@ -407,6 +407,8 @@ fn bad_configs_name_the_key() {
         ("[critic]\ndevice = \"tpu:0\"", "'critic.device'"),
         ("[agents]\ndtype = \"f16\"", "dtype"),
         ("[critic]\ndtype = \"int8\"", "dtype"),
+        ("[agents]\ndevice = []", "'agents.device' is an empty list"),
+        ("[critic]\ndevice = [\"cpu\", \"gpu:1\"]", "'critic.device': unknown device \"gpu:1\""),
     ] {
         let r = Config::from_toml(text, "bad.toml", &[]).map(|c| collm_rl::trainer::make_env(&c).map(|_| ()));
         let err = match r {
@@ -803,4 +805,23 @@ fn resume_trusts_nothing_it_cannot_check() {
     let tb = events_files(&dir);
     assert_eq!(tb.len(), 1, "one TensorBoard file after a resume");
     assert_eq!(collm_rl::tensorboard::scalar_steps(&tb[0]).unwrap(), vec![1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn device_lists_place_each_model_and_precisions_mix_within_a_team() {
+    // One device per agent from a list, a bf16 critic beside f32 agents: the team trains.
+    let dir = tmp("placement");
+    let c = cfg(&["algo=\"cc\"", "steps=2", "buffer=2", "agents.device=[\"cpu\", \"cpu\"]", "critic.dtype=\"bf16\""]);
+    let mut t = Trainer::new(c, &dir).unwrap();
+    assert!(t.team.agents.iter().all(|a| a.model.dtype() == candle_core::DType::F32));
+    assert_eq!(t.team.critics[0].model.dtype(), candle_core::DType::BF16);
+    let lines = t.run(false).unwrap();
+    assert!(lines.iter().all(|l| l["value_loss"].as_f64().is_some_and(f64::is_finite)), "{lines:?}");
+    // A list too short for the team names the key and the model left without a device.
+    let err = format!("{:#}", Trainer::new(cfg(&["steps=1", "agents.device=[\"cpu\"]"]), &tmp("placement-short")).err().unwrap());
+    assert!(err.contains("'agents.device' lists 1 device(s), but model 1"), "{err}");
+    // DC's separate critics take the critic list in order.
+    let err =
+        format!("{:#}", Trainer::new(cfg(&["algo=\"dc\"", "steps=1", "critic.device=[\"cpu\"]"]), &tmp("placement-dc")).err().unwrap());
+    assert!(err.contains("critic 1") && err.contains("'critic.device' lists 1 device(s)"), "{err}");
 }

@@ -1,0 +1,189 @@
+//! Checks of a device against the CPU: every op collm has, run through the generic path on the
+//! device, against the fused CPU kernel on the same inputs (forward and every input gradient),
+//! and random-init models of real shapes built straight on a device. `collm bench gpu` prints
+//! these; the CPU tests run the same checks with the generic path forced.
+
+use crate::model::{expected_tensors, Transformer};
+use crate::ops::{self, with_generic_ops, AttnMask, RopeTable};
+use crate::ModelConfig;
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::BTreeMap;
+
+/// One op's agreement: the largest output difference and the largest gradient difference, each
+/// relative to the reference's largest magnitude (at least 1).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OpCheck {
+    pub op: &'static str,
+    pub output: f32,
+    pub gradient: f32,
+}
+
+impl OpCheck {
+    /// Within 1e-4 (f32).
+    pub fn passed(&self) -> bool {
+        self.output <= 1e-4 && self.gradient <= 1e-4
+    }
+}
+
+fn seeded(shape: &[usize], seed: u64) -> Result<Tensor> {
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    Ok(Tensor::from_vec((0..n).map(|_| crate::model::normal(&mut rng)).collect::<Vec<f32>>(), shape, &Device::Cpu)?)
+}
+
+fn max_abs(t: &Tensor) -> Result<f32> {
+    Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+fn rel_diff(reference: &Tensor, other: &Tensor) -> Result<f32> {
+    let o = other.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    Ok(max_abs(&(reference - o)?)? / max_abs(reference)?.max(1.0))
+}
+
+type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+
+/// Runs `op` on `inputs` (host tensors) placed on `device`; returns the output and the gradient
+/// of Σ out · w with respect to each input, on the host.
+fn run_op(op: &OpFn, inputs: &[Tensor], device: &Device) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars = inputs.iter().map(|t| Var::from_tensor(&t.to_device(device)?)).collect::<candle_core::Result<Vec<_>>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = op(&ts)?;
+    let w = seeded(out.dims(), 99)?.to_device(device)?;
+    let store = (out.to_dtype(DType::F32)? * w)?.sum_all()?.backward()?;
+    let grads = vars
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let g = store.get(v.as_tensor()).with_context(|| format!("input {i} got no gradient on {device:?}"))?;
+            Ok(g.to_device(&Device::Cpu)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((out.to_device(&Device::Cpu)?, grads))
+}
+
+/// Every op through the generic path on `device` (forced on a CPU) against the fused CPU kernel.
+pub fn check_ops(device: &Device) -> Result<Vec<OpCheck>> {
+    let valid: Vec<Vec<bool>> = (0..2).map(|r| (0..40).map(|j| r == 0 || !(j < 3 || (20..23).contains(&j))).collect()).collect();
+    let mask = AttnMask::causal(&valid, 8, 32);
+    let long = AttnMask::causal(&(0..2).map(|r| (0..140).map(|j| r == 0 || j >= 5).collect()).collect::<Vec<_>>(), 10, 130);
+    let positions: Vec<u32> = (0..2 * 5).map(|i| (i * 7 % 13) as u32).collect();
+    let table = RopeTable::new(&positions, 8, 10000.0);
+    let frozen = seeded(&[10, 16], 7)?;
+    let (m1, m2, t) = (mask.clone(), long.clone(), table.clone());
+    let cases: Vec<(&'static str, Vec<Vec<usize>>, OpFn)> = vec![
+        ("attn_softmax", vec![vec![2, 3, 32, 40]], Box::new(move |x| Ok(ops::attn_softmax(&x[0], &m1, 0.3)?))),
+        ("rms_norm", vec![vec![2, 5, 24], vec![24]], Box::new(|x| Ok(ops::rms_norm(&x[0], &x[1], 1e-5)?))),
+        ("rope", vec![vec![2, 5, 3, 8]], Box::new(move |x| Ok(ops::rope(&x[0], &t)?))),
+        ("token_logprobs", vec![vec![6, 50]], Box::new(|x| Ok(ops::token_logprobs(&x[0], &[0, 7, 49, 3, 3, 21])?))),
+        ("frozen_linear", vec![vec![3, 4, 16]], Box::new(move |x| Ok(ops::frozen_linear(&x[0], &frozen.to_device(x[0].device())?)?))),
+        ("linear", vec![vec![3, 4, 16], vec![10, 16]], Box::new(|x| Ok(ops::linear_nt(&x[0], &x[1])?))),
+        (
+            "attention",
+            vec![vec![2, 2, 96, 8], vec![2, 2, 40, 8], vec![2, 2, 40, 8]],
+            Box::new(move |x| Ok(ops::attention(&x[0], &x[1], &x[2], &mask, 0.35)?)),
+        ),
+        (
+            "attention (long)",
+            vec![vec![2, 1, 260, 8], vec![2, 1, 140, 8], vec![2, 1, 140, 8]],
+            Box::new(move |x| Ok(ops::attention(&x[0], &x[1], &x[2], &m2, 0.35)?)),
+        ),
+    ];
+    let mut out = vec![];
+    for (i, (name, shapes, op)) in cases.iter().enumerate() {
+        let inputs = shapes.iter().enumerate().map(|(j, s)| seeded(s, 10 * i as u64 + j as u64)).collect::<Result<Vec<_>>>()?;
+        let (want, want_g) = run_op(op, &inputs, &Device::Cpu)?;
+        let (got, got_g) = if device.is_cpu() { with_generic_ops(|| run_op(op, &inputs, device))? } else { run_op(op, &inputs, device)? };
+        let mut gradient = 0f32;
+        for (a, b) in want_g.iter().zip(&got_g) {
+            gradient = gradient.max(rel_diff(a, b)?);
+        }
+        out.push(OpCheck { op: name, output: rel_diff(&want, &got)?, gradient });
+    }
+    Ok(out)
+}
+
+/// A random-init model of `cfg`'s shape made on `device` in `dtype` (N(0, 0.02) matrices, unit
+/// norms), without a host copy: for benchmarks of shapes whose weights cannot be brought.
+pub fn random_model_on(cfg: ModelConfig, device: &Device, dtype: DType) -> Result<Transformer> {
+    let mut tensors = BTreeMap::new();
+    for (name, shape) in expected_tensors(&cfg) {
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(shape, DType::F32, device)?
+        } else if name.ends_with(".bias") {
+            Tensor::zeros(shape, DType::F32, device)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, device)?
+        };
+        tensors.insert(name, t.to_dtype(dtype)?);
+    }
+    let mut m = Transformer::from_tensors(cfg, tensors, "random init")?;
+    m.place(device, dtype)?;
+    Ok(m)
+}
+
+/// The peak memory a device held while this watch ran, sampled every 5 ms (the CUDA driver's
+/// used memory, all processes; on the CPU this process's peak RSS).
+pub struct MemoryWatch {
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    cpu: bool,
+}
+
+impl MemoryWatch {
+    pub fn start(device: &Device) -> Result<Self> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let (peak, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let used = used_bytes(device)?;
+        let thread = used.map(|_| {
+            let (peak, stop, device) = (peak.clone(), stop.clone(), device.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(Some(u)) = used_bytes(&device) {
+                        peak.fetch_max(u, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            })
+        });
+        Ok(Self { peak, stop, thread, cpu: device.is_cpu() })
+    }
+
+    /// The peak so far, in MiB.
+    pub fn peak_mib(&self) -> f64 {
+        if self.cpu {
+            return peak_rss_bytes() as f64 / (1u64 << 20) as f64;
+        }
+        self.peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / (1u64 << 20) as f64
+    }
+}
+
+impl Drop for MemoryWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Used device memory in bytes (None on the CPU).
+fn used_bytes(device: &Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let (free, total) = d.cuda_stream().context().mem_get_info().map_err(|e| anyhow::anyhow!("cuMemGetInfo: {e:?}"))?;
+        return Ok(Some((total - free) as u64));
+    }
+    let _ = device;
+    Ok(None)
+}
+
+/// This process's peak resident memory (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
