@@ -103,7 +103,14 @@ fn every_shipped_config_is_valid() {
             if text.contains("[[setting]]") {
                 collm_rl::study::StudyConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
             } else {
-                Config::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                // The paper configs name CUDA devices, which a CPU-only build refuses (see
+                // trainer.rs::the_paper_configs_place_bf16_models_one_per_gpu_and_run_on_the_cpu_when_told).
+                let cpu: Vec<String> = if p.to_string_lossy().ends_with("-paper.toml") && !cfg!(feature = "cuda") {
+                    vec!["agents.device=\"cpu\"".into(), "critic.device=\"cpu\"".into()]
+                } else {
+                    vec![]
+                };
+                Config::load(&p, &cpu).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
             }
             n += 1;
         }

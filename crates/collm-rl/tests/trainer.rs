@@ -825,3 +825,31 @@ fn device_lists_place_each_model_and_precisions_mix_within_a_team() {
         format!("{:#}", Trainer::new(cfg(&["algo=\"dc\"", "steps=1", "critic.device=[\"cpu\"]"]), &tmp("placement-dc")).err().unwrap());
     assert!(err.contains("critic 1") && err.contains("'critic.device' lists 1 device(s)"), "{err}");
 }
+
+#[test]
+fn the_paper_configs_place_bf16_models_one_per_gpu_and_run_on_the_cpu_when_told() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let path = e.path();
+        if !path.to_string_lossy().ends_with("-paper.toml") {
+            continue;
+        }
+        n += 1;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(table["agents"]["dtype"].as_str(), Some("bf16"), "{}", path.display());
+        let devices: Vec<&str> = table["agents"]["device"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+        assert_eq!(devices, ["cuda:0", "cuda:1"], "{}", path.display());
+        assert_eq!(table["critic"]["device"].as_str(), Some("cuda:2"), "{}", path.display());
+        let name = path.display().to_string();
+        // What the configs' header says to run on one device works (here: the CPU).
+        let c = Config::from_toml(&text, &name, &["agents.device=\"cpu\"".into(), "critic.device=\"cpu\"".into()]).unwrap();
+        assert_eq!(c.critic_spec().dtype, collm_model::Precision::Bf16, "the critic takes the agents' bf16");
+        if !cfg!(feature = "cuda") {
+            let err = format!("{:#}", Config::from_toml(&text, &name, &[]).err().unwrap());
+            assert!(err.contains("'agents.device'") && err.contains("built without CUDA"), "{err}");
+        }
+    }
+    assert_eq!(n, 6);
+}
