@@ -111,15 +111,14 @@ pub enum BenchCmd {
 
 /// Peak resident memory of this process, MB (VmHWM).
 pub fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
+    match collm_model::devcheck::peak_rss_bytes() {
+        0 => f64::NAN,
+        b => b as f64 / (1u64 << 20) as f64,
+    }
 }
 
 /// Deterministic pseudo-text token ids (skipping the first 100 ids, where special tokens live).
-fn tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
+pub fn tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
     let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {

@@ -5,6 +5,7 @@
 //! On a CPU-only build it runs the same sections on the CPU (the generic path forced where a
 //! section compares paths), which is how it is tested.
 
+use crate::bench::tokens;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use collm_model::devcheck::{check_ops, random_model_on, MemoryWatch};
@@ -38,16 +39,6 @@ fn section(json_out: bool, name: &str, v: Value) -> Value {
 
 fn sync(d: &Device) -> Result<()> {
     Ok(d.synchronize()?)
-}
-
-fn tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (100 + (x >> 33) as usize % (vocab.min(20000) - 100)) as u32
-        })
-        .collect()
 }
 
 /// FLOPs of one forward + backward over `b` sequences of `t` tokens: 6 per matmul weight per
