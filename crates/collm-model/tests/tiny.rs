@@ -518,3 +518,111 @@ fn fused_attention_matches_the_unfused_ops_with_gradients() {
         assert!(diff(a, c) < 1e-4 * scale.max(1.0), "d{name} differs by {} (scale {scale})", diff(a, c));
     }
 }
+
+/// Log-probs, hidden states, the tokens shared and every trainable weight's gradient of one
+/// `score_spans` pass whose loss weighs each span token and hidden value differently.
+fn span_pass(
+    m: &Transformer,
+    seqs: &[Vec<u32>],
+    spans: &[Vec<(usize, usize)>],
+    positions: &[Vec<usize>],
+) -> (Tensor, Tensor, usize, Vec<(String, Option<Tensor>)>) {
+    let out = score_spans(m, seqs, spans, positions, 0, true).unwrap();
+    let hidden = out.hidden.clone().unwrap();
+    let n = out.token_logprobs.dims1().unwrap();
+    let w = Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap().affine(0.1, -1.0).unwrap();
+    let hw = Tensor::arange(0f32, hidden.elem_count() as f32, &Device::Cpu).unwrap().sin().unwrap().reshape(hidden.dims()).unwrap();
+    let store =
+        ((&out.token_logprobs * w).unwrap().sum_all().unwrap() + (&hidden * hw).unwrap().sum_all().unwrap()).unwrap().backward().unwrap();
+    let grads = m.trainable().map(|(k, v)| (k.clone(), store.get(v.as_tensor()).cloned())).collect();
+    (out.token_logprobs, hidden, out.shared_tokens, grads)
+}
+
+#[test]
+fn shared_prefixes_give_the_unshared_log_probs_hidden_states_and_gradients() {
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(11);
+    let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| rand::Rng::random_range(&mut rng, 1..64u32)).collect() };
+    // MAGRPO's shapes: K samples of a node share its history. Node A (K = 4), node B (K = 3,
+    // sharing B's first tokens with A), a singleton, and a two-turn chain whose first turn is
+    // A's history (scored spans and a value position in each turn). One long case takes the
+    // fused attention on the shared prefix.
+    let hist_a = draw(23);
+    let mut hist_b = hist_a[..4].to_vec();
+    hist_b.extend(draw(15));
+    let mut cases = vec![];
+    let mut seqs = vec![];
+    let mut spans = vec![];
+    let mut positions = vec![];
+    for (hist, k) in [(&hist_a, 4), (&hist_b, 3)] {
+        for j in 0..k {
+            let resp = draw(3 + 2 * j);
+            let n = hist.len();
+            seqs.push(hist.iter().cloned().chain(resp.iter().cloned()).collect::<Vec<_>>());
+            spans.push(vec![(n, n + resp.len())]);
+            positions.push(vec![n - 1, n + resp.len() - 1]);
+        }
+    }
+    seqs.push(draw(17));
+    spans.push(vec![(5, 17)]);
+    positions.push(vec![16]);
+    let mut chain = hist_a.clone();
+    chain.extend(draw(6));
+    let turn2 = chain.len();
+    chain.extend(draw(9));
+    seqs.push(chain.clone());
+    spans.push(vec![(hist_a.len(), hist_a.len() + 6), (turn2 + 3, chain.len())]);
+    positions.push(vec![hist_a.len() - 1, turn2 + 2]);
+    cases.push((seqs, spans, positions));
+    let long = draw(300);
+    let mut seqs = vec![];
+    for j in 0..3 {
+        seqs.push(long.iter().cloned().chain(draw(20 + j)).collect::<Vec<_>>());
+    }
+    let spans = seqs.iter().map(|s| vec![(300, s.len())]).collect::<Vec<_>>();
+    let positions = vec![vec![299]; 3];
+    cases.push((seqs, spans, positions));
+    // A critic's shapes: no scored spans, one value position per sequence, sequences sharing only
+    // a short template.
+    let template = draw(12);
+    let seqs: Vec<Vec<u32>> = (0..4).map(|j| template.iter().cloned().chain(draw(14 + j)).collect()).collect();
+    let positions = seqs.iter().map(|s| vec![s.len() - 1]).collect::<Vec<_>>();
+    cases.push((seqs, vec![vec![]; 4], positions));
+
+    for mut m in all_archs().into_iter().take(3) {
+        for lora in [false, true] {
+            if lora {
+                m.add_lora(LoraConfig { rank: 2, alpha: 4.0, targets: vec!["q_proj".into(), "v_proj".into()] }, 5).unwrap();
+                for (n, p) in &m.params {
+                    if n.contains("lora_B") {
+                        p.var.set(&Tensor::randn(0f32, 0.05, p.var.dims(), &Device::Cpu).unwrap()).unwrap();
+                    }
+                }
+            }
+            for (c, (seqs, spans, positions)) in cases.iter().enumerate() {
+                let what = format!("{:?} lora {lora} case {c}", m.cfg.arch);
+                let (lp, h, shared, g) = span_pass(&m, seqs, spans, positions);
+                let (lp0, h0, none, g0) = score::without_prefix_sharing(|| span_pass(&m, seqs, spans, positions));
+                assert_eq!(none, 0);
+                // The history of A (22 tokens before its first scored position) runs once instead
+                // of 5 times, B's 18 once instead of 3 times; the long prefix once instead of 3.
+                assert_eq!(shared, [4 * 22 + 2 * 18, 2 * 299, 3 * 12][c], "{what}");
+                assert_eq!(lp.dims(), lp0.dims(), "{what}");
+                assert!(lp.elem_count() == 0 || max_diff(&lp, &lp0) <= 1e-4, "{what}: log-probs differ");
+                assert!(max_diff(&h, &h0) <= 1e-4, "{what}: hidden states differ by {}", max_diff(&h, &h0));
+                for ((name, a), (_, b)) in g.iter().zip(&g0) {
+                    // Without scored spans the output head gets no gradient, shared or not.
+                    let (Some(a), Some(b)) = (a, b) else {
+                        assert!(
+                            a.is_none() && b.is_none() && c == 2 && name.contains("lm_head"),
+                            "{what}: {name} has a gradient in one pass only"
+                        );
+                        continue;
+                    };
+                    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                    assert!(scale > 0.0, "{what}: {name}'s gradient is zero");
+                    assert!(max_diff(a, b) <= 1e-4 * scale.max(1.0), "{what}: {name}'s gradient differs by {}", max_diff(a, b));
+                }
+            }
+        }
+    }
+}

@@ -4,10 +4,12 @@
 //! history; and an update over padded batches gives the same losses, values and advantages as one
 //! sequence at a time.
 
+use candle_core::{Tensor, Var};
 use collm_envs::Split;
 use collm_model::generate::{decode, prefill};
 use collm_rl::config::{HistoryCache, JointMode};
 use collm_rl::rollout::{rollout, RolloutSpec};
+use collm_rl::team::Team;
 use collm_rl::{Config, Trainer};
 use rand::{rngs::StdRng, SeedableRng};
 use serde_json::Value;
@@ -100,6 +102,35 @@ fn batched_concurrent_sampling_equals_sampling_one_response_at_a_time() {
     }
 }
 
+/// Every trainable tensor of a team's agents and critics, in order.
+fn weights(team: &Team) -> Vec<&Var> {
+    let mut v: Vec<&Var> = team.agents.iter().flat_map(|a| a.trainable()).map(|(_, v)| v).collect();
+    v.extend(team.critics.iter().flat_map(|c| c.trainable()).map(|(_, v)| v));
+    v
+}
+
+fn copies(team: &Team) -> Vec<Tensor> {
+    weights(team).iter().map(|v| v.as_tensor().copy().unwrap()).collect()
+}
+
+/// Sets `to`'s weights to `from`'s; returns how far apart they were, as a fraction of the update
+/// `from` made since `before` (both in L2 over all weights). Adam moves an element whose gradient
+/// is near zero by a step of the learning rate's order on a rounding-level difference, so the
+/// largest element difference says little; the whole update's direction does.
+fn take_weights(from: &Team, to: &Team, before: &[Tensor]) -> f64 {
+    let (a, b) = (weights(from), weights(to));
+    assert_eq!((a.len(), a.len()), (b.len(), before.len()));
+    let sq = |x: &Tensor, y: &Tensor| (x - y).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    let (mut apart, mut update) = (0.0, 0.0);
+    for ((va, vb), w0) in a.iter().zip(&b).zip(before) {
+        apart += sq(va.as_tensor(), vb.as_tensor());
+        update += sq(va.as_tensor(), w0);
+        vb.set(va.as_tensor()).unwrap();
+    }
+    assert!(update > 0.0, "the first update changed no weight");
+    (apart / update).sqrt()
+}
+
 fn close(a: &Value, b: &Value, what: &str) {
     match (a, b) {
         (Value::Array(x), Value::Array(y)) => {
@@ -128,8 +159,15 @@ fn padded_batch_updates_equal_one_sequence_at_a_time() {
         let mut batched = trainer_with(algo, k, 0, &format!("upd-b-{algo}-{n}"), extra);
         let mut single = trainer_with(algo, k, 1, &format!("upd-s-{algo}-{n}"), extra);
         let algo = &format!("{algo} {extra:?}");
-        // Two steps: the second compares after one update (the weights agree to rounding).
+        // Two steps: the second compares after one update. The updates agree to rounding; the
+        // single trainer then takes the batched one's weights, so that a rounding-level difference
+        // cannot flip a near-tied sample and make the second step's rollouts differ.
+        let before = copies(&batched.team);
         for step in 0..2 {
+            if step == 1 {
+                let d = take_weights(&batched.team, &single.team, &before);
+                assert!(d <= 1e-3, "{algo}: after one update the weights differ by {d} of the update");
+            }
             let a = batched.train_step().unwrap();
             let b = single.train_step().unwrap();
             assert_eq!(a["reward_mean"], b["reward_mean"], "{algo}, step {step}: the same rewards");
