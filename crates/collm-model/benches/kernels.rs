@@ -5,7 +5,11 @@
 //! - `forward_backward/BxT`: the teacher-forced pass of the policy loss (token log-probs of a
 //!   padded batch) and its backward;
 //! - `adamw_step`: one fused AdamW step over every parameter;
-//! - `attention/…`: the fused block-wise attention and the plain ops, forward and backward.
+//! - `attention/…`: the fused block-wise attention and the plain ops, forward and backward;
+//! - `linear/…`: a trainable projection (512 rows, 576 → 1536), forward and backward, fused
+//!   against candle's matmul (the generic path);
+//! - `shared_prefix/…`: MAGRPO's shape (K = 4 samples of one 160-token history, 48-token
+//!   responses) scored and backpropagated with the history run once, and run per sample.
 //!
 //! `cargo bench -p collm-model --bench kernels` (criterion keeps the last run in target/criterion
 //! and reports the change against it).
@@ -97,10 +101,45 @@ fn kernels(c: &mut Criterion) {
     });
     g.finish();
 
+    let mut g = c.benchmark_group("shared_prefix");
+    g.sample_size(10).measurement_time(Duration::from_secs(20));
+    let history = tokens(160, 7, vocab);
+    let seqs: Vec<Vec<u32>> = (0..4).map(|k| history.iter().cloned().chain(tokens(48, 50 + k, vocab)).collect()).collect();
+    let spans: Vec<Vec<(usize, usize)>> = seqs.iter().map(|s| vec![(160, s.len())]).collect();
+    let none = vec![vec![]; 4];
+    for (name, share) in [("shared_4x208", true), ("unshared_4x208", false)] {
+        g.bench_function(name, |bench| {
+            bench.iter(|| {
+                let run = || score_spans(&model, &seqs, &spans, &none, 0, true).unwrap();
+                let s = if share { run() } else { score::without_prefix_sharing(run) };
+                s.token_logprobs.mean_all().unwrap().neg().unwrap().backward().unwrap()
+            })
+        });
+    }
+    g.finish();
+
+    let dev = Device::Cpu;
+    let mut g = c.benchmark_group("linear");
+    g.sample_size(20).measurement_time(Duration::from_secs(8));
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (512, 576), &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.05, (1536, 576), &dev).unwrap()).unwrap();
+    for (name, generic) in [("fused_fwd_bwd_512x576x1536", false), ("generic_fwd_bwd_512x576x1536", true)] {
+        g.bench_function(name, |bench| {
+            bench.iter(|| {
+                let run = || ops::linear_nt(x.as_tensor(), w.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+                if generic {
+                    ops::with_generic_ops(run)
+                } else {
+                    run()
+                }
+            })
+        });
+    }
+    g.finish();
+
     // Attention of one layer's shape (9 query heads over 3 key-value heads, head size 64).
     let mut g = c.benchmark_group("attention");
     g.sample_size(10).measurement_time(Duration::from_secs(10));
-    let dev = Device::Cpu;
     for t in [256usize, 1024] {
         // Grouped heads ride in the query rows: q is [batch, kv heads, 3·t, head size].
         let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 3 * t, 64), &dev).unwrap()).unwrap();
