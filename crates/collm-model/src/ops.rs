@@ -463,12 +463,22 @@ impl CustomOp1 for FrozenLinear {
 
 /// C[m, n] = A[m, k] · B[n, k]^T on row-major slices.
 pub fn matmul_nt(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32> {
-    let mut c = vec![0f32; m * n];
-    if m == 0 || n == 0 {
-        return c;
+    gemm_f32(m, n, k, a, (1, k), b, (k, 1))
+}
+
+/// C[m, n] = A · B with C row-major and A [m, k], B [k, n] read through the strides given as
+/// (between columns, between rows): a transposed operand costs no copy.
+fn gemm_f32(m: usize, n: usize, k: usize, a: &[f32], (a_cs, a_rs): (usize, usize), b: &[f32], (b_cs, b_rs): (usize, usize)) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
     }
+    let last = |rows: usize, cols: usize, cs: usize, rs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last(m, k, a_cs, a_rs) < a.len() && last(k, n, b_cs, b_rs) < b.len(), "gemm_f32: the strides reach past the data");
+    // gemm writes every element without reading C (read_dst is false): no zero fill needed.
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
     let threads = rayon::current_num_threads();
-    // SAFETY: the pointers cover m*k, n*k and m*n f32 values with the strides given.
+    // SAFETY: the asserts above keep every read inside A and B; C's m*n values are all written
+    // before set_len exposes them.
     unsafe {
         gemm::gemm(
             m,
@@ -479,11 +489,11 @@ pub fn matmul_nt(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32>
             n as isize,
             false,
             a.as_ptr(),
-            1,
-            k as isize,
+            a_cs as isize,
+            a_rs as isize,
             b.as_ptr(),
-            k as isize,
-            1,
+            b_cs as isize,
+            b_rs as isize,
             0.0f32,
             1.0f32,
             false,
@@ -491,6 +501,7 @@ pub fn matmul_nt(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32>
             false,
             if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None },
         );
+        c.set_len(m * n);
     }
     c
 }
@@ -539,39 +550,7 @@ pub fn matmul_tn(a: &[f32], k: usize, m: usize, b: &[f32], n: usize) -> Result<V
     if a.len() != k * m || b.len() != k * n {
         bail!("matmul_tn: shapes do not match the data ({k}x{m} and {k}x{n})");
     }
-    if m == 0 || n == 0 || k == 0 {
-        return Ok(vec![0f32; m * n]);
-    }
-    // gemm writes every element without reading C (read_dst is false): no zero fill needed.
-    let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    let threads = rayon::current_num_threads();
-    // SAFETY: the pointers cover k*m, k*n and m*n f32 values with the strides given; C's m*n
-    // values are all written before set_len exposes them.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            m as isize,
-            1,
-            b.as_ptr(),
-            1,
-            n as isize,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None },
-        );
-        c.set_len(m * n);
-    }
-    Ok(c)
+    Ok(gemm_f32(m, n, k, a, (m, 1), b, (1, n)))
 }
 
 /// y = x W^T for x of any rank (the weight is shared across the leading dims).
