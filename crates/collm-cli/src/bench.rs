@@ -1,5 +1,6 @@
 //! `collm bench model`: decode speed and train-step time of one model on this machine; `collm
-//! bench train`: a training workload's epoch; `collm bench env`: the external-task protocol's cost.
+//! bench train`: a training workload's epoch; `collm bench env`: the external-task protocol's cost;
+//! `collm bench peak`: the machine's GEMM rate and memory bandwidth.
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
@@ -46,6 +47,19 @@ pub enum BenchCmd {
         /// Characters of each response and of the dataset row's text.
         #[arg(long, default_value_t = 400)]
         chars: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// This machine's f32 GEMM rate through collm's kernel (a large square and the shapes of
+    /// SmolLM2's projections and output head) and through candle's matmul, and its memory
+    /// bandwidth (a stream copy): the yardsticks the other benches' figures are fractions of.
+    Peak {
+        /// The square GEMM's size (n × n · n × n).
+        #[arg(long, default_value_t = 2048)]
+        size: usize,
+        /// The stream copy's buffer, MiB.
+        #[arg(long, default_value_t = 512)]
+        copy_mib: usize,
         #[arg(long)]
         json: bool,
     },
@@ -193,7 +207,91 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         m @ BenchCmd::Model { .. } => bench_model(m),
         BenchCmd::Env { command, workers, joint_actions, chars, json } => bench_env(command, &workers, joint_actions, chars, json),
         BenchCmd::Serve { model, clients, requests, max_tokens, json } => bench_serve(&model, &clients, requests, max_tokens, json),
+        BenchCmd::Peak { size, copy_mib, json } => bench_peak(size, copy_mib, json),
     }
+}
+
+/// The best of `n` timings of `f`, seconds.
+fn best_of(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..n {
+        let t0 = Instant::now();
+        f()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn bench_peak(size: usize, copy_mib: usize, json: bool) -> Result<()> {
+    if size == 0 || size > 16384 {
+        anyhow::bail!("--size {size}: give a GEMM size from 1 to 16384");
+    }
+    if copy_mib == 0 || copy_mib > 16384 {
+        anyhow::bail!("--copy-mib {copy_mib}: give a buffer from 1 to 16384 MiB");
+    }
+    let data = |n: usize, seed: u64| -> Vec<f32> { (0..n as u64).map(|i| ((i * 7919 + seed) % 1000) as f32 / 1000.0 - 0.5).collect() };
+    // (name, m, k, n): C[m, n] = A[m, k] · B[n, k]^T, as a linear layer runs.
+    let shapes = [
+        ("square", size, size, size),
+        ("q_or_up_proj_512x576x1536", 512, 576, 1536),
+        ("down_proj_512x1536x576", 512, 1536, 576),
+        ("lm_head_256x576x49152", 256, 576, 49152),
+    ];
+    let mut rows = vec![];
+    for (name, m, k, n) in shapes {
+        let (a, b) = (data(m * k, 1), data(n * k, 2));
+        let s = best_of(3, || {
+            std::hint::black_box(collm_model::ops::matmul_nt(&a, m, k, &b, n));
+            Ok(())
+        })?;
+        rows.push(serde_json::json!({"shape": name, "m": m, "k": k, "n": n, "gflops": 2.0 * (m * k * n) as f64 / s / 1e9}));
+    }
+    let a = candle_core::Tensor::from_vec(data(size * size, 1), (size, size), &candle_core::Device::Cpu)?;
+    let b = candle_core::Tensor::from_vec(data(size * size, 2), (size, size), &candle_core::Device::Cpu)?;
+    let s = best_of(3, || {
+        std::hint::black_box(a.matmul(&b)?);
+        Ok(())
+    })?;
+    let candle_gflops = 2.0 * (size as f64).powi(3) / s / 1e9;
+    let src = vec![1u8; copy_mib << 20];
+    let mut dst = vec![0u8; copy_mib << 20];
+    let s = best_of(5, || {
+        dst.copy_from_slice(std::hint::black_box(&src));
+        Ok(())
+    })?;
+    // A copy reads and writes every byte.
+    let copy_gb_s = 2.0 * (copy_mib << 20) as f64 / s / 1e9;
+    let best = rows.iter().map(|r| r["gflops"].as_f64().unwrap_or(0.0)).fold(candle_gflops, f64::max);
+    let avx512 = {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    };
+    let out = serde_json::json!({
+        "cpu": cpu_name(),
+        "threads": rayon::current_num_threads(),
+        "avx512f": avx512,
+        "collm_gemm": rows,
+        "candle_matmul_square_gflops": candle_gflops,
+        "best_gemm_gflops": best,
+        "copy_gb_s": copy_gb_s,
+    });
+    if json {
+        println!("{out}");
+    } else {
+        println!("{} ({} threads, AVX-512F {})", out["cpu"].as_str().unwrap_or(""), out["threads"], avx512);
+        for r in &rows {
+            println!("  collm GEMM {:<28} {:8.1} GFLOPS", r["shape"].as_str().unwrap_or(""), r["gflops"].as_f64().unwrap_or(0.0));
+        }
+        println!("  candle matmul {size}³{:>20} {candle_gflops:8.1} GFLOPS", "");
+        println!("  stream copy ({copy_mib} MiB){:>19} {copy_gb_s:8.1} GB/s (read + write)", "");
+    }
+    Ok(())
 }
 
 /// The CPU's model name (from /proc/cpuinfo), to name the machine beside its figures.

@@ -270,6 +270,28 @@ fn run_executes_the_team_without_its_critic_and_matches_eval() {
     assert_eq!((other["task"].as_str(), other["episodes"].as_u64()), (Some("tldr"), Some(1)), "{other}");
 }
 
+/// `collm bench peak` measures the GEMM rate at each shape and the copy bandwidth (figures are not
+/// checked against any speed: timings are benchmarks), and refuses an absurd size.
+#[test]
+fn bench_peak_reports_gemm_rates_and_bandwidth() {
+    let out = collm().args(["bench", "peak", "--size", "128", "--copy-mib", "8", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let rows = v["collm_gemm"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{text}");
+    assert_eq!(rows[0]["m"], 128);
+    for r in rows {
+        assert!(r["gflops"].as_f64().unwrap() > 0.0, "{text}");
+    }
+    let best = v["best_gemm_gflops"].as_f64().unwrap();
+    assert!(rows.iter().all(|r| r["gflops"].as_f64().unwrap() <= best), "{text}");
+    assert!(v["copy_gb_s"].as_f64().unwrap() > 0.0 && v["threads"].as_u64().unwrap() >= 1, "{text}");
+    let out = collm().args(["bench", "peak", "--size", "100000"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--size 100000"));
+}
+
 /// `collm bench serve` times the server against generate() at each client count (figures are
 /// not checked: timings are benchmarks; the greedy token counts must agree).
 #[test]
