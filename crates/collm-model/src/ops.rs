@@ -19,13 +19,19 @@ thread_local! {
 /// Runs `f` with every op on this thread taking its generic path (candle's differentiable ops),
 /// as on a device without collm kernels: the reference the fused CPU kernels are checked against.
 pub fn with_generic_ops<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
+    with_switch(&GENERIC, true, f)
+}
+
+/// Runs `f` with the thread-local switch `key` set to `on`, restoring its value afterwards (also
+/// when `f` panics).
+pub(crate) fn with_switch<R>(key: &'static std::thread::LocalKey<Cell<bool>>, on: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(&'static std::thread::LocalKey<Cell<bool>>, bool);
     impl Drop for Restore {
         fn drop(&mut self) {
-            GENERIC.with(|g| g.set(self.0));
+            self.0.with(|s| s.set(self.1));
         }
     }
-    let _restore = Restore(GENERIC.with(|g| g.replace(true)));
+    let _restore = Restore(key, key.with(|s| s.replace(on)));
     f()
 }
 

@@ -13,14 +13,7 @@ thread_local! {
 /// Runs `f` with prefix sharing off on this thread: every sequence goes through the model whole
 /// (the reference that the shared passes are tested against).
 pub fn without_prefix_sharing<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SHARING.with(|s| s.set(self.0));
-        }
-    }
-    let _restore = Restore(SHARING.with(|s| s.replace(false)));
-    f()
+    ops::with_switch(&SHARING, false, f)
 }
 
 /// Sequences that begin alike (MAGRPO's K samples of a node share their history) grouped so the
