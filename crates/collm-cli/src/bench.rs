@@ -60,6 +60,11 @@ pub enum BenchCmd {
         /// The stream copy's buffer, MiB.
         #[arg(long, default_value_t = 512)]
         copy_mib: usize,
+        /// A Python with numpy, whose BLAS sgemm is timed on the same square beside collm's
+        /// (default: target/pyenv's Python where scripts/pyenv.sh made it, else python3; none
+        /// that imports numpy leaves the figure out).
+        #[arg(long)]
+        python: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -142,7 +147,9 @@ pub fn tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-fn train_step_s(model: &collm_model::Transformer, b: usize, t: usize, repeats: usize, pad: u32) -> Result<f64> {
+/// The mean time of a teacher-forced train step (score, backward, clip, AdamW) over `repeats`
+/// after one warm-up, seconds, and its FLOPs (collm_model::flops).
+fn train_step_s(model: &collm_model::Transformer, b: usize, t: usize, repeats: usize, pad: u32) -> Result<(f64, u64)> {
     let pairs: Vec<(Vec<u32>, Vec<u32>)> = (0..b)
         .map(|i| {
             let s = tokens(t, 1000 + i as u64, model.cfg.vocab_size);
@@ -151,8 +158,9 @@ fn train_step_s(model: &collm_model::Transformer, b: usize, t: usize, repeats: u
         .collect();
     let mut opt = AdamW::new(AdamWConfig { lr: 1e-6, ..Default::default() });
     let mut times = vec![];
+    let mut flops = 0;
     for r in 0..=repeats {
-        let t0 = Instant::now();
+        let (t0, f0) = (Instant::now(), model.flops.total());
         let s = score(model, &pairs, pad, true)?;
         let loss = s.token_logprobs.mean_all()?.neg()?;
         let store = loss.backward()?;
@@ -162,9 +170,10 @@ fn train_step_s(model: &collm_model::Transformer, b: usize, t: usize, repeats: u
         opt.step(model.trainable(), &grads)?;
         if r > 0 {
             times.push(t0.elapsed().as_secs_f64());
+            flops = model.flops.total() - f0;
         }
     }
-    Ok(times.iter().sum::<f64>() / times.len() as f64)
+    Ok((times.iter().sum::<f64>() / times.len() as f64, flops))
 }
 
 /// Runs bench/hf_model_bench.py (transformers + PyTorch, float32) on the same work.
@@ -207,7 +216,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         m @ BenchCmd::Model { .. } => bench_model(m),
         BenchCmd::Env { command, workers, joint_actions, chars, json } => bench_env(command, &workers, joint_actions, chars, json),
         BenchCmd::Serve { model, clients, requests, max_tokens, json } => bench_serve(&model, &clients, requests, max_tokens, json),
-        BenchCmd::Peak { size, copy_mib, json } => bench_peak(size, copy_mib, json),
+        BenchCmd::Peak { size, copy_mib, python, json } => bench_peak(size, copy_mib, python, json),
     }
 }
 
@@ -222,7 +231,39 @@ fn best_of(n: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(best)
 }
 
-fn bench_peak(size: usize, copy_mib: usize, json: bool) -> Result<()> {
+/// The f32 GEMM rate of numpy's BLAS on an n³ square with `threads` threads, and the library's
+/// name; None where `py` does not run or has no numpy.
+fn numpy_gemm(py: &str, n: usize, threads: usize) -> Option<(f64, String)> {
+    const SCRIPT: &str = r#"
+import json, sys, time
+import numpy as np
+n = int(sys.argv[1])
+rng = np.random.default_rng(0)
+a = rng.standard_normal((n, n), dtype=np.float32)
+b = rng.standard_normal((n, n), dtype=np.float32)
+a @ b
+best = min((lambda t0: (a @ b, time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(3))
+try:
+    lib = ", ".join(sorted({i.get("internal_api", "?") for i in np.show_config(mode="dicts")["Build Dependencies"]["blas"].values() if isinstance(i, dict)} | {np.show_config(mode="dicts")["Build Dependencies"]["blas"].get("name", "?")}))
+except Exception:
+    lib = "?"
+print(json.dumps({"gflops": 2 * n**3 / best / 1e9, "lib": f"numpy {np.__version__} ({lib})"}))
+"#;
+    let threads = threads.to_string();
+    let out = std::process::Command::new(py)
+        .args(["-c", SCRIPT, &n.to_string()])
+        .envs(["OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"].map(|k| (k, threads.as_str())))
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some((v["gflops"].as_f64()?, v["lib"].as_str()?.to_string()))
+}
+
+/// This machine's yardsticks, as `collm bench peak` reports them: f32 GEMM rates (collm's
+/// kernels, candle, numpy's BLAS) and the copy bandwidth. `best_gemm_gflops` and `copy_gb_s` are
+/// what the other benches give their figures as fractions of.
+pub fn measure_peak(size: usize, copy_mib: usize, python: Option<String>) -> Result<serde_json::Value> {
     if size == 0 || size > 16384 {
         anyhow::bail!("--size {size}: give a GEMM size from 1 to 16384");
     }
@@ -237,14 +278,23 @@ fn bench_peak(size: usize, copy_mib: usize, json: bool) -> Result<()> {
         ("down_proj_512x1536x576", 512, 1536, 576),
         ("lm_head_256x576x49152", 256, 576, 49152),
     ];
+    use collm_model::sgemm::{best_kernel, matmul_nt_with, Kernel};
+    let kernel = best_kernel();
     let mut rows = vec![];
     for (name, m, k, n) in shapes {
         let (a, b) = (data(m * k, 1), data(n * k, 2));
-        let s = best_of(3, || {
-            std::hint::black_box(collm_model::ops::matmul_nt(&a, m, k, &b, n));
-            Ok(())
-        })?;
-        rows.push(serde_json::json!({"shape": name, "m": m, "k": k, "n": n, "gflops": 2.0 * (m * k * n) as f64 / s / 1e9}));
+        let rate = |kernel: Kernel| -> Result<f64> {
+            let s = best_of(3, || {
+                std::hint::black_box(matmul_nt_with(kernel, &a, m, k, &b, n));
+                Ok(())
+            })?;
+            Ok(2.0 * (m * k * n) as f64 / s / 1e9)
+        };
+        // Both kernels where the CPU has AVX-512; "gflops" is the one collm runs.
+        let crate_gflops = rate(Kernel::GemmCrate)?;
+        let avx512_gflops = if collm_model::sgemm::has_avx512() { Some(rate(Kernel::Avx512)?) } else { None };
+        let gflops = if kernel == Kernel::Avx512 { avx512_gflops.unwrap_or(crate_gflops) } else { crate_gflops };
+        rows.push(serde_json::json!({"shape": name, "m": m, "k": k, "n": n, "gflops": gflops, "gemm_crate_gflops": crate_gflops, "avx512_gflops": avx512_gflops}));
     }
     let a = candle_core::Tensor::from_vec(data(size * size, 1), (size, size), &candle_core::Device::Cpu)?;
     let b = candle_core::Tensor::from_vec(data(size * size, 2), (size, size), &candle_core::Device::Cpu)?;
@@ -261,7 +311,20 @@ fn bench_peak(size: usize, copy_mib: usize, json: bool) -> Result<()> {
     })?;
     // A copy reads and writes every byte.
     let copy_gb_s = 2.0 * (copy_mib << 20) as f64 / s / 1e9;
-    let best = rows.iter().map(|r| r["gflops"].as_f64().unwrap_or(0.0)).fold(candle_gflops, f64::max);
+    let python = python.unwrap_or_else(|| {
+        let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/pyenv/bin/python");
+        if venv.exists() {
+            venv.display().to_string()
+        } else {
+            "python3".into()
+        }
+    });
+    let blas = numpy_gemm(&python, size, rayon::current_num_threads());
+    let best = rows
+        .iter()
+        .flat_map(|r| [r["gemm_crate_gflops"].as_f64().unwrap_or(0.0), r["avx512_gflops"].as_f64().unwrap_or(0.0)])
+        .chain(blas.as_ref().map(|b| b.0))
+        .fold(candle_gflops, f64::max);
     let avx512 = {
         #[cfg(target_arch = "x86_64")]
         {
@@ -276,19 +339,47 @@ fn bench_peak(size: usize, copy_mib: usize, json: bool) -> Result<()> {
         "cpu": cpu_name(),
         "threads": rayon::current_num_threads(),
         "avx512f": avx512,
+        "kernel": format!("{kernel:?}"),
         "collm_gemm": rows,
         "candle_matmul_square_gflops": candle_gflops,
+        "blas_square_gflops": blas.as_ref().map(|b| b.0),
+        "blas": blas.as_ref().map(|b| b.1.clone()),
         "best_gemm_gflops": best,
         "copy_gb_s": copy_gb_s,
+        "copy_mib": copy_mib,
+        "python": python,
     });
+    Ok(out)
+}
+
+fn bench_peak(size: usize, copy_mib: usize, python: Option<String>, json: bool) -> Result<()> {
+    let out = measure_peak(size, copy_mib, python)?;
     if json {
         println!("{out}");
     } else {
-        println!("{} ({} threads, AVX-512F {})", out["cpu"].as_str().unwrap_or(""), out["threads"], avx512);
+        let (kernel, avx512, rows) = (
+            out["kernel"].as_str().unwrap_or("?"),
+            out["avx512f"].as_bool().unwrap_or(false),
+            out["collm_gemm"].as_array().cloned().unwrap_or_default(),
+        );
+        let f = |k: &str| out[k].as_f64().unwrap_or(f64::NAN);
+        let (candle_gflops, best, copy_gb_s) = (f("candle_matmul_square_gflops"), f("best_gemm_gflops"), f("copy_gb_s"));
+        let (size, copy_mib) = (rows[0]["m"].as_u64().unwrap_or(0), out["copy_mib"].as_u64().unwrap_or(0));
+        println!("{} ({} threads, AVX-512F {avx512}, collm GEMM kernel {kernel})", out["cpu"].as_str().unwrap_or(""), out["threads"]);
         for r in &rows {
-            println!("  collm GEMM {:<28} {:8.1} GFLOPS", r["shape"].as_str().unwrap_or(""), r["gflops"].as_f64().unwrap_or(0.0));
+            let g = r["gflops"].as_f64().unwrap_or(0.0);
+            let both = match (r["gemm_crate_gflops"].as_f64(), r["avx512_gflops"].as_f64()) {
+                (Some(c), Some(a)) => format!(" (gemm crate {c:.1}, collm AVX-512 {a:.1})"),
+                _ => String::new(),
+            };
+            println!("  collm GEMM {:<28} {g:8.1} GFLOPS{both}", r["shape"].as_str().unwrap_or(""));
         }
         println!("  candle matmul {size}³{:>20} {candle_gflops:8.1} GFLOPS", "");
+        match (out["blas_square_gflops"].as_f64(), out["blas"].as_str()) {
+            (Some(g), Some(lib)) => println!("  BLAS {size}³{:>29} {g:8.1} GFLOPS ({lib})", ""),
+            _ => println!("  BLAS: no figure ({} has no numpy; give --python)", out["python"].as_str().unwrap_or("?")),
+        }
+        println!("  best GEMM{:>30} {best:8.1} GFLOPS", "");
         println!("  stream copy ({copy_mib} MiB){:>19} {copy_gb_s:8.1} GB/s (read + write)", "");
     }
     Ok(())
@@ -488,6 +579,10 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, de
     cfg.validate()?;
     let out = std::env::temp_dir().join(format!("collm-bench-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
+    // The machine's GEMM peak, measured in this run, which the update's FLOP rate is a fraction
+    // of (on the CPU; a GPU's peak is bench gpu's business).
+    let peak = if device == "cpu" { Some(measure_peak(2048, 512, None)?) } else { None };
+    let best_gflops = peak.as_ref().and_then(|p| p["best_gemm_gflops"].as_f64()).unwrap_or(f64::NAN);
     let watch = collm_model::devcheck::MemoryWatch::start(&collm_model::DeviceSpec::parse(device)?.open()?)?;
     let t_load = Instant::now();
     let mut t = collm_rl::Trainer::new(cfg, &out)?;
@@ -495,11 +590,14 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, de
     let load_s = t_load.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let (mut gen_s, mut update_s, mut tokens, mut rewards) = (0.0, 0.0, 0usize, vec![]);
+    let (mut gen_gflop, mut update_gflop) = (0.0, 0.0);
     let bar = collm_rl::progress::Progress::new(t.cfg.steps as u64, 0, "step");
     while t.step < t.cfg.steps {
         let line = t.train_step()?;
         gen_s += line["gen_s"].as_f64().unwrap_or(0.0);
         update_s += line["update_s"].as_f64().unwrap_or(0.0);
+        gen_gflop += line["gen_gflop"].as_f64().unwrap_or(0.0);
+        update_gflop += line["update_gflop"].as_f64().unwrap_or(0.0);
         tokens += line["generated_tokens"].as_u64().unwrap_or(0) as usize;
         rewards.push(line["reward_mean"].as_f64().unwrap_or(f64::NAN));
         if !json {
@@ -526,6 +624,12 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, de
         "peak_rss_mb": peak_rss_mb(), "peak_device_mib": watch.peak_mib(),
         "reward_mean": rewards.iter().sum::<f64>() / rewards.len().max(1) as f64,
         "threads": rayon::current_num_threads(),
+        "cpu": cpu_name(),
+        "gen_gflop": gen_gflop, "update_gflop": update_gflop,
+        "update_gflops": update_gflop / update_s.max(1e-9), "gen_gflops": gen_gflop / gen_s.max(1e-9),
+        "update_peak_fraction": update_gflop / update_s.max(1e-9) / best_gflops,
+        "gen_peak_fraction": gen_gflop / gen_s.max(1e-9) / best_gflops,
+        "peak": peak,
     });
     let _ = std::fs::remove_dir_all(&out);
     if json {
@@ -538,6 +642,16 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, de
             peak_rss_mb(),
             out_json["reward_mean"].as_f64().unwrap_or(f64::NAN)
         );
+        if peak.is_some() {
+            println!(
+                "update {update_gflop:.0} GFLOP at {:.1} GFLOPS, {:.0}% of this machine's best GEMM ({best_gflops:.1} GFLOPS, {}); generation {:.1} GFLOPS ({:.0}%)",
+                update_gflop / update_s.max(1e-9),
+                100.0 * update_gflop / update_s.max(1e-9) / best_gflops,
+                cpu_name(),
+                gen_gflop / gen_s.max(1e-9),
+                100.0 * gen_gflop / gen_s.max(1e-9) / best_gflops
+            );
+        }
     }
     Ok(())
 }
@@ -546,32 +660,60 @@ fn bench_model(cmd: BenchCmd) -> Result<()> {
     let BenchCmd::Model { model, prompt_tokens, new_tokens, train_batch, train_tokens, repeats, json, reference_python } = cmd else {
         unreachable!("bench_model takes BenchCmd::Model")
     };
+    let peak = measure_peak(2048, 512, None)?;
+    let (best_gflops, copy_gb_s) = (peak["best_gemm_gflops"].as_f64().unwrap_or(f64::NAN), peak["copy_gb_s"].as_f64().unwrap_or(f64::NAN));
     let t0 = Instant::now();
     let lm = loader::load(&model)?;
     let load_s = t0.elapsed().as_secs_f64();
     let pad = lm.tokenizer.pad_id();
+    let cfg = &lm.model.cfg;
+    // What one decode step must read at least: every weight a projection or the output head
+    // multiplies (f32), and the keys and values cached so far (at the mean context).
+    let weight_bytes: u64 = lm
+        .model
+        .params
+        .iter()
+        .filter(|(n, p)| {
+            p.var.rank() == 2
+                && (n.starts_with("model.layers.")
+                    || n.as_str() == "lm_head.weight"
+                    || (cfg.tie_word_embeddings && n.as_str() == "model.embed_tokens.weight"))
+        })
+        .map(|(_, p)| 4 * p.var.elem_count() as u64)
+        .sum();
+    let kv_bytes_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4) as u64;
     let vocab = lm.model.cfg.vocab_size;
     let params = SamplingParams { max_new_tokens: new_tokens, temperature: 0.7, top_p: 0.9, ..Default::default() };
     let mut decode = vec![];
     for batch in [1usize, 8] {
         let prompts: Vec<Vec<u32>> = (0..batch).map(|i| tokens(prompt_tokens, i as u64, vocab)).collect();
-        let t0 = Instant::now();
+        let (t0, f0) = (Instant::now(), lm.model.flops.total());
         let (mut cache, logits) = collm_model::generate::prefill(&lm.model, &prompts, pad)?;
         let prefill_s = t0.elapsed().as_secs_f64();
+        let prefill_gflops = (lm.model.flops.total() - f0) as f64 / prefill_s / 1e9;
         let mut rngs = collm_model::generate::row_rngs(7, batch);
         // No stop tokens: every row decodes exactly new_tokens tokens.
         let t1 = Instant::now();
         let g = collm_model::generate::decode(&lm.model, &mut cache, logits, &params, &[], &mut rngs, pad)?;
         let decode_s = t1.elapsed().as_secs_f64();
         let n: usize = g.iter().map(|g| g.tokens.len()).sum();
+        // The bandwidth limit: each step reads the weights once and every row's cache.
+        let steps = n.div_ceil(batch) as f64;
+        let mean_ctx = prompt_tokens as f64 + steps / 2.0;
+        let step_bytes = weight_bytes as f64 + batch as f64 * mean_ctx * kv_bytes_per_token as f64;
+        let limit_tokens_per_s = batch as f64 * copy_gb_s * 1e9 / step_bytes;
         decode.push(serde_json::json!({
             "batch": batch, "prefill_s": prefill_s, "decode_s": decode_s, "tokens": n,
             "tokens_per_s": n as f64 / decode_s,
+            "bandwidth_limit_tokens_per_s": limit_tokens_per_s,
+            "bandwidth_fraction": n as f64 / decode_s / limit_tokens_per_s,
+            "prefill_gflops": prefill_gflops,
+            "prefill_peak_fraction": prefill_gflops / best_gflops,
             // Prompt included, as transformers' generate() is timed.
             "generate_tokens_per_s": n as f64 / (prefill_s + decode_s),
         }));
     }
-    let full_s = train_step_s(&lm.model, train_batch, train_tokens, repeats, pad)?;
+    let (full_s, full_flops) = train_step_s(&lm.model, train_batch, train_tokens, repeats, pad)?;
     let mut lora_model = lm.model.deep_clone()?;
     drop(lm.model);
     lora_model.add_lora(
@@ -582,7 +724,8 @@ fn bench_model(cmd: BenchCmd) -> Result<()> {
         },
         0,
     )?;
-    let lora_s = train_step_s(&lora_model, train_batch, train_tokens, repeats, pad)?;
+    let (lora_s, lora_flops) = train_step_s(&lora_model, train_batch, train_tokens, repeats, pad)?;
+    let rate = |flops: u64, s: f64| flops as f64 / s / 1e9;
     let reference = match &reference_python {
         None => None,
         Some(py) => Some(hf_reference(py, &model, prompt_tokens, new_tokens, train_batch, train_tokens, repeats)?),
@@ -600,7 +743,13 @@ fn bench_model(cmd: BenchCmd) -> Result<()> {
         "load_s": load_s,
         "prompt_tokens": prompt_tokens,
         "decode": decode,
-        "train_step": {"batch": train_batch, "tokens": train_tokens, "full_s": full_s, "lora_r8_s": lora_s},
+        "train_step": {
+            "batch": train_batch, "tokens": train_tokens, "full_s": full_s, "lora_r8_s": lora_s, "lora_to_full": lora_s / full_s,
+            "full_gflop": full_flops as f64 / 1e9, "lora_r8_gflop": lora_flops as f64 / 1e9,
+            "full_gflops": rate(full_flops, full_s), "lora_r8_gflops": rate(lora_flops, lora_s),
+            "full_peak_fraction": rate(full_flops, full_s) / best_gflops, "lora_r8_peak_fraction": rate(lora_flops, lora_s) / best_gflops,
+        },
+        "peak": peak,
         "peak_rss_mb": peak_rss_mb(),
         "threads": rayon::current_num_threads(),
         "reference": reference,
@@ -609,16 +758,33 @@ fn bench_model(cmd: BenchCmd) -> Result<()> {
     if json {
         println!("{out}");
     } else {
-        println!("model {model} (loaded in {load_s:.2} s), prompt {prompt_tokens} tokens, {} threads", rayon::current_num_threads());
+        println!(
+            "model {model} (loaded in {load_s:.2} s), prompt {prompt_tokens} tokens, {} threads, {}",
+            rayon::current_num_threads(),
+            cpu_name()
+        );
+        println!("this machine: best GEMM {best_gflops:.1} GFLOPS, copy {copy_gb_s:.1} GB/s (collm bench peak)");
         for d in &decode {
+            let f = |k: &str| d[k].as_f64().unwrap_or(f64::NAN);
             println!(
-                "decode batch {:>2}: {:>7.1} tokens/s  (prefill {:.2} s)",
+                "decode batch {:>2}: {:>7.1} tokens/s, {:.0}% of the bandwidth limit ({:.1}); prefill {:.2} s at {:.1} GFLOPS ({:.0}% of the GEMM peak)",
                 d["batch"],
-                d["tokens_per_s"].as_f64().unwrap(),
-                d["prefill_s"].as_f64().unwrap()
+                f("tokens_per_s"),
+                100.0 * f("bandwidth_fraction"),
+                f("bandwidth_limit_tokens_per_s"),
+                f("prefill_s"),
+                f("prefill_gflops"),
+                100.0 * f("prefill_peak_fraction")
             );
         }
-        println!("train step {train_batch}x{train_tokens} tokens: full {full_s:.2} s, LoRA r=8 {lora_s:.2} s");
+        println!(
+            "train step {train_batch}x{train_tokens} tokens: full {full_s:.2} s ({:.1} GFLOPS, {:.0}% of the GEMM peak), LoRA r=8 {lora_s:.2} s ({:.2}x full; {:.1} GFLOPS, {:.0}%)",
+            rate(full_flops, full_s),
+            100.0 * rate(full_flops, full_s) / best_gflops,
+            lora_s / full_s,
+            rate(lora_flops, lora_s),
+            100.0 * rate(lora_flops, lora_s) / best_gflops
+        );
         println!("peak RSS {:.0} MB", peak_rss_mb());
         if let (Some(r), Some(q)) = (&reference, &ratios) {
             println!("reference: {}", r["reference"].as_str().unwrap_or("?"));

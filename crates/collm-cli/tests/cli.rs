@@ -282,10 +282,21 @@ fn bench_peak_reports_gemm_rates_and_bandwidth() {
     assert_eq!(rows.len(), 4, "{text}");
     assert_eq!(rows[0]["m"], 128);
     for r in rows {
-        assert!(r["gflops"].as_f64().unwrap() > 0.0, "{text}");
+        assert!(r["gflops"].as_f64().unwrap() > 0.0 && r["gemm_crate_gflops"].as_f64().unwrap() > 0.0, "{text}");
     }
+    // Both kernels are timed where the CPU has AVX-512, and collm's own only runs there.
+    let avx512 = v["avx512f"].as_bool().unwrap();
+    assert!(rows.iter().all(|r| r["avx512_gflops"].as_f64().is_some() == avx512), "{text}");
+    assert!(v["kernel"] == "GemmCrate" || (v["kernel"] == "Avx512" && avx512), "{text}");
     let best = v["best_gemm_gflops"].as_f64().unwrap();
     assert!(rows.iter().all(|r| r["gflops"].as_f64().unwrap() <= best), "{text}");
+    // scripts/test.sh makes target/pyenv, whose numpy gives the BLAS figure.
+    let blas = v["blas_square_gflops"].as_f64();
+    assert!(blas.is_some_and(|b| b > 0.0 && b <= best) && v["blas"].as_str().unwrap().starts_with("numpy"), "{text}");
+    let out =
+        collm().args(["bench", "peak", "--size", "64", "--copy-mib", "1", "--python", "/nonexistent/python", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success() && v["blas_square_gflops"].is_null(), "{v}");
     assert!(v["copy_gb_s"].as_f64().unwrap() > 0.0 && v["threads"].as_u64().unwrap() >= 1, "{text}");
     let out = collm().args(["bench", "peak", "--size", "100000"]).output().unwrap();
     assert!(!out.status.success());

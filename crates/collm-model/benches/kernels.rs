@@ -9,7 +9,8 @@
 //! - `linear/…`: a trainable projection (512 rows, 576 → 1536), forward and backward, fused
 //!   against candle's matmul (the generic path);
 //! - `shared_prefix/…`: MAGRPO's shape (K = 4 samples of one 160-token history, 48-token
-//!   responses) scored and backpropagated with the history run once, and run per sample.
+//!   responses) scored and backpropagated with the history run once, and run per sample;
+//! - `gemm/…`: collm's AVX-512 GEMM against the gemm crate on a projection's and lm_head's shape.
 //!
 //! `cargo bench -p collm-model --bench kernels` (criterion keeps the last run in target/criterion
 //! and reports the change against it).
@@ -134,6 +135,19 @@ fn kernels(c: &mut Criterion) {
                 }
             })
         });
+    }
+    g.finish();
+
+    // The GEMM kernels side by side on SmolLM2's projection and lm_head shapes (on a CPU without
+    // AVX-512 both rows run the gemm crate).
+    let mut g = c.benchmark_group("gemm");
+    g.sample_size(20).measurement_time(Duration::from_secs(8));
+    for (m, k, n) in [(512usize, 576usize, 1536usize), (256, 576, 49152)] {
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 97) as f32 / 97.0 - 0.5).collect();
+        let b: Vec<f32> = (0..n * k).map(|i| (i % 89) as f32 / 89.0 - 0.5).collect();
+        for (name, kernel) in [("avx512", sgemm::Kernel::Avx512), ("gemm_crate", sgemm::Kernel::GemmCrate)] {
+            g.bench_function(format!("{name}_{m}x{k}x{n}"), |bench| bench.iter(|| sgemm::matmul_nt_with(kernel, &a, m, k, &b, n)));
+        }
     }
     g.finish();
 

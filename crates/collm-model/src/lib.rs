@@ -8,6 +8,7 @@ pub mod devcheck;
 pub mod device;
 pub mod export;
 pub mod fetch;
+pub mod flops;
 pub mod generate;
 pub mod gguf;
 pub mod loader;
@@ -15,6 +16,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod score;
+pub mod sgemm;
 pub mod tokenizer;
 pub mod value_head;
 

@@ -48,6 +48,8 @@ pub struct Transformer {
     pub params: BTreeMap<String, Param>,
     pub lora: Option<LoraConfig>,
     pub device: Device,
+    /// The arithmetic this model's passes have done ([`crate::flops`]).
+    pub flops: crate::flops::FlopCounter,
 }
 
 /// Keys and values of the tokens seen so far, per layer, for a batch of sequences.
@@ -177,7 +179,7 @@ impl Transformer {
             let t = t.to_dtype(DType::F32)?;
             params.insert(name, Param { var: Var::from_tensor(&t)?, trainable: true });
         }
-        Ok(Self { cfg, params, lora: None, device })
+        Ok(Self { cfg, params, lora: None, device, flops: Default::default() })
     }
 
     /// A randomly initialised model: N(0, 0.02) matrices, unit norms, zero biases. A config whose
@@ -371,6 +373,7 @@ impl Transformer {
             }
             cache.valid[r].extend_from_slice(&valid[r]);
         }
+        self.flops.add(self.pass_flops(valid, &positions, grad));
         let mask = AttnMask::causal(&cache.valid, past, t);
         let rope = RopeTable::new(&positions, cfg.head_dim, cfg.rope_theta);
         let ids = Tensor::from_vec(flat, b * t, &self.device)?;
@@ -416,11 +419,29 @@ impl Transformer {
         Ok(ops::rms_norm(&x, &self.w("model.norm.weight", grad)?, cfg.rms_norm_eps)?)
     }
 
+    /// The FLOPs ([`crate::flops`]) of one pass of the layers over the real tokens of `valid`
+    /// at `positions` (flattened row by row), the output head excluded.
+    fn pass_flops(&self, valid: &[Vec<bool>], positions: &[u32], grad: bool) -> u64 {
+        let real: Vec<u32> = valid.iter().flatten().zip(positions).filter(|(v, _)| **v).map(|(_, &p)| p).collect();
+        let tokens = real.len() as u64;
+        let mut n = 0;
+        for (name, p) in &self.params {
+            if p.var.rank() == 2 && name.starts_with("model.layers.") {
+                n += crate::flops::linear(p.var.elem_count() as u64, tokens, grad, p.trainable);
+            }
+        }
+        let keys_seen: u64 = real.iter().map(|&p| p as u64 + 1).sum();
+        let cfg = &self.cfg;
+        n + cfg.num_layers as u64 * crate::flops::attention(keys_seen, cfg.num_heads as u64, cfg.head_dim as u64, grad)
+    }
+
     /// Output logits for hidden rows [n, hidden] → [n, vocab], in f32 whatever the model's dtype
     /// (log-softmax, sampling and the losses work in f32).
     pub fn logits(&self, hidden: &Tensor, grad: bool) -> Result<Tensor> {
         let name = if self.cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
         let p = &self.params[name];
+        let rows = (hidden.elem_count() / self.cfg.hidden_size.max(1)) as u64;
+        self.flops.add(crate::flops::linear(p.var.elem_count() as u64, rows, grad, p.trainable));
         let l = if grad && p.trainable {
             ops::linear_nt(hidden, p.var.as_tensor())?
         } else if grad {
@@ -446,7 +467,7 @@ impl Transformer {
         for (n, p) in &self.params {
             params.insert(n.clone(), Param { var: Var::from_tensor(&p.var.as_detached_tensor().copy()?)?, trainable: p.trainable });
         }
-        Ok(Self { cfg: self.cfg.clone(), params, lora: self.lora.clone(), device: self.device.clone() })
+        Ok(Self { cfg: self.cfg.clone(), params, lora: self.lora.clone(), device: self.device.clone(), flops: Default::default() })
     }
 }
 

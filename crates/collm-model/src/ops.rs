@@ -461,8 +461,7 @@ impl CustomOp1 for FrozenLinear {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (out_f, _) = self.w.dims2()?;
-        let g2 = grad.reshape(((), out_f))?;
-        let dx = g2.matmul(&self.w)?;
+        let dx = matmul_nn(&grad.reshape(((), out_f))?, &self.w)?;
         Ok(Some(dx.reshape(arg.shape())?))
     }
 }
@@ -480,32 +479,22 @@ fn gemm_f32(m: usize, n: usize, k: usize, a: &[f32], (a_cs, a_rs): (usize, usize
     }
     let last = |rows: usize, cols: usize, cs: usize, rs: usize| (rows - 1) * rs + (cols - 1) * cs;
     assert!(last(m, k, a_cs, a_rs) < a.len() && last(k, n, b_cs, b_rs) < b.len(), "gemm_f32: the strides reach past the data");
-    // gemm writes every element without reading C (read_dst is false): no zero fill needed.
+    // Without accumulation the GEMM writes every element of C and reads none: no zero fill.
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    let threads = rayon::current_num_threads();
     // SAFETY: the asserts above keep every read inside A and B; C's m*n values are all written
     // before set_len exposes them.
     unsafe {
-        gemm::gemm(
+        crate::sgemm::gemm(
             m,
             n,
             k,
             c.as_mut_ptr(),
-            1,
-            n as isize,
+            n,
             false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None },
+            crate::sgemm::View { ptr: a.as_ptr(), rs: a_rs, cs: a_cs },
+            crate::sgemm::View { ptr: b.as_ptr(), rs: b_rs, cs: b_cs },
+            1.0,
+            true,
         );
         c.set_len(m * n);
     }
@@ -544,10 +533,24 @@ impl CustomOp2 for Linear {
         let (out_f, in_f) = w.dims2()?;
         let g2 = grad.reshape(((), out_f))?.contiguous()?;
         let rows = g2.dim(0)?;
-        let dx = g2.matmul(w)?.reshape(x.shape())?;
+        let dx = matmul_nn(&g2, w)?.reshape(x.shape())?;
         let dw = with_f32(&g2, |g| with_f32(x, |xs| matmul_tn(g, rows, out_f, xs, in_f)))???;
         Ok((Some(dx), Some(Tensor::from_vec(dw, (out_f, in_f), w.device())?)))
     }
+}
+
+/// A[m, k] · B[k, n] for two matrices: through collm's GEMM for f32 on the CPU, else candle's
+/// matmul (no graph is recorded either way: this serves backward passes).
+fn matmul_nn(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let ((m, k), (k2, n)) = (a.dims2()?, b.dims2()?);
+    if k != k2 {
+        bail!("matmul_nn: {m}x{k} · {k2}x{n} do not match");
+    }
+    if a.device().is_cpu() && b.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32 {
+        let c = with_f32(a, |xa| with_f32(b, |xb| gemm_f32(m, n, k, xa, (1, k), xb, (1, n))))??;
+        return Tensor::from_vec(c, (m, n), a.device());
+    }
+    a.matmul(b)
 }
 
 /// C[m, n] = A[k, m]^T · B[k, n] on row-major slices (a weight's gradient from the output
@@ -573,6 +576,10 @@ pub fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     // is what decoding is bound by; a general GEMM would pack the whole weight matrix per call.
     if rows <= SMALL_ROWS && fused(x) && w.dtype() == DType::F32 && !x.track_op() && !w.track_op() {
         let y = with_f32(&x2, |xs| with_f32(w, |ws| matmul_nt_small(xs, rows, in_f, ws, out_f)))???;
+        return Tensor::from_vec(y, dims, x.device());
+    }
+    if fused(x) && w.dtype() == DType::F32 && w.device().is_cpu() {
+        let y = with_f32(&x2, |xs| with_f32(w, |ws| matmul_nt(xs, rows, in_f, ws, out_f)))??;
         return Tensor::from_vec(y, dims, x.device());
     }
     let y = x2.matmul(&w.t()?)?;
@@ -758,30 +765,18 @@ unsafe fn sgemm(
     b_cs: usize,
     alpha: f32,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    gemm::gemm(
+    crate::sgemm::gemm(
         m,
         n,
         k,
         c,
-        1,
-        c_rs as isize,
+        c_rs,
         accumulate,
-        a,
-        a_cs as isize,
-        a_rs as isize,
-        b,
-        b_cs as isize,
-        b_rs as isize,
-        1.0f32,
+        crate::sgemm::View { ptr: a, rs: a_rs, cs: a_cs },
+        crate::sgemm::View { ptr: b, rs: b_rs, cs: b_cs },
         alpha,
         false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
+    )
 }
 
 struct FusedAttention {

@@ -523,20 +523,29 @@ impl Trainer {
             .collect()
     }
 
+    /// The FLOPs the team's models (agents, critics and reference policies) have done so far.
+    fn model_flops(&self) -> u64 {
+        let team = self.team.agents.iter().map(|a| &a.model).chain(self.team.critics.iter().map(|c| &c.model));
+        team.chain(self.references.iter()).map(|m| m.flops.total()).sum()
+    }
+
     /// One training step; returns its metrics line.
     pub fn train_step(&mut self) -> Result<Value> {
         let t0 = Instant::now();
         let step = self.step;
+        let f0 = self.model_flops();
         let r = self.rollout_for_step(step)?;
+        let gen_flops = self.model_flops() - f0;
         self.log_sample(step + 1, &r)?;
         let kl = if !self.cfg.log_kl {
             None
         } else {
             Some(kl_to_reference(&self.team, &self.references, &r, self.cfg.sampling.temperature, self.cfg.micro_batch)?)
         };
-        let t1 = Instant::now();
+        let (t1, f1) = (Instant::now(), self.model_flops());
         let stats = self.update(&r).with_context(|| format!("update at step {}", step + 1))?;
         let update_s = t1.elapsed().as_secs_f64();
+        let update_flops = self.model_flops() - f1;
         self.step += 1;
         let step_s = t0.elapsed().as_secs_f64();
         Ok(json!({
@@ -561,6 +570,9 @@ impl Trainer {
             "gen_s": r.gen_s,
             "update_s": update_s,
             "step_s": step_s,
+            // The model arithmetic of each phase (collm_model::flops: real tokens, no padding).
+            "gen_gflop": gen_flops as f64 / 1e9,
+            "update_gflop": update_flops as f64 / 1e9,
         }))
     }
 

@@ -530,16 +530,31 @@ fn init_starts_from_a_trained_team_and_the_critic_warm_up_freezes_the_actors() {
 
     // Warm-up: two updates move the critic and leave the actors; the third moves the actors.
     let critic0 = weights(&w.team.critics[0].model);
+    // The metrics line's model arithmetic (GFLOP) against the models' own counters: the critic
+    // runs only in the update; during the warm-up the actors run only in generation.
+    let counts = |w: &Trainer| {
+        (w.team.critics[0].model.flops.total() as f64 / 1e9, w.team.agents.iter().map(|a| a.model.flops.total() as f64 / 1e9).sum::<f64>())
+    };
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1e-9);
     for _ in 0..2 {
+        let (c0, a0) = counts(&w);
         let line = w.train_step().unwrap();
         assert!(line["value_loss"].as_f64().is_some());
+        let (c1, a1) = counts(&w);
+        let (gen, update) = (line["gen_gflop"].as_f64().unwrap(), line["update_gflop"].as_f64().unwrap());
+        assert!(gen > 0.0 && close(update, c1 - c0) && close(gen, a1 - a0), "{line}: critic {}, agents {}", c1 - c0, a1 - a0);
     }
     for (p, tw) in w.team.agents.iter().zip(&trained) {
         assert_eq!(&weights(&p.model), tw, "an actor moved during the critic warm-up");
     }
     assert_ne!(weights(&w.team.critics[0].model), critic0, "the critic did not learn during its warm-up");
-    w.train_step().unwrap();
+    let (c0, a0) = counts(&w);
+    let line = w.train_step().unwrap();
     assert_ne!(weights(&w.team.agents[0].model), trained[0], "the actors did not learn after the warm-up");
+    // The actors' training passes join the critic's in the update.
+    let (c1, a1) = counts(&w);
+    let (gen, update) = (line["gen_gflop"].as_f64().unwrap(), line["update_gflop"].as_f64().unwrap());
+    assert!(close(update + gen, c1 - c0 + a1 - a0) && update > c1 - c0 && a1 - a0 > gen, "{line}");
 
     // A checkpoint of another model shape is refused, naming the file.
     let bad = Trainer::new(cfg(&["algo=\"cc\"", &init, "agents.tiny.hidden=48"]), &tmp("init-bad")).err().unwrap();
