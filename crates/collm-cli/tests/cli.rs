@@ -297,7 +297,10 @@ fn bench_peak_reports_gemm_rates_and_bandwidth() {
         collm().args(["bench", "peak", "--size", "64", "--copy-mib", "1", "--python", "/nonexistent/python", "--json"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(out.status.success() && v["blas_square_gflops"].is_null(), "{v}");
-    assert!(v["copy_gb_s"].as_f64().unwrap() > 0.0 && v["threads"].as_u64().unwrap() >= 1, "{text}");
+    assert!(
+        v["copy_gb_s"].as_f64().unwrap() > 0.0 && v["read_gb_s"].as_f64().unwrap() > 0.0 && v["threads"].as_u64().unwrap() >= 1,
+        "{text}"
+    );
     let out = collm().args(["bench", "peak", "--size", "100000"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--size 100000"));

@@ -311,6 +311,20 @@ impl Transformer {
     fn linear(&self, x: &Tensor, prefix: &str, grad: bool) -> Result<Tensor> {
         let wname = format!("{prefix}.weight");
         let p = self.params.get(&wname).with_context(|| format!("model has no tensor '{wname}'"))?;
+        let bname = format!("{prefix}.bias");
+        // A frozen base with a LoRA adapter: one op for both (ops::lora_linear).
+        if let (Some(lora), false) = (&self.lora, p.trainable) {
+            let aname = format!("{prefix}.lora_A.weight");
+            if self.params.contains_key(&aname) {
+                let a = self.w(&aname, grad)?;
+                let b = self.w(&format!("{prefix}.lora_B.weight"), grad)?;
+                let y = ops::lora_linear(x, &p.var.as_detached_tensor(), &a, &b, lora.scale())?;
+                return match self.params.contains_key(&bname) {
+                    true => Ok(y.broadcast_add(&self.w(&bname, grad)?)?),
+                    false => Ok(y),
+                };
+            }
+        }
         let mut y = if grad && p.trainable {
             ops::linear_nt(x, p.var.as_tensor())?
         } else if grad {
@@ -318,7 +332,6 @@ impl Transformer {
         } else {
             ops::linear_nt(x, &p.var.as_detached_tensor())?
         };
-        let bname = format!("{prefix}.bias");
         if self.params.contains_key(&bname) {
             y = y.broadcast_add(&self.w(&bname, grad)?)?;
         }
@@ -474,9 +487,24 @@ impl Transformer {
 /// candle asks for its thread count on every matmul and, unless `RAYON_NUM_THREADS` is set,
 /// re-reads /proc/cpuinfo each time (a tenth of decode time, measured with perf). Setting the
 /// variable once, before the model runs, makes that a cheap lookup.
+///
+/// It also keeps glibc's malloc from handing each freed tensor back to the kernel. By default
+/// a buffer above 128 KiB (raised as large ones are freed) is its own mmap, unmapped on free,
+/// and the heap is trimmed as soon as 128 KiB lie free at its top, so the next pass's tensors
+/// come back as fresh pages the kernel must fault in and zero one by one. Measured on SmolLM2-135M,
+/// a 4×256-token LoRA backward on 2 cores (AMD EPYC, 2026-12-06): 4.0–4.4 s with 3.8 M page
+/// faults by default, 2.8–2.9 s and 1.4 M faults with buffers up to 32 MiB (glibc's largest
+/// mmap threshold) kept in the heap and no trimming. The peak resident memory does not grow:
+/// what stays mapped is what the peak needed anyway.
 pub fn pin_thread_count() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt only sets allocator parameters; it is called once, before the model runs.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        }
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());

@@ -7,7 +7,7 @@
 //! ops and runs on any device and dtype; it is the reference the fused kernels are tested
 //! against ([`with_generic_ops`] forces it on the CPU).
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 use std::cell::Cell;
 use std::sync::Arc;
@@ -537,6 +537,152 @@ impl CustomOp2 for Linear {
         let dw = with_f32(&g2, |g| with_f32(x, |xs| matmul_tn(g, rows, out_f, xs, in_f)))???;
         Ok((Some(dx), Some(Tensor::from_vec(dw, (out_f, in_f), w.device())?)))
     }
+}
+
+// A LoRA-adapted projection with a frozen base: y = x Wᵀ + s·(x Aᵀ) Bᵀ in one op. Composed of
+// candle ops it costs a scaled copy and an add of the output forward, the same two backward, a
+// second gradient for x that candle then adds to the first, and a GradStore entry for each; here
+// the adapter's product is accumulated into the base's output by the GEMM itself (α = s), and
+// the backward gives dx, dA and dB with five GEMMs and no elementwise pass.
+struct LoraLinear {
+    /// The frozen base weight [out, in].
+    w: Tensor,
+    scale: f32,
+}
+
+impl LoraLinear {
+    fn dims(&self, a: &Layout, b: &Layout) -> Result<(usize, usize, usize)> {
+        let ((out_f, in_f), (r, in_a), (out_b, r_b)) = (self.w.dims2()?, a.shape().dims2()?, b.shape().dims2()?);
+        if in_a != in_f || out_b != out_f || r_b != r {
+            bail!("lora_linear: W {out_f}x{in_f}, A {r}x{in_a} and B {out_b}x{r_b} do not fit together");
+        }
+        Ok((out_f, in_f, r))
+    }
+}
+
+/// C[m, n] (= or +=) α·A·B on row-major slices, the operands read through (column, row) strides.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    c: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    (a_cs, a_rs): (usize, usize),
+    b: &[f32],
+    (b_cs, b_rs): (usize, usize),
+    alpha: f32,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, cs: usize, rs: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs };
+    assert!(
+        c.len() >= m * n && (k == 0 || (last(m, k, a_cs, a_rs) < a.len() && last(k, n, b_cs, b_rs) < b.len())),
+        "gemm_into: the strides reach past the data"
+    );
+    // SAFETY: the assert keeps every read inside A and B and every write inside C.
+    unsafe {
+        crate::sgemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            n,
+            accumulate,
+            crate::sgemm::View { ptr: a.as_ptr(), rs: a_rs, cs: a_cs },
+            crate::sgemm::View { ptr: b.as_ptr(), rs: b_rs, cs: b_cs },
+            alpha,
+            true,
+        )
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "collm-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        as_: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (out_f, in_f, r) = self.dims(al, bl)?;
+        let (x, a, b) = (slice(xs, xl)?, slice(as_, al)?, slice(bs, bl)?);
+        let rows = x.len() / in_f;
+        let mut y = with_f32(&self.w, |w| matmul_nt(x, rows, in_f, w, out_f))?;
+        let xa = matmul_nt(x, rows, in_f, a, r);
+        // y += s · (x Aᵀ) Bᵀ: B [out, r] read as Bᵀ [r, out].
+        gemm_into(&mut y, rows, out_f, r, &xa, (1, r), b, (r, 1), self.scale, true);
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().unwrap() = out_f;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out_f, in_f, r) = self.dims(a.layout(), b.layout())?;
+        let dy = grad.reshape(((), out_f))?.contiguous()?;
+        let rows = dy.dim(0)?;
+        let s = self.scale;
+        let want_dx = x.track_op();
+        let (dx, da, db) = with_f32(x, |x| {
+            with_f32(a, |a| {
+                with_f32(b, |b| {
+                    with_f32(&dy, |dy| {
+                        let xa = matmul_nt(x, rows, in_f, a, r);
+                        // dB = s · dyᵀ (x Aᵀ) [out, r]; d(x Aᵀ) = s · dy B [rows, r].
+                        let mut db = vec![0f32; out_f * r];
+                        gemm_into(&mut db, out_f, r, rows, dy, (out_f, 1), &xa, (1, r), s, false);
+                        let mut dxa = vec![0f32; rows * r];
+                        gemm_into(&mut dxa, rows, r, out_f, dy, (1, out_f), b, (1, r), s, false);
+                        // dA = d(x Aᵀ)ᵀ x [r, in].
+                        let da = matmul_tn(&dxa, rows, r, x, in_f)?;
+                        // dx = dy W + d(x Aᵀ) A, the second accumulated into the first.
+                        let dx = if want_dx {
+                            let mut dx = with_f32(&self.w, |w| gemm_f32(rows, in_f, out_f, dy, (1, out_f), w, (1, in_f)))?;
+                            gemm_into(&mut dx, rows, in_f, r, &dxa, (1, r), a, (1, in_f), 1.0, true);
+                            Some(dx)
+                        } else {
+                            None
+                        };
+                        Ok::<_, candle_core::Error>((dx, da, db))
+                    })
+                })
+            })
+        })?????;
+        let dev = x.device();
+        let dx = dx.map(|dx| Tensor::from_vec(dx, x.shape(), dev)).transpose()?;
+        Ok((dx, Some(Tensor::from_vec(da, (r, in_f), dev)?), Some(Tensor::from_vec(db, (out_f, r), dev)?)))
+    }
+}
+
+/// y = x Wᵀ + scale · (x Aᵀ) Bᵀ: a projection whose base weight W is frozen (no gradient, no
+/// backward work for it) with a LoRA adapter A [rank, in], B [out, rank] that trains.
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let graph = x.track_op() || a.track_op() || b.track_op();
+    // Sampling a few rows streams the weights through linear_nt's small path instead.
+    let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
+    if fused(x) && cpu_f32(w) && cpu_f32(a) && cpu_f32(b) && (graph || rows > SMALL_ROWS) {
+        let op = LoraLinear { w: w.detach().contiguous()?, scale: scale as f32 };
+        let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);
+        return if graph { x.apply_op3(&a, &b, op) } else { x.apply_op3_no_bwd(&a, &b, &op) };
+    }
+    let y = frozen_linear(x, w)?;
+    y + (linear_nt(&linear_nt(x, a)?, b)? * scale)?
 }
 
 /// A[m, k] · B[k, n] for two matrices: through collm's GEMM for f32 on the CPU, else candle's

@@ -77,6 +77,15 @@ fn each_op_matches_its_generic_path_with_gradients() {
     let (x, w) = (var(&[3, 4, 16], 8), var(&[10, 16], 9));
     check("linear_nt", &[&x, &w], || ops::linear_nt(x.as_tensor(), w.as_tensor()).unwrap());
 
+    // A LoRA-adapted frozen projection: x, A and B get gradients, W none.
+    let (x, frozen, a, b) = (var(&[3, 7, 16], 16), random(&[10, 16], 17), var(&[3, 16], 18), var(&[10, 3], 19));
+    check("lora_linear", &[&x, &a, &b], || ops::lora_linear(x.as_tensor(), &frozen, a.as_tensor(), b.as_tensor(), 1.5).unwrap());
+    // Without a graph over more rows than the streaming path takes (sampling's prefill).
+    let (xs, a_, b_) = (random(&[40, 16], 20), random(&[3, 16], 21), random(&[10, 3], 22));
+    let fused = ops::lora_linear(&xs, &frozen, &a_, &b_, 1.5).unwrap();
+    let generic = with_generic_ops(|| ops::lora_linear(&xs, &frozen, &a_, &b_, 1.5).unwrap());
+    assert!(max_diff(&fused, &generic) <= 1e-4 * max_abs(&generic).max(1.0), "lora_linear without a graph");
+
     // The fused, block-wise attention (query blocks of 64 rows; several blocks per head).
     let (q, k, v) = (var(&[2, 2, 3 * 32, 8], 10), var(&[2, 2, 40, 8], 11), var(&[2, 2, 40, 8], 12));
     let long = {
