@@ -604,7 +604,8 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, de
     let _ = std::fs::remove_dir_all(&out);
     // The machine's GEMM peak, measured in this run, which the update's FLOP rate is a fraction
     // of (on the CPU; a GPU's peak is bench gpu's business).
-    let peak = if device == "cpu" { Some(measure_peak(2048, 512, None)?) } else { None };
+    // Small copy buffers, freed before the model loads, keep it out of the peak RSS.
+    let peak = if device == "cpu" { Some(measure_peak(2048, 128, None)?) } else { None };
     let best_gflops = peak.as_ref().and_then(|p| p["best_gemm_gflops"].as_f64()).unwrap_or(f64::NAN);
     let watch = collm_model::devcheck::MemoryWatch::start(&collm_model::DeviceSpec::parse(device)?.open()?)?;
     let t_load = Instant::now();

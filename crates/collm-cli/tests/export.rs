@@ -36,6 +36,26 @@ fn greedy(m: &Transformer, ids: &[u32], n: usize) -> Vec<u32> {
     collm_model::generate(m, &[ids.to_vec()], &p, &[], 0, 0).unwrap().remove(0).tokens
 }
 
+/// llama.cpp's greedy tokens against collm's on the same quantized file. llama.cpp quantizes the
+/// activations too (its Q8_0 matmuls run on 8-bit inputs), so the two may part at a near-tie:
+/// they must agree until they part, and where they do collm must rate llama.cpp's token within
+/// `margin` of its own choice (a tie that rounding can flip). Returns the tokens compared.
+fn agree_up_to_a_near_tie(m: &Transformer, ids: &[u32], ours: &[u32], theirs: &[u32], margin: f32, what: &str) -> usize {
+    assert_eq!(ours.len(), theirs.len(), "{what}: {ours:?} vs {theirs:?}");
+    let Some(i) = ours.iter().zip(theirs).position(|(a, b)| a != b) else { return ours.len() };
+    let seq: Vec<u32> = ids.iter().chain(&ours[..i]).copied().collect();
+    let vocab = m.cfg.vocab_size;
+    let all = logits(m, &seq);
+    let last = &all[all.len() - vocab..];
+    let gap = last[ours[i] as usize] - last[theirs[i] as usize];
+    eprintln!("{what}: the same {i} tokens, then {} (collm) vs {} (llama.cpp), {gap} apart in collm's logits", ours[i], theirs[i]);
+    assert!(
+        (0.0..=margin).contains(&gap),
+        "{what}: they part at token {i} ({ours:?} vs {theirs:?}) where collm's logits are {gap} apart, not a near-tie"
+    );
+    i
+}
+
 fn write_f32(path: &Path, v: &[f32]) {
     std::fs::write(path, v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
 }
@@ -141,5 +161,8 @@ fn exports_load_in_transformers_peft_llama_cpp_and_collm() {
     let toks = |k: &str| -> Vec<u32> { r["gguf"][k].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect() };
     assert_eq!(toks("f32"), greedy32, "llama.cpp on the F32 export against collm on the original: {r}");
     assert_eq!(toks("f16"), greedy16, "llama.cpp and collm on the F16 export: {r}");
-    assert_eq!(toks("q8_0"), greedy8, "llama.cpp and collm on the Q8_0 export: {r}");
+    // Measured: llama.cpp built with AVX-512 (VNNI) parts from collm at token 11 of 12, where
+    // collm's two candidates are 0.25 apart; the build CI ran before (AVX2) matched all 12.
+    let same = agree_up_to_a_near_tie(&m8.model, &ids, &greedy8, &toks("q8_0"), 0.5, "llama.cpp and collm on the Q8_0 export");
+    assert!(same >= new_tokens / 2, "llama.cpp and collm on the Q8_0 export part early: {r}");
 }

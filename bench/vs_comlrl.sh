@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# collm against CoMLRL 1.3.6 on the same workload, mode by mode, one after the other in one
+# command (2 cores: never two at once), so both sides see the same machine:
+#   bash bench/vs_comlrl.sh [OUT_DIR]        # MODES="cc:1 dc:1 magrpo:1 cc:2" by default
+# Needs the reference harness beside the repo (../shared/bench/reference, set up with its
+# setup.sh) and a release build of collm. Writes OUT_DIR/{collm,comlrl}.jsonl and prints a table
+# with the per-prompt times, update times, peak RSS and the ratios, and this machine's GEMM peak.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REF=${REF:-../shared/bench/reference}
+OUT=${1:-target/vs-comlrl/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+PY=${REF_PYTHON:-/tmp/refbench/venv/bin/python}
+[ -x "$PY" ] || { echo "bench/vs_comlrl.sh: $PY not found: run bash $REF/setup.sh first (or set REF_PYTHON)" >&2; exit 1; }
+COLLM=target/release/collm
+[ -x "$COLLM" ] || cargo build --release -p collm-cli
+"$COLLM" bench peak --json > "$OUT/peak.json"
+for spec in ${MODES:-cc:1 dc:1 magrpo:1 cc:2}; do
+  algo=${spec%%:*}; turns=${spec##*:}
+  case $algo in cc) ref=maac ;; dc) ref=iac ;; *) ref=$algo ;; esac
+  echo "[vs_comlrl] collm $algo, $turns turn(s)" >&2
+  "$COLLM" bench train --workload ../shared/bench/tldr_like.json --algo "$algo" --turns "$turns" --json | tail -1 >> "$OUT/collm.jsonl"
+  echo "[vs_comlrl] CoMLRL $ref, $turns turn(s)" >&2
+  "$PY" "$REF/comlrl_bench.py" --algo "$ref" --turns "$turns" --out "$OUT/comlrl.jsonl" > /dev/null 2> "$OUT/comlrl-$ref-t$turns.stderr"
+done
+python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+peak = json.load(open(f"{out}/peak.json"))
+collm = [json.loads(l) for l in open(f"{out}/collm.jsonl")]
+ref = [d for d in map(json.loads, open(f"{out}/comlrl.jsonl")) if d.get("event") == "summary"]
+print(f"CPU: {peak['cpu']}, {peak['threads']} threads; best GEMM {peak['best_gemm_gflops']:.1f} GFLOPS")
+print("| mode | collm s/prompt | CoMLRL s/prompt | speed-up | collm update s | CoMLRL update s | update at % of GEMM peak | collm peak RSS MB | CoMLRL peak RSS MB | RSS ratio |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for c, r in zip(collm, ref):
+    mode = f"{c['algo']} {c['turns']} turn(s)"
+    print(f"| {mode} | {c['s_per_prompt']:.2f} | {r['s_per_prompt']:.2f} | {r['s_per_prompt'] / c['s_per_prompt']:.2}x | "
+          f"{c['update_s']:.1f} | {r['update_s']:.1f} | {100 * c['update_gflops'] / peak['best_gemm_gflops']:.0f}% | "
+          f"{c['peak_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {c['peak_rss_mb'] / r['peak_rss_mb']:.2f} |")
+PY
