@@ -345,16 +345,7 @@ pub fn measure_peak(size: usize, copy_mib: usize, python: Option<String>) -> Res
         .flat_map(|r| [r["gemm_crate_gflops"].as_f64().unwrap_or(0.0), r["avx512_gflops"].as_f64().unwrap_or(0.0)])
         .chain(blas.as_ref().map(|b| b.0))
         .fold(candle_gflops, f64::max);
-    let avx512 = {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    };
+    let avx512 = collm_model::sgemm::has_avx512();
     let out = serde_json::json!({
         "cpu": cpu_name(),
         "threads": rayon::current_num_threads(),

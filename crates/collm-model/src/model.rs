@@ -311,38 +311,28 @@ impl Transformer {
     fn linear(&self, x: &Tensor, prefix: &str, grad: bool) -> Result<Tensor> {
         let wname = format!("{prefix}.weight");
         let p = self.params.get(&wname).with_context(|| format!("model has no tensor '{wname}'"))?;
-        let bname = format!("{prefix}.bias");
-        // A frozen base with a LoRA adapter: one op for both (ops::lora_linear).
-        if let (Some(lora), false) = (&self.lora, p.trainable) {
-            let aname = format!("{prefix}.lora_A.weight");
-            if self.params.contains_key(&aname) {
-                let a = self.w(&aname, grad)?;
-                let b = self.w(&format!("{prefix}.lora_B.weight"), grad)?;
-                let y = ops::lora_linear(x, &p.var.as_detached_tensor(), &a, &b, lora.scale())?;
-                return match self.params.contains_key(&bname) {
-                    true => Ok(y.broadcast_add(&self.w(&bname, grad)?)?),
-                    false => Ok(y),
-                };
+        let aname = format!("{prefix}.lora_A.weight");
+        let adapter = match &self.lora {
+            Some(lora) if self.params.contains_key(&aname) => {
+                Some((lora.scale(), self.w(&aname, grad)?, self.w(&format!("{prefix}.lora_B.weight"), grad)?))
             }
-        }
-        let mut y = if grad && p.trainable {
-            ops::linear_nt(x, p.var.as_tensor())?
-        } else if grad {
-            ops::frozen_linear(x, p.var.as_tensor())?
-        } else {
-            ops::linear_nt(x, &p.var.as_detached_tensor())?
+            _ => None,
         };
+        let mut y = match &adapter {
+            // A frozen base with a LoRA adapter: one op for both.
+            Some((scale, a, b)) if !p.trainable => ops::lora_linear(x, &p.var.as_detached_tensor(), a, b, *scale)?,
+            _ if grad && p.trainable => ops::linear_nt(x, p.var.as_tensor())?,
+            _ if grad => ops::frozen_linear(x, p.var.as_tensor())?,
+            _ => ops::linear_nt(x, &p.var.as_detached_tensor())?,
+        };
+        let bname = format!("{prefix}.bias");
         if self.params.contains_key(&bname) {
             y = y.broadcast_add(&self.w(&bname, grad)?)?;
         }
-        if let Some(lora) = &self.lora {
-            let aname = format!("{prefix}.lora_A.weight");
-            if self.params.contains_key(&aname) {
-                let a = self.w(&aname, grad)?;
-                let b = self.w(&format!("{prefix}.lora_B.weight"), grad)?;
-                let delta = ops::linear_nt(&ops::linear_nt(x, &a)?, &b)?;
-                y = (y + (delta * lora.scale())?)?;
-            }
+        // A trainable base keeps its adapter as a separate term.
+        if let (Some((scale, a, b)), true) = (&adapter, p.trainable) {
+            let delta = ops::linear_nt(&ops::linear_nt(x, a)?, b)?;
+            y = (y + (delta * *scale)?)?;
         }
         Ok(y)
     }

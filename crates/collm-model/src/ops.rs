@@ -473,32 +473,62 @@ pub fn matmul_nt(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32>
 
 /// C[m, n] = A · B with C row-major and A [m, k], B [k, n] read through the strides given as
 /// (between columns, between rows): a transposed operand costs no copy.
-fn gemm_f32(m: usize, n: usize, k: usize, a: &[f32], (a_cs, a_rs): (usize, usize), b: &[f32], (b_cs, b_rs): (usize, usize)) -> Vec<f32> {
-    if m == 0 || n == 0 || k == 0 {
-        return vec![0f32; m * n];
-    }
-    let last = |rows: usize, cols: usize, cs: usize, rs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(last(m, k, a_cs, a_rs) < a.len() && last(k, n, b_cs, b_rs) < b.len(), "gemm_f32: the strides reach past the data");
+fn gemm_f32(m: usize, n: usize, k: usize, a: &[f32], a_st: (usize, usize), b: &[f32], b_st: (usize, usize)) -> Vec<f32> {
     // Without accumulation the GEMM writes every element of C and reads none: no zero fill.
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: the asserts above keep every read inside A and B; C's m*n values are all written
-    // before set_len exposes them.
+    // SAFETY: C has room for m*n values, all written (k = 0 writes zeros) before set_len
+    // exposes them.
     unsafe {
-        crate::sgemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            n,
-            false,
-            crate::sgemm::View { ptr: a.as_ptr(), rs: a_rs, cs: a_cs },
-            crate::sgemm::View { ptr: b.as_ptr(), rs: b_rs, cs: b_cs },
-            1.0,
-            true,
-        );
+        gemm_checked(c.as_mut_ptr(), m, n, k, a, a_st, b, b_st, 1.0, false);
         c.set_len(m * n);
     }
     c
+}
+
+/// C[m, n] (= or +=) α·A·B on row-major slices, the operands read through (column, row) strides.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    c: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_st: (usize, usize),
+    b: &[f32],
+    b_st: (usize, usize),
+    alpha: f32,
+    accumulate: bool,
+) {
+    assert!(c.len() >= m * n, "gemm_into: C holds {} values, not {m}x{n}", c.len());
+    // SAFETY: C holds m*n initialised values.
+    unsafe { gemm_checked(c.as_mut_ptr(), m, n, k, a, a_st, b, b_st, alpha, accumulate) }
+}
+
+/// [`crate::sgemm::gemm`] on all threads with C row-major [m, n], after checking that the
+/// strides keep every read inside A and B.
+///
+/// # Safety
+/// C must hold room for m·n values (initialised ones when accumulating).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_checked(
+    c: *mut f32,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    (a_cs, a_rs): (usize, usize),
+    b: &[f32],
+    (b_cs, b_rs): (usize, usize),
+    alpha: f32,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, cs: usize, rs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(k == 0 || (last(m, k, a_cs, a_rs) < a.len() && last(k, n, b_cs, b_rs) < b.len()), "gemm: the strides reach past the data");
+    let view = |x: &[f32], rs, cs| crate::sgemm::View { ptr: x.as_ptr(), rs, cs };
+    crate::sgemm::gemm(m, n, k, c, n, accumulate, view(a, a_rs, a_cs), view(b, b_rs, b_cs), alpha, true)
 }
 
 /// y = x W^T where W receives no gradient (and costs no backward work); x keeps its gradient.
@@ -557,45 +587,6 @@ impl LoraLinear {
             bail!("lora_linear: W {out_f}x{in_f}, A {r}x{in_a} and B {out_b}x{r_b} do not fit together");
         }
         Ok((out_f, in_f, r))
-    }
-}
-
-/// C[m, n] (= or +=) α·A·B on row-major slices, the operands read through (column, row) strides.
-#[allow(clippy::too_many_arguments)]
-fn gemm_into(
-    c: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    (a_cs, a_rs): (usize, usize),
-    b: &[f32],
-    (b_cs, b_rs): (usize, usize),
-    alpha: f32,
-    accumulate: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |rows: usize, cols: usize, cs: usize, rs: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs };
-    assert!(
-        c.len() >= m * n && (k == 0 || (last(m, k, a_cs, a_rs) < a.len() && last(k, n, b_cs, b_rs) < b.len())),
-        "gemm_into: the strides reach past the data"
-    );
-    // SAFETY: the assert keeps every read inside A and B and every write inside C.
-    unsafe {
-        crate::sgemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            n,
-            accumulate,
-            crate::sgemm::View { ptr: a.as_ptr(), rs: a_rs, cs: a_cs },
-            crate::sgemm::View { ptr: b.as_ptr(), rs: b_rs, cs: b_cs },
-            alpha,
-            true,
-        )
     }
 }
 

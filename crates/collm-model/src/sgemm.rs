@@ -193,6 +193,7 @@ unsafe impl<T> Sync for Shared<T> {}
 /// panel dimension. `by_rows`: panels of w rows (A), each stored column by column (w values per
 /// column); otherwise panels of w columns (B), each stored row by row (w values per row). The
 /// last panel is zero-padded.
+#[allow(clippy::too_many_arguments)]
 unsafe fn pack(dst: &mut [f32], v: View, r0: usize, rows: usize, c0: usize, cols: usize, w: usize, by_rows: bool) {
     // (panel extent, depth) with element (p, d) of the panel dimension p and depth d.
     let (extent, depth) = if by_rows { (rows, cols) } else { (cols, rows) };
@@ -368,6 +369,40 @@ mod tests {
         (0..n as u64).map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0) - 1.0).collect()
     }
 
+    /// [`gemm_with`] on slices, operands given as (row stride, column stride).
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        kernel: Kernel,
+        (m, n, k): (usize, usize, usize),
+        c: &mut [f32],
+        c_rs: usize,
+        acc: bool,
+        a: &[f32],
+        a_st: (usize, usize),
+        b: &[f32],
+        b_st: (usize, usize),
+        alpha: f32,
+        parallel: bool,
+    ) {
+        assert!(m == 0 || c.len() >= (m - 1) * c_rs + n);
+        // SAFETY: the tests' strides stay inside their slices, and C is checked above.
+        unsafe {
+            gemm_with(
+                kernel,
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                c_rs,
+                acc,
+                View { ptr: a.as_ptr(), rs: a_st.0, cs: a_st.1 },
+                View { ptr: b.as_ptr(), rs: b_st.0, cs: b_st.1 },
+                alpha,
+                parallel,
+            )
+        }
+    }
+
     /// C = α·A·B (+ C) in f64, element by element.
     #[allow(clippy::too_many_arguments)]
     fn reference(
@@ -419,21 +454,7 @@ mod tests {
                     let mut want = init.clone();
                     reference(m, n, k, &mut want, c_rs, acc, &a, a_st, &b, b_st, alpha);
                     let mut got = init.clone();
-                    unsafe {
-                        gemm_with(
-                            kernel,
-                            m,
-                            n,
-                            k,
-                            got.as_mut_ptr(),
-                            c_rs,
-                            acc,
-                            View { ptr: a.as_ptr(), rs: a_st.0, cs: a_st.1 },
-                            View { ptr: b.as_ptr(), rs: b_st.0, cs: b_st.1 },
-                            alpha,
-                            parallel,
-                        )
-                    };
+                    run(kernel, (m, n, k), &mut got, c_rs, acc, &a, a_st, &b, b_st, alpha, parallel);
                     for i in 0..m {
                         for j in 0..c_rs {
                             let (g, w) = (got[i * c_rs + j], want[i * c_rs + j]);
@@ -474,55 +495,13 @@ mod tests {
             let (m, n, k) = (20, 40, 9);
             let (a, b) = (data(m * k, 4), data(k * n, 5));
             let mut c = vec![f32::NAN; m * n];
-            unsafe {
-                gemm_with(
-                    kernel,
-                    m,
-                    n,
-                    k,
-                    c.as_mut_ptr(),
-                    n,
-                    false,
-                    View { ptr: a.as_ptr(), rs: k, cs: 1 },
-                    View { ptr: b.as_ptr(), rs: n, cs: 1 },
-                    1.0,
-                    true,
-                )
-            };
+            run(kernel, (m, n, k), &mut c, n, false, &a, (k, 1), &b, (n, 1), 1.0, true);
             assert!(c.iter().all(|v| v.is_finite()), "{kernel:?}: NaN from C leaked");
             let mut z = vec![f32::NAN; 6];
-            unsafe {
-                gemm_with(
-                    kernel,
-                    2,
-                    3,
-                    0,
-                    z.as_mut_ptr(),
-                    3,
-                    false,
-                    View { ptr: a.as_ptr(), rs: 0, cs: 1 },
-                    View { ptr: b.as_ptr(), rs: 3, cs: 1 },
-                    1.0,
-                    true,
-                )
-            };
+            run(kernel, (2, 3, 0), &mut z, 3, false, &a, (0, 1), &b, (3, 1), 1.0, true);
             assert_eq!(z, vec![0.0; 6]);
             let mut keep = vec![7.0f32; 6];
-            unsafe {
-                gemm_with(
-                    kernel,
-                    2,
-                    3,
-                    0,
-                    keep.as_mut_ptr(),
-                    3,
-                    true,
-                    View { ptr: a.as_ptr(), rs: 0, cs: 1 },
-                    View { ptr: b.as_ptr(), rs: 3, cs: 1 },
-                    1.0,
-                    true,
-                )
-            };
+            run(kernel, (2, 3, 0), &mut keep, 3, true, &a, (0, 1), &b, (3, 1), 1.0, true);
             assert_eq!(keep, vec![7.0; 6]);
         }
     }
