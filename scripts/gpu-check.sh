@@ -2,11 +2,13 @@
 # The prepared check for a machine with one H100 or H200 (at most 8 minutes). It needs only the
 # repo and the CUDA binary that scripts/build-cuda.sh makes elsewhere (target/cuda/release/collm,
 # carried here): no model weights, no network. It prints:
-#   - every op on the GPU (the generic path, or a CUDA kernel where one is switched on) against
-#     the fused CPU kernel: forward and gradients;
+#   - every op's generic path on the GPU against the fused CPU kernel: forward and gradients;
+#   - each of collm's CUDA kernels against the generic path on the GPU (f32 and bf16), and one
+#     Qwen3-1.7B layer's attention memory at 1,024 and 4,096 tokens, generic against the kernel;
 #   - a SmolLM2-135M-shaped model's log-probs on the GPU (f32, bf16) against the CPU;
 #   - decode tokens/s at batch 1 and 32 (SmolLM2-135M and Qwen3-1.7B shapes, bf16);
-#   - one bf16 train step of a Qwen3-1.7B-shaped model at 4 x 1024 tokens, with its MFU;
+#   - one bf16 train step of a Qwen3-1.7B-shaped model at 4 x 1024 tokens, with its MFU (the
+#     generic path, then the kernels that passed their check);
 #   - `collm bench train --algo cc` on tldr_like.json (a random-init SmolLM2-135M shape);
 #   - the peak GPU memory of each.
 # Usage: bash scripts/gpu-check.sh [WORKLOAD.json]   (default ../shared/bench/tldr_like.json,

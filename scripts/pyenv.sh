@@ -7,18 +7,32 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ENV=target/pyenv
 PINS="torch==2.15.0 transformers==5.24.0 peft==0.21.2 numpy llama-cpp-python==0.3.36 openai==1.*"
+# llama-cpp-python compiles llama.cpp. Not with -march=native: on Intel CPUs with AMX (Sapphire
+# Rapids) that compiles llama.cpp's AMX kernels, which crash on some such machines
+# (ggml-org/llama.cpp#20824; seen here: a segfault in the first Q8_0 decode). An AVX2 build runs
+# alike on every x86-64 machine collm is tested on.
+export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+# Two jobs on this machine's two cores.
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
 STAMP="$ENV/collm-pins.txt"
-if [ -x "$ENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$PINS" ]; then
+WANT="$PINS | llama.cpp: $CMAKE_ARGS"
+if [ -x "$ENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ]; then
+  exit 0
+fi
+LLAMA=$(tr ' ' '\n' <<< "$PINS" | grep '^llama-cpp-python==')
+if [ -x "$ENV/bin/python" ] && [[ "$(cat "$STAMP" 2>/dev/null)" == "$PINS"* ]]; then
+  # The same pins, llama.cpp built otherwise: rebuild only it (no cached wheel).
+  echo "scripts/pyenv.sh: rebuilding $LLAMA in $ENV ($CMAKE_ARGS)" >&2
+  "$ENV/bin/pip" install --quiet --retries 10 --timeout 120 --no-deps --no-cache-dir --force-reinstall "$LLAMA"
+  echo "$WANT" > "$STAMP"
   exit 0
 fi
 echo "scripts/pyenv.sh: installing $PINS into $ENV (once)" >&2
 rm -rf "$ENV"
 python3 -m venv "$ENV"
-# llama-cpp-python compiles llama.cpp: two jobs on this machine's two cores.
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
 for try in 1 2 3; do
-  if "$ENV/bin/pip" install --quiet --retries 10 --timeout 120 $PINS; then
-    echo "$PINS" > "$STAMP"
+  if "$ENV/bin/pip" install --quiet --retries 10 --timeout 120 --no-cache-dir $PINS; then
+    echo "$WANT" > "$STAMP"
     exit 0
   fi
   echo "scripts/pyenv.sh: pip failed (try $try of 3)" >&2

@@ -1,14 +1,17 @@
 //! `collm bench gpu`: what `scripts/gpu-check.sh` prints on a GPU, with random-init models of
 //! real shapes (no weights are brought to the machine): every op on the device against the
-//! fused CPU kernels, a model's log-probs on the device against the CPU, decode tokens/s, one
-//! bf16 train step of a Qwen3-1.7B-shaped model with its MFU, and the peak device memory of each.
+//! fused CPU kernels, each CUDA kernel against the generic path, a model's log-probs on the
+//! device against the CPU, decode tokens/s, one bf16 train step of a Qwen3-1.7B-shaped model with
+//! its MFU (with the generic path, and again with the kernels that passed), and the peak device
+//! memory of each.
 //! On a CPU-only build it runs the same sections on the CPU (the generic path forced where a
 //! section compares paths), which is how it is tested.
 
 use crate::bench::tokens;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
-use collm_model::devcheck::{check_ops, random_model_on, MemoryWatch};
+use collm_model::cuda::{with_kernels, Kernel, KernelSet};
+use collm_model::devcheck::{check_kernels, check_ops, random_model_on, MemoryWatch};
 use collm_model::generate::{decode, prefill, row_rngs};
 use collm_model::{score, AdamW, AdamWConfig, DeviceSpec, Grads, ModelConfig, SamplingParams, Transformer};
 use serde_json::{json, Value};
@@ -67,6 +70,30 @@ pub fn run(a: GpuBench) -> Result<()> {
     let all = checks.iter().all(|c| c.passed());
     report.push(section(a.json, "ops", json!({"checks": checks, "all_within_1e-4": all, "peak_mib": watch.peak_mib()})));
     drop(watch);
+
+    // 1b. Each CUDA kernel against the generic path on the device; the ones that pass serve the
+    // train step's second run below.
+    let watch = MemoryWatch::start(&dev)?;
+    let kchecks = check_kernels(&dev)?;
+    let mut passed = KernelSet::NONE;
+    for k in Kernel::ALL {
+        let mine: Vec<_> = kchecks.iter().filter(|c| c.kernel == k.name()).collect();
+        if !mine.is_empty() && mine.iter().all(|c| c.passed()) {
+            passed = KernelSet::parse(&format!("{},{}", passed.names().join(","), k.name()))?;
+        }
+    }
+    report.push(section(
+        a.json,
+        "kernels",
+        json!({
+            "built": cfg!(feature = "cuda"), "checks": kchecks, "passed": passed.names(),
+            "all_passed": passed == KernelSet::ALL, "peak_mib": watch.peak_mib(),
+        }),
+    ));
+    drop(watch);
+    if !dev.is_cpu() {
+        report.push(section(a.json, "attention_memory", attention_memory(&dev, passed)?));
+    }
 
     // 2. A SmolLM2-135M-shaped model's log-probs on the device (f32 and bf16) against the CPU.
     let watch = MemoryWatch::start(&dev)?;
@@ -129,7 +156,8 @@ pub fn run(a: GpuBench) -> Result<()> {
         report.push(section(a.json, &format!("decode {shape} {dtype:?}"), json!({"rows": rows, "peak_mib": watch.peak_mib()})));
     }
 
-    // 4. One teacher-forced train step (forward, backward, AdamW) in bf16.
+    // 4. One teacher-forced train step (forward, backward, AdamW) in bf16: the generic path, then
+    // the kernels that passed.
     let watch = MemoryWatch::start(&dev)?;
     let cfg = ModelConfig::shape_of(&a.train_shape)?;
     let m = random_model_on(cfg.clone(), &dev, dtype)?;
@@ -143,32 +171,84 @@ pub fn run(a: GpuBench) -> Result<()> {
             (s[..1].to_vec(), s[1..].to_vec())
         })
         .collect();
-    let mut opt = AdamW::new(AdamWConfig { lr: 1e-6, ..Default::default() });
-    let mut times = vec![];
-    for r in 0..3 {
-        sync(&dev)?;
-        let t0 = Instant::now();
-        step(&m, &pairs, &mut opt)?;
-        sync(&dev)?;
-        if r > 0 {
-            times.push(t0.elapsed().as_secs_f64());
+    drop(watch);
+    let runs = if passed == KernelSet::NONE {
+        vec![("generic", KernelSet::NONE)]
+    } else {
+        vec![("generic", KernelSet::NONE), ("kernels", passed)]
+    };
+    for (label, set) in runs {
+        let watch = MemoryWatch::start(&dev)?;
+        let mut opt = AdamW::new(AdamWConfig { lr: 1e-6, ..Default::default() });
+        let mut times = vec![];
+        for r in 0..3 {
+            sync(&dev)?;
+            let t0 = Instant::now();
+            with_kernels(set, || step(&m, &pairs, &mut opt))?;
+            sync(&dev)?;
+            if r > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
         }
+        let step_s = times.iter().sum::<f64>() / times.len() as f64;
+        let flops = train_flops(&cfg, b, t);
+        let name = if label == "generic" { "train_step".to_string() } else { format!("train_step ({label}: {})", set.names().join(", ")) };
+        report.push(section(
+            a.json,
+            &name,
+            json!({
+                "shape": a.train_shape, "dtype": format!("{dtype:?}"), "batch": b, "tokens": t, "params": cfg.param_count(),
+                "kernels": set.names(), "step_s": step_s, "tflops": flops / step_s / 1e12,
+                "mfu": flops / step_s / (a.peak_tflops * 1e12), "peak_tflops_assumed": a.peak_tflops, "peak_mib": watch.peak_mib(),
+            }),
+        ));
     }
-    let step_s = times.iter().sum::<f64>() / times.len() as f64;
-    let flops = train_flops(&cfg, b, t);
-    report.push(section(
-        a.json,
-        "train_step",
-        json!({
-            "shape": a.train_shape, "dtype": format!("{dtype:?}"), "batch": b, "tokens": t, "params": cfg.param_count(),
-            "step_s": step_s, "tflops": flops / step_s / 1e12, "mfu": flops / step_s / (a.peak_tflops * 1e12),
-            "peak_tflops_assumed": a.peak_tflops, "peak_mib": watch.peak_mib(),
-        }),
-    ));
     if a.json {
         println!("{}", json!({"summary": report}));
     }
     Ok(())
+}
+
+/// The device memory one layer's attention (forward and backward) of a Qwen3-1.7B shape takes at
+/// a 1,024- and a 4,096-token history, bf16: the generic path (which keeps the [q, k]
+/// probabilities for its backward) against the attention kernel, where it passed its check.
+fn attention_memory(dev: &Device, passed: KernelSet) -> Result<Value> {
+    let cfg = ModelConfig::shape_of("qwen3-1.7b")?;
+    let (groups, n_rep, hd) = (cfg.num_kv_heads, cfg.num_heads / cfg.num_kv_heads, cfg.head_dim);
+    let mut rows = vec![];
+    for len in [1024usize, 4096] {
+        let mask = collm_model::ops::AttnMask::causal(&[vec![true; len]], 0, len);
+        let mut sets = vec![("generic", KernelSet::NONE)];
+        if passed.contains(Kernel::Attention) {
+            sets.push(("kernel", KernelSet::only(Kernel::Attention)));
+        }
+        for (label, set) in sets {
+            sync(dev)?;
+            let watch = MemoryWatch::start(dev)?;
+            let t0 = Instant::now();
+            let r = with_kernels(set, || -> Result<()> {
+                let q = candle_core::Var::from_tensor(
+                    &candle_core::Tensor::randn(0f32, 1.0, (1, groups, n_rep * len, hd), dev)?.to_dtype(DType::BF16)?,
+                )?;
+                let k = candle_core::Var::from_tensor(
+                    &candle_core::Tensor::randn(0f32, 1.0, (1, groups, len, hd), dev)?.to_dtype(DType::BF16)?,
+                )?;
+                let v = candle_core::Var::from_tensor(
+                    &candle_core::Tensor::randn(0f32, 1.0, (1, groups, len, hd), dev)?.to_dtype(DType::BF16)?,
+                )?;
+                let o = collm_model::ops::attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask, 1.0 / (hd as f32).sqrt())?;
+                let g = o.to_dtype(DType::F32)?.sum_all()?.backward()?;
+                anyhow::ensure!(g.get(q.as_tensor()).is_some() && g.get(k.as_tensor()).is_some(), "attention gave no gradient");
+                sync(dev)
+            });
+            let secs = t0.elapsed().as_secs_f64();
+            rows.push(match r {
+                Ok(()) => json!({"history": len, "path": label, "peak_mib": watch.peak_mib(), "fwd_bwd_s": secs}),
+                Err(e) => json!({"history": len, "path": label, "error": format!("{e:#}")}),
+            });
+        }
+    }
+    Ok(json!({"shape": "qwen3-1.7b, one layer", "dtype": "bf16", "rows": rows}))
 }
 
 fn step(m: &Transformer, pairs: &[(Vec<u32>, Vec<u32>)], opt: &mut AdamW) -> Result<()> {

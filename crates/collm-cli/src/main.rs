@@ -279,6 +279,8 @@ fn load_model(spec: &str) -> Result<loader::LoadedModel> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // A typo in COLLM_CUDA_KERNELS stops here, before anything loads.
+    collm_model::cuda::check_env()?;
     match cli.cmd {
         Cmd::Generate(a) => {
             if !(a.temperature >= 0.0 && a.temperature.is_finite()) {

@@ -397,6 +397,13 @@ fn bench_gpu_runs_its_sections_on_the_cpu() {
     let get = |name: &str| &sections.iter().find(|s| s["section"] == name).unwrap_or_else(|| panic!("no {name}: {text}"))["result"];
     assert_eq!(get("ops")["all_within_1e-4"], true, "{text}");
     assert_eq!(get("ops")["checks"].as_array().unwrap().len(), 8);
+    // No CUDA kernel runs on the CPU: every kernel check says so, none passes, and the train step
+    // runs once (with the generic path).
+    let k = get("kernels");
+    assert_eq!(k["passed"].as_array().unwrap().len(), 0, "{k}");
+    assert_eq!(k["checks"].as_array().unwrap().len(), 13, "{k}");
+    assert!(k["checks"].as_array().unwrap().iter().all(|c| c["ran"] == false), "{k}");
+    assert_eq!(sections.iter().filter(|s| s["section"].as_str().unwrap().starts_with("train_step")).count(), 1);
     let lp = get("logprobs_vs_cpu");
     assert!(lp["f32"]["max_abs_diff"].as_f64().unwrap() < 1e-3, "{lp}");
     let bf16 = lp["bf16"]["mean_abs_diff"].as_f64().unwrap();
@@ -408,5 +415,33 @@ fn bench_gpu_runs_its_sections_on_the_cpu() {
     let err = String::from_utf8_lossy(&out.stderr);
     if !cfg!(feature = "cuda") {
         assert!(!out.status.success() && err.contains("built without CUDA"), "{err}");
+    }
+}
+
+#[test]
+fn a_typo_in_the_cuda_kernel_switch_stops_collm_before_it_starts() {
+    let d = tmp("kernel-switch");
+    let r1 = d.join("r1.txt");
+    std::fs::write(&r1, "a b c").unwrap();
+    let out = collm()
+        .env("COLLM_CUDA_KERNELS", "attention,flash")
+        .args(["reward", "--task", "tldr", "--responses"])
+        .arg(&r1)
+        .arg(&r1)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("COLLM_CUDA_KERNELS") && err.contains("\"flash\"") && err.contains("attention, rms_norm"), "{err}");
+    // Switched on or off, a CPU run is the same (no kernel serves a CPU tensor).
+    for v in ["all", "off"] {
+        let out = collm()
+            .env("COLLM_CUDA_KERNELS", v)
+            .args(["reward", "--task", "tldr", "--json", "--responses"])
+            .arg(&r1)
+            .arg(&r1)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{v}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }

@@ -1,8 +1,10 @@
 //! Checks of a device against the CPU: every op collm has, run through the generic path on the
 //! device, against the fused CPU kernel on the same inputs (forward and every input gradient),
-//! and random-init models of real shapes built straight on a device. `collm bench gpu` prints
-//! these; the CPU tests run the same checks with the generic path forced.
+//! each CUDA kernel against the generic path on the same device (f32 and bf16), and random-init
+//! models of real shapes built straight on a device. `collm bench gpu` prints these; the CPU
+//! tests run the same checks with the generic path forced.
 
+use crate::cuda::{self, with_kernels, Kernel, KernelSet};
 use crate::model::{expected_tensors, Transformer};
 use crate::ops::{self, with_generic_ops, AttnMask, RopeTable};
 use crate::ModelConfig;
@@ -46,7 +48,12 @@ type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
 /// Runs `op` on `inputs` (host tensors) placed on `device`; returns the output and the gradient
 /// of Σ out · w with respect to each input, on the host.
 fn run_op(op: &OpFn, inputs: &[Tensor], device: &Device) -> Result<(Tensor, Vec<Tensor>)> {
-    let vars = inputs.iter().map(|t| Var::from_tensor(&t.to_device(device)?)).collect::<candle_core::Result<Vec<_>>>()?;
+    run_op_in(op, inputs, device, DType::F32)
+}
+
+/// [`run_op`] with the inputs in `dtype`.
+fn run_op_in(op: &OpFn, inputs: &[Tensor], device: &Device, dtype: DType) -> Result<(Tensor, Vec<Tensor>)> {
+    let vars = inputs.iter().map(|t| Var::from_tensor(&t.to_device(device)?.to_dtype(dtype)?)).collect::<candle_core::Result<Vec<_>>>()?;
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let out = op(&ts)?;
     let w = seeded(out.dims(), 99)?.to_device(device)?;
@@ -62,8 +69,13 @@ fn run_op(op: &OpFn, inputs: &[Tensor], device: &Device) -> Result<(Tensor, Vec<
     Ok((out.to_device(&Device::Cpu)?, grads))
 }
 
-/// Every op through the generic path on `device` (forced on a CPU) against the fused CPU kernel.
+/// Every op through the generic path on `device` (forced on a CPU; no CUDA kernel switched on)
+/// against the fused CPU kernel.
 pub fn check_ops(device: &Device) -> Result<Vec<OpCheck>> {
+    with_kernels(KernelSet::NONE, || check_ops_generic(device))
+}
+
+fn check_ops_generic(device: &Device) -> Result<Vec<OpCheck>> {
     let valid: Vec<Vec<bool>> = (0..2).map(|r| (0..40).map(|j| r == 0 || !(j < 3 || (20..23).contains(&j))).collect()).collect();
     let mask = AttnMask::causal(&valid, 8, 32);
     let long = AttnMask::causal(&(0..2).map(|r| (0..140).map(|j| r == 0 || j >= 5).collect()).collect::<Vec<_>>(), 10, 130);
@@ -101,6 +113,153 @@ pub fn check_ops(device: &Device) -> Result<Vec<OpCheck>> {
         out.push(OpCheck { op: name, output: rel_diff(&want, &got)?, gradient });
     }
     Ok(out)
+}
+
+/// One CUDA kernel against the generic path on the same device and inputs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KernelCheck {
+    pub kernel: &'static str,
+    pub case: &'static str,
+    pub dtype: String,
+    /// Largest output and gradient differences, relative to the generic path's largest magnitude.
+    pub output: f32,
+    pub gradient: f32,
+    /// Whether the kernel ran (else the op fell back to the generic path, and nothing was compared).
+    pub ran: bool,
+    pub tolerance: f32,
+}
+
+impl KernelCheck {
+    pub fn passed(&self) -> bool {
+        self.ran && self.output <= self.tolerance && self.gradient <= self.tolerance
+    }
+}
+
+/// The tolerance of a kernel check: 1e-4 in f32 (as the fused CPU kernels), 3e-2 in bf16 (the
+/// kernels round once where the generic path rounds after every op).
+pub fn kernel_tolerance(dtype: DType) -> f32 {
+    if dtype == DType::F32 {
+        1e-4
+    } else {
+        3e-2
+    }
+}
+
+/// Each CUDA kernel on `device` against the generic path on the same device, in f32 and bf16, on
+/// shapes of the models collm trains (grouped-query attention with padding, a KV-cache past and
+/// a decode step; head_dim 64 and 128). On a device no kernel serves (the CPU), every check
+/// reports `ran: false` and none passes.
+pub fn check_kernels(device: &Device) -> Result<Vec<KernelCheck>> {
+    let pad = |rows: usize, kl: usize, skip: usize| -> Vec<Vec<bool>> {
+        (0..rows).map(|r| (0..kl).map(|j| r == 0 || j >= skip).collect()).collect()
+    };
+    // GQA: 2 kv groups × 2 query heads, 48 new positions after 8 cached, padding at the start.
+    let gqa = AttnMask::causal(&pad(2, 56, 5), 8, 48);
+    // head_dim 128, 130 positions after 10 cached (tiles of 32 do not divide them).
+    let long = AttnMask::causal(&pad(2, 140, 7), 10, 130);
+    // One decode step over a 40-slot cache.
+    let step = AttnMask::causal(&pad(2, 40, 3), 39, 1);
+    let positions: Vec<u32> = (0..2 * 5).map(|i| (i * 7 % 13) as u32).collect();
+    let table = RopeTable::new(&positions, 64, 10000.0);
+    let targets: Vec<u32> = vec![0, 7, 999, 3, 3, 517];
+    type Case = (Kernel, &'static str, Vec<Vec<usize>>, OpFn);
+    let cases: Vec<Case> = vec![
+        (Kernel::RmsNorm, "rows 21, hidden 576", vec![vec![3, 7, 576], vec![576]], Box::new(|x| Ok(ops::rms_norm(&x[0], &x[1], 1e-5)?))),
+        (Kernel::Rope, "10 tokens, 3 heads of 64", vec![vec![2, 5, 3, 64]], Box::new(move |x| Ok(ops::rope(&x[0], &table)?))),
+        (
+            Kernel::TokenLogprobs,
+            "6 rows, vocab 1000",
+            vec![vec![6, 1000]],
+            Box::new(move |x| Ok(ops::token_logprobs(&(&x[0] * 3.0)?, &targets)?)),
+        ),
+        (
+            Kernel::Attention,
+            "gqa 2x2 heads, 48 after 8, hd 64",
+            vec![vec![2, 2, 96, 64], vec![2, 2, 56, 64], vec![2, 2, 56, 64]],
+            Box::new(move |x| Ok(ops::attention(&x[0], &x[1], &x[2], &gqa, 0.125)?)),
+        ),
+        (
+            Kernel::Attention,
+            "130 after 10, hd 128",
+            vec![vec![2, 1, 130, 128], vec![2, 1, 140, 128], vec![2, 1, 140, 128]],
+            Box::new(move |x| Ok(ops::attention(&x[0], &x[1], &x[2], &long, 0.088)?)),
+        ),
+        (
+            Kernel::Attention,
+            "decode step, 3 heads per group, hd 64",
+            vec![vec![2, 2, 3, 64], vec![2, 2, 40, 64], vec![2, 2, 40, 64]],
+            Box::new(move |x| Ok(ops::attention(&x[0], &x[1], &x[2], &step, 0.125)?)),
+        ),
+    ];
+    let mut out = vec![];
+    for dtype in [DType::F32, DType::BF16] {
+        for (i, (kernel, case, shapes, op)) in cases.iter().enumerate() {
+            let inputs = shapes.iter().enumerate().map(|(j, s)| seeded(s, 100 + 10 * i as u64 + j as u64)).collect::<Result<Vec<_>>>()?;
+            let generic = |f: &dyn Fn() -> Result<(Tensor, Vec<Tensor>)>| if device.is_cpu() { with_generic_ops(f) } else { f() };
+            let (want, want_g) = with_kernels(KernelSet::NONE, || generic(&|| run_op_in(op, &inputs, device, dtype)))?;
+            let before = cuda::launches(*kernel);
+            let (got, got_g) = with_kernels(KernelSet::only(*kernel), || generic(&|| run_op_in(op, &inputs, device, dtype)))?;
+            let ran = cuda::launches(*kernel) > before;
+            let mut gradient = 0f32;
+            for (a, b) in want_g.iter().zip(&got_g) {
+                gradient = gradient.max(rel_diff(&a.to_dtype(DType::F32)?, b)?);
+            }
+            out.push(KernelCheck {
+                kernel: kernel.name(),
+                case,
+                dtype: format!("{dtype:?}").to_lowercase(),
+                output: rel_diff(&want.to_dtype(DType::F32)?, &got)?,
+                gradient,
+                ran,
+                tolerance: kernel_tolerance(dtype),
+            });
+        }
+    }
+    out.push(check_adamw(device)?);
+    Ok(out)
+}
+
+/// Two AdamW steps of an f32 parameter on `device` with the kernel against the generic update:
+/// the parameter and both moments.
+fn check_adamw(device: &Device) -> Result<KernelCheck> {
+    let run = |set: KernelSet| -> Result<(Tensor, Vec<Tensor>)> {
+        with_kernels(set, || {
+            let p = Var::from_tensor(&seeded(&[37, 29], 5)?.to_device(device)?)?;
+            let name = "w".to_string();
+            let mut opt = crate::optim::AdamW::new(crate::optim::AdamWConfig { lr: 1e-2, weight_decay: 0.1, ..Default::default() });
+            for s in 0..2u64 {
+                let mut grads = crate::optim::Grads::new();
+                grads.map.insert(name.clone(), seeded(&[37, 29], 50 + s)?.to_device(device)?);
+                grads.scale = 0.5;
+                let params = [(&name, &p)];
+                let mut f = || opt.step(params.iter().map(|(n, v)| (*n, *v)), &grads);
+                if device.is_cpu() {
+                    with_generic_ops(f)?
+                } else {
+                    f()?
+                }
+            }
+            let st = opt.state_tensors()?;
+            Ok((p.as_tensor().to_device(&Device::Cpu)?, vec![st["w.exp_avg"].clone(), st["w.exp_avg_sq"].clone()]))
+        })
+    };
+    let (want, want_m) = run(KernelSet::NONE)?;
+    let before = cuda::launches(Kernel::AdamW);
+    let (got, got_m) = run(KernelSet::only(Kernel::AdamW))?;
+    let ran = cuda::launches(Kernel::AdamW) > before;
+    let mut moments = 0f32;
+    for (a, b) in want_m.iter().zip(&got_m) {
+        moments = moments.max(rel_diff(a, b)?);
+    }
+    Ok(KernelCheck {
+        kernel: Kernel::AdamW.name(),
+        case: "2 steps of a [37, 29] parameter (output: the parameter; gradient: the moments)",
+        dtype: "f32".into(),
+        output: rel_diff(&want, &got)?,
+        gradient: moments,
+        ran,
+        tolerance: kernel_tolerance(DType::F32),
+    })
 }
 
 /// A random-init model of `cfg`'s shape made on `device` in `dtype` (N(0, 0.02) matrices, unit

@@ -4,6 +4,7 @@
 pub mod batcher;
 pub mod checkpoint;
 pub mod config;
+pub mod cuda;
 pub mod devcheck;
 pub mod device;
 pub mod export;

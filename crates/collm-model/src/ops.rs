@@ -100,6 +100,14 @@ impl AttnMask {
         Self { data: Arc::new(data), batch, q_len, k_len }
     }
 
+    /// Per batch row and key slot, 1 where the key is a real token: the last query position sees
+    /// every real key (and itself, the last slot, which no other position sees), so its row is the
+    /// validity. The CUDA attention kernel takes the mask in this form, O(k_len) per row.
+    pub fn key_validity(&self) -> Vec<u8> {
+        let (q, k) = (self.q_len, self.k_len);
+        (0..self.batch).flat_map(|b| self.data[(b * q + q - 1) * k..(b * q + q) * k].iter().map(|&m| (m == 0.0) as u8)).collect()
+    }
+
     fn tensor(&self, device: &candle_core::Device) -> Result<Tensor> {
         Tensor::from_slice(&self.data[..], (self.batch, 1, self.q_len, self.k_len), device)
     }
@@ -272,6 +280,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if fused(&x) && w.dtype() == DType::F32 {
         return x.apply_op2(w, RmsNorm { eps: eps as f32 });
     }
+    if let Some(y) = crate::cuda::rms_norm(&x, w, eps)? {
+        return Ok(y);
+    }
     // Normalized in f32, then scaled in the input's dtype (as transformers does).
     let x32 = x.to_dtype(DType::F32)?;
     let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
@@ -358,6 +369,9 @@ pub fn rope(x: &Tensor, table: &RopeTable) -> Result<Tensor> {
     if fused(&x) {
         return x.apply_op1(Rope { table: table.clone(), heads: h, inverse: false });
     }
+    if let Some(y) = crate::cuda::rope(&x, table, h)? {
+        return Ok(y);
+    }
     let half = d / 2;
     let cos = Tensor::from_slice(&table.cos[..], (b, t, 1, half), x.device())?.to_dtype(x.dtype())?;
     let sin = Tensor::from_slice(&table.sin[..], (b, t, 1, half), x.device())?.to_dtype(x.dtype())?;
@@ -429,6 +443,9 @@ pub fn token_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let logits = logits.contiguous()?.to_dtype(DType::F32)?;
     if fused(&logits) {
         return logits.apply_op1(TokenLogprobs { targets: Arc::new(targets.to_vec()) });
+    }
+    if let Some(y) = crate::cuda::token_logprobs(&logits, targets)? {
+        return Ok(y);
     }
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
@@ -1146,11 +1163,15 @@ impl candle_core::CustomOp3 for FusedAttention {
 
 /// softmax(scale · q kᵀ + mask) v for q [b, groups, n_rep · q_len, hd] (the query heads that
 /// share a key/value head, stacked) and k, v [b, groups, k_len, hd]. On CPU in f32 this is the
-/// fused, memory-lean op above; elsewhere the plain composition.
+/// fused, memory-lean op above; on a CUDA device with the attention kernel switched on, its
+/// kernel ([`crate::cuda`]); elsewhere the plain composition.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tensor> {
     if fused(q) {
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         return q.apply_op3(&k, &v, FusedAttention { mask: mask.clone(), scale, q_len: mask.q_len });
+    }
+    if let Some(o) = crate::cuda::attention(q, k, v, mask, scale)? {
+        return Ok(o);
     }
     attention_unfused(q, k, v, mask, scale)
 }

@@ -257,6 +257,9 @@ impl AdamW {
                     };
                     target.inplace_op2(&g, &op).with_context(|| format!("AdamW update of '{name}'"))?;
                 }
+                Moments::Device { m, v } if crate::cuda::adamw(&target, &g, m, v, &c, bc1, bc2, grads.scale)? => {
+                    // Done in place by the CUDA kernel: the parameter, or its master copy.
+                }
                 Moments::Device { m, v } => {
                     // The same update as the fused kernel, in tensor ops on the parameter's device.
                     let g = (g * grads.scale as f64)?;

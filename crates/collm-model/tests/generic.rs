@@ -312,3 +312,26 @@ fn the_device_check_passes_on_the_cpus_generic_path() {
     assert_eq!(m.cfg.hidden_size, 576);
     assert!(ModelConfig::shape_of("llama-70b").is_err());
 }
+
+/// The kernel checks `collm bench gpu` runs on a GPU compare each CUDA kernel against the generic
+/// path; where no kernel serves (the CPU, or a build without CUDA) they say so and none passes, so
+/// a kernel that silently fell back to the generic path can never be reported as checked.
+#[test]
+fn a_kernel_check_passes_only_where_the_kernel_ran() {
+    let checks = collm_model::devcheck::check_kernels(&Device::Cpu).unwrap();
+    // Six cases in f32 and bf16, and AdamW.
+    assert_eq!(checks.len(), 13);
+    for k in collm_model::cuda::Kernel::ALL {
+        assert!(checks.iter().any(|c| c.kernel == k.name()), "no check of {k:?}");
+    }
+    for c in &checks {
+        assert!(!c.ran && !c.passed(), "{c:?}");
+        // Both runs took the same (generic) path: identical results.
+        assert_eq!((c.output, c.gradient), (0.0, 0.0), "{c:?}");
+    }
+    let bf16 = checks.iter().filter(|c| c.dtype == "bf16").count();
+    assert_eq!(bf16, 6);
+    assert!(checks
+        .iter()
+        .all(|c| c.tolerance == collm_model::devcheck::kernel_tolerance(if c.dtype == "bf16" { DType::BF16 } else { DType::F32 })));
+}
