@@ -433,15 +433,20 @@ fn a_typo_in_the_cuda_kernel_switch_stops_collm_before_it_starts() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("COLLM_CUDA_KERNELS") && err.contains("\"flash\"") && err.contains("attention, rms_norm"), "{err}");
-    // Switched on or off, a CPU run is the same (no kernel serves a CPU tensor).
-    for v in ["all", "off"] {
-        let out = collm()
-            .env("COLLM_CUDA_KERNELS", v)
-            .args(["reward", "--task", "tldr", "--json", "--responses"])
-            .arg(&r1)
-            .arg(&r1)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{v}: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    // Switched on or off, a CPU run is the same (no kernel serves a CPU tensor): the same scores.
+    let outs: Vec<String> = ["all", "off"]
+        .iter()
+        .map(|v| {
+            let out = collm()
+                .env("COLLM_CUDA_KERNELS", v)
+                .args(["score", "--prompt", "The capital of France is", "--json", "--response-file"])
+                .arg(&r1)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{v}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).to_string()
+        })
+        .collect();
+    assert!(outs[0].contains("logprob"), "{}", outs[0]);
+    assert_eq!(outs[0], outs[1]);
 }

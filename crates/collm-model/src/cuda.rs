@@ -126,8 +126,13 @@ pub fn with_kernels<R>(set: KernelSet, f: impl FnOnce() -> R) -> R {
 
 /// Whether kernel `k` serves `t`: a CUDA build, `t` on a CUDA device in f32 or bf16, and `k`
 /// switched on. The caller checks the shapes the kernel takes.
+/// An empty tensor takes the generic path (a kernel launch needs at least one block).
 pub fn serves(k: Kernel, t: &Tensor) -> bool {
-    cfg!(feature = "cuda") && t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::BF16) && enabled().contains(k)
+    cfg!(feature = "cuda")
+        && t.device().is_cuda()
+        && matches!(t.dtype(), DType::F32 | DType::BF16)
+        && t.elem_count() > 0
+        && enabled().contains(k)
 }
 
 // The ops through their kernels, where the kernel serves the input (None: take the generic path).

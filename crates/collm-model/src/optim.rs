@@ -97,7 +97,8 @@ pub struct AdamW {
     pub state: HashMap<String, ParamState>,
 }
 
-/// One parameter's AdamW state.
+/// One parameter's AdamW state. A clone shares the device tensors (the CUDA kernel updates the
+/// moments and master in place): copy them for a snapshot, as `state_tensors` does.
 #[derive(Clone, Debug)]
 pub struct ParamState {
     moments: Moments,

@@ -174,17 +174,20 @@ fn token_logprobs_kernel_matches_the_fused_cpu_op() {
 /// 128: the output and dq, dk, dv against the fused CPU attention.
 #[test]
 fn attention_kernels_match_the_fused_cpu_op() {
-    // (batch, groups, n_rep, q_len, past, hd, padded keys at the start of batch row 1, dtype)
+    // (batch, groups, n_rep, q_len, past, hd, padded keys in batch row 1: at the start if
+    // positive, at the end if negative, dtype)
     let cases = [
         (2, 2, 2, 48, 8, 64, 5, "f32"),
         (2, 1, 1, 70, 10, 128, 7, "f32"),
         (2, 2, 3, 1, 39, 64, 3, "f32"),
         (1, 1, 2, 33, 0, 32, 0, "f32"),
+        (2, 1, 2, 40, 0, 64, -6, "f32"),
         (2, 2, 2, 48, 8, 64, 5, "bf16"),
     ];
     for (i, &(b, g, n_rep, q_len, past, hd, pad, dtype)) in cases.iter().enumerate() {
         let kl = past + q_len;
-        let valid: Vec<Vec<bool>> = (0..b).map(|r| (0..kl).map(|j| r == 0 || j >= pad).collect()).collect();
+        let real = |j: usize| if pad >= 0 { j >= pad as usize } else { j + ((-pad) as usize) < kl };
+        let valid: Vec<Vec<bool>> = (0..b).map(|r| (0..kl).map(|j| r == 0 || real(j)).collect()).collect();
         let mask = AttnMask::causal(&valid, past, q_len);
         let scale = 1.0 / (hd as f32).sqrt();
         let rows = n_rep * q_len;
@@ -217,7 +220,9 @@ fn attention_kernels_match_the_fused_cpu_op() {
 /// the dense one: rebuilt from it, every entry agrees.
 #[test]
 fn key_validity_rebuilds_the_dense_mask() {
-    let valid: Vec<Vec<bool>> = vec![(0..30).map(|j| j % 7 != 3).collect(), (0..30).map(|j| j >= 4).collect()];
+    // Row 0's last slot (29) is padding: the validity marks it real (only the last position, its
+    // own, ever sees it), and the rebuilt mask must still agree.
+    let valid: Vec<Vec<bool>> = vec![(0..30).map(|j| j % 7 != 1).collect(), (0..30).map(|j| j >= 4).collect()];
     for (past, q_len) in [(0, 30), (10, 20), (29, 1)] {
         let mask = AttnMask::causal(&valid, past, q_len);
         let kv = mask.key_validity();

@@ -23,6 +23,10 @@ const ATTN_WARPS: usize = 8;
 /// The largest head dimension the attention kernels take (each lane holds hd / 32 columns).
 pub(crate) const ATTN_MAX_HD: usize = 128;
 
+/// The attention kernels' dynamic shared memory at the largest head dimension stays within the
+/// 48 KiB a block gets without asking for more (the backward's dK/dV kernel takes the most).
+const _: () = assert!((64 * (ATTN_MAX_HD + 1) + 2 * ATTN_WARPS * ATTN_MAX_HD + 64) * 4 <= 48 * 1024);
+
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
     candle_core::Error::Msg(format!("collm CUDA kernel {what}: {e:?}"))
 }
@@ -68,7 +72,8 @@ fn tensor<T: CudaDType>(s: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shap
     Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())), shape, BackpropOp::none(), false)
 }
 
-/// The device buffers of contiguous CUDA tensors, read-locked while `f` runs.
+/// The device buffers of contiguous CUDA tensors, read-locked while `f` runs. The tensors must
+/// not share storage (each takes its own read lock, which is not re-entrant).
 fn with_views<T: CudaDType, R>(ts: &[&Tensor], f: impl FnOnce(&CudaDevice, &[CudaView<'_, T>]) -> Result<R>) -> Result<R> {
     let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
     let mut views = Vec::with_capacity(ts.len());
@@ -137,16 +142,17 @@ impl CustomOp2 for RmsNorm {
                 let (di, ri) = (d as i32, rows as i32);
                 launch!(dev, &format!("rms_norm_bwd_dx_{sx}"), rows_cfg(rows), &v[0], &v[1], &v[2], &dx, &rinv, &di, &eps)?;
                 let dw = if want_w {
-                    // Partial sums over chunks of rows, summed in order afterwards.
-                    const CHUNK: usize = 64;
-                    let chunks = rows.div_ceil(CHUNK);
+                    // Partial sums over chunks of rows (64, more where the grid's second
+                    // dimension would pass 65,535), summed in order afterwards.
+                    let chunk = 64usize.max(rows.div_ceil(65_535));
+                    let chunks = rows.div_ceil(chunk);
                     let part = unsafe { dev.alloc::<f32>(chunks * d)? };
                     let cfg = LaunchConfig {
                         grid_dim: (d.div_ceil(BLOCK as usize) as u32, chunks as u32, 1),
                         block_dim: (BLOCK, 1, 1),
                         shared_mem_bytes: 0,
                     };
-                    let ci = CHUNK as i32;
+                    let ci = chunk as i32;
                     launch!(dev, &format!("rms_norm_bwd_dw_{sx}"), cfg, &v[0], &v[2], &rinv, &part, &ri, &di, &ci)?;
                     Some(tensor(part, dev, (chunks, d)).sum(0)?.to_dtype(w.dtype())?.reshape(w.shape())?)
                 } else {

@@ -69,7 +69,7 @@ static void rms(char **a, void (*fwd)(const T *, const T *, T *, int, float),
     std::vector<float> rinv(rows);
     emu_launch({unsigned(rows), 1, 1}, {BLOCK, 1, 1}, 0, [&] { fwd(x.data(), w.data(), y.data(), d, eps); });
     emu_launch({unsigned(rows), 1, 1}, {BLOCK, 1, 1}, 0, [&] { bdx(x.data(), w.data(), g.data(), dx.data(), rinv.data(), d, eps); });
-    const int chunk = 64, chunks = (rows + chunk - 1) / chunk;
+    const int chunk = std::max(64, (rows + 65534) / 65535), chunks = (rows + chunk - 1) / chunk;
     std::vector<float> part(size_t(chunks) * d), dw(d, 0.f);
     emu_launch({unsigned((d + BLOCK - 1) / BLOCK), unsigned(chunks), 1}, {BLOCK, 1, 1}, 0,
                [&] { bdw(x.data(), g.data(), rinv.data(), part.data(), rows, d, chunk); });

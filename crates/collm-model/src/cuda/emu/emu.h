@@ -115,7 +115,8 @@ void emu_launch(Dim3 grid, Dim3 block, size_t smem_bytes, F kernel) {
     const unsigned n = block.x;
     blockDim = block;
     gridDim = grid;
-    emu_dyn_smem.assign(smem_bytes / 4 + 1, 0.f);
+    // NaN, not zeros: a read of shared memory the kernel did not write shows in its output.
+    emu_dyn_smem.assign(smem_bytes / 4, NAN);
     emu_kernel = kernel;
     emu_stacks.resize(size_t(n) * EMU_STACK);
     for (unsigned bz = 0; bz < grid.z; ++bz)
