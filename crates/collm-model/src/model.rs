@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Attention-matrix elements (batch · heads · queries · keys, per layer) above which the fused
 /// attention is used: 256K f32 = 1 MiB per layer. Measured on 2 cores, 2026-12-01:
@@ -61,11 +62,54 @@ pub struct KvCache {
     pub valid: Vec<Vec<bool>>,
     /// Per row: the position the next real token takes.
     pub next_pos: Vec<u32>,
+    /// Per layer: buffers with room for more slots, of which `layers` holds views (and the id
+    /// of the key view placed there). A pass without a graph writes its keys and values into
+    /// the room in place instead of copying the whole cache with `Tensor::cat` every step (which
+    /// copies quadratically over a generation); when the room is full it doubles. A clone shares
+    /// the buffers, so a cache whose buffers are shared (or whose `layers` someone replaced)
+    /// appends by copying into new ones.
+    room: Vec<Option<(Arc<(Tensor, Tensor)>, candle_core::TensorId)>>,
 }
 
 impl KvCache {
     pub fn new(batch: usize, num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers], valid: vec![Vec::new(); batch], next_pos: vec![0; batch] }
+        Self { layers: vec![None; num_layers], valid: vec![Vec::new(); batch], next_pos: vec![0; batch], room: vec![None; num_layers] }
+    }
+
+    /// Appends one layer's new keys and values [batch, kv_heads, new, head_dim] (contiguous) to
+    /// layer `l`; returns the layer's whole keys and values. With `in_place` (a pass without a
+    /// graph) they go into the layer's room; otherwise (a graph may hold the old tensors) the
+    /// layer is concatenated anew.
+    fn append(&mut self, l: usize, k: Tensor, v: Tensor, in_place: bool) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.layers[l].take() {
+            None => (k, v),
+            Some((pk, pv)) if !in_place => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            Some((pk, pv)) => {
+                let (past, len) = (pk.dim(2)?, pk.dim(2)? + k.dim(2)?);
+                let fits = match &self.room[l] {
+                    Some((buf, id)) => *id == pk.id() && Arc::strong_count(buf) == 1 && buf.0.dim(2)? >= len,
+                    None => false,
+                };
+                let buf = if fits {
+                    self.room[l].take().expect("checked above").0
+                } else {
+                    let (b, h, _, d) = k.dims4()?;
+                    let cap = (2 * len).max(len + 64);
+                    let (bk, bv) =
+                        (Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?, Tensor::zeros((b, h, cap, d), v.dtype(), v.device())?);
+                    bk.slice_set(&pk.contiguous()?, 2, 0)?;
+                    bv.slice_set(&pv.contiguous()?, 2, 0)?;
+                    Arc::new((bk, bv))
+                };
+                buf.0.slice_set(&k, 2, past)?;
+                buf.1.slice_set(&v, 2, past)?;
+                let (nk, nv) = (buf.0.narrow(2, 0, len)?, buf.1.narrow(2, 0, len)?);
+                self.room[l] = Some((buf, nk.id()));
+                (nk, nv)
+            }
+        };
+        self.layers[l] = Some((k.clone(), v.clone()));
+        Ok((k, v))
     }
     pub fn batch(&self) -> usize {
         self.valid.len()
@@ -82,12 +126,13 @@ impl KvCache {
             .map(|l| match l {
                 Some((k, v)) => {
                     let idx = idx.to_device(k.device())?;
-                    Ok(Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)))
+                    Ok(Some((k.contiguous()?.index_select(&idx, 0)?, v.contiguous()?.index_select(&idx, 0)?)))
                 }
                 None => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
+            room: vec![None; layers.len()],
             layers,
             valid: rows.iter().map(|&r| self.valid[r].clone()).collect(),
             next_pos: rows.iter().map(|&r| self.next_pos[r]).collect(),
@@ -397,11 +442,7 @@ impl Transformer {
             let q = ops::rope(&q, &rope)?.transpose(1, 2)?.contiguous()?; // [b, nh, t, hd]
             let k = ops::rope(&k, &rope)?.transpose(1, 2)?.contiguous()?; // [b, nkv, t, hd]
             let v = v.transpose(1, 2)?.contiguous()?;
-            let (k, v) = match &cache.layers[l] {
-                Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-                None => (k, v),
-            };
-            cache.layers[l] = Some((k.clone(), v.clone()));
+            let (k, v) = cache.append(l, k, v, !grad)?;
             // Group the query heads that share a key/value head: [b, nkv, n_rep * t, hd].
             let qg = q.reshape((b, nkv, n_rep * t, hd))?;
             // Long passes take the fused block-wise attention, which keeps no [t, k_len] matrix

@@ -49,6 +49,46 @@ fn kv_cache_decoding_equals_full_forward() {
     }
 }
 
+/// Token-by-token passes without a graph write into the cache's room in place (doubling it when
+/// full): after 150 steps (the room regrown several times) each step's logits equal a full
+/// forward's. A clone of the cache, extended differently from the original, gives its own
+/// sequence's logits and leaves the original's intact; a pass with a graph after in-place ones
+/// concatenates and still agrees.
+#[test]
+fn an_in_place_cache_decodes_like_a_full_pass_and_clones_stay_apart() {
+    let m = tiny(Arch::Qwen3, 64, 5);
+    let seq: Vec<u32> = (0..160).map(|i| (i * 13 + 7) % 64).collect();
+    let other: Vec<u32> = (0..160).map(|i| (i * 5 + 3) % 64).collect();
+    let full = full_logits(&m, &seq);
+    let full_other = full_logits(&m, &[&seq[..40], &other[40..60]].concat());
+    let step = |cache: &mut KvCache, t: u32, grad: bool| {
+        let h = m.forward(&[vec![t]], &[vec![true]], cache, grad).unwrap();
+        m.logits(&h.squeeze(0).unwrap(), false).unwrap().squeeze(0).unwrap()
+    };
+    let mut cache = KvCache::new(1, m.cfg.num_layers);
+    m.forward(&[seq[..10].to_vec()], &[vec![true; 10]], &mut cache, false).unwrap();
+    let check = |cache: &mut KvCache, toks: &[u32], want: &Tensor, from: usize, to: usize, what: &str| {
+        for i in from..to {
+            let d = max_diff(&step(cache, toks[i], false), &want.get(i).unwrap());
+            assert!(d < 1e-4, "{what} step {i}: {d}");
+        }
+    };
+    check(&mut cache, &seq, &full, 10, 40, "original");
+    // A clone at position 40 and the original take turns, each with its own tokens, while they
+    // could still share a room.
+    let mut fork = cache.clone();
+    check(&mut fork, &other, &full_other, 40, 50, "fork");
+    check(&mut cache, &seq, &full, 40, 50, "original");
+    check(&mut fork, &other, &full_other, 50, 60, "fork");
+    check(&mut cache, &seq, &full, 50, 160, "original");
+    // The original, after the fork wrote its own steps, still continues its sequence; a pass with
+    // a graph appends by concatenation.
+    let extra = 33u32;
+    let want = full_logits(&m, &[&seq[..160], &[extra]].concat());
+    let got = step(&mut cache, extra, true);
+    assert!(max_diff(&got, &want.get(160).unwrap()) < 1e-4);
+}
+
 fn nll_loss(m: &Transformer, pairs: &[(Vec<u32>, Vec<u32>)]) -> Tensor {
     score(m, pairs, 0, true).unwrap().token_logprobs.mean_all().unwrap().neg().unwrap()
 }
