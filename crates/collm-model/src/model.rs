@@ -456,9 +456,9 @@ impl Transformer {
             let o = o.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             x = (x + self.linear(&o, &format!("{p}.self_attn.o_proj"), grad)?)?;
             let h = ops::rms_norm(&x, &self.w(&format!("{p}.post_attention_layernorm.weight"), grad)?, cfg.rms_norm_eps)?;
-            let gate = self.linear(&h, &format!("{p}.mlp.gate_proj"), grad)?.silu()?;
+            let gate = self.linear(&h, &format!("{p}.mlp.gate_proj"), grad)?;
             let up = self.linear(&h, &format!("{p}.mlp.up_proj"), grad)?;
-            x = (x + self.linear(&(gate * up)?, &format!("{p}.mlp.down_proj"), grad)?)?;
+            x = (x + self.linear(&ops::swiglu(&gate, &up)?, &format!("{p}.mlp.down_proj"), grad)?)?;
         }
         Ok(ops::rms_norm(&x, &self.w("model.norm.weight", grad)?, cfg.rms_norm_eps)?)
     }
@@ -532,6 +532,16 @@ impl Transformer {
 /// mmap at all they stay in the heap too. Measured on SmolLM2-135M, a full 4×256-token train
 /// step on 2 cores (Intel Xeon, AVX-512, 2026-12-06): 3.7 M page faults and 6.40 s before,
 /// 1.95 M and 6.18 s after, peak RSS unchanged (4.1 GB).
+///
+/// And it keeps candle's own worker threads from spinning on a core the GEMMs need. candle runs
+/// its elementwise ops on a pool of threads pinned one per core, which after each op spin 25,000
+/// times (`pause`, half a millisecond or more) waiting for the next one before they sleep; collm's
+/// GEMMs run on rayon's threads, so after every candle op a GEMM shared a core with a spinning
+/// thread. With the limit at [`BARRIER_POOL_SPIN_LIMIT`] (unless `CANDLE_BARRIER_POOL_SPIN_LIMIT`
+/// is set) they sleep at once. Measured with `collm bench model` on SmolLM2-135M, 2 cores (AMD
+/// EPYC, 2026-12-06), three runs each: a full 4×256-token train step 6.42–6.62 s with candle's
+/// default, 5.69–5.84 s (one run 6.88) with 0 and 5.53–5.80 with 1000; LoRA 4.47–4.74 s, 3.94–4.42
+/// and 4.26–4.60; decode at batch 1 and 8 unchanged within the noise.
 pub fn pin_thread_count() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -546,8 +556,15 @@ pub fn pin_thread_count() {
             let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         }
+        if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+            std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", BARRIER_POOL_SPIN_LIMIT.to_string());
+        }
     });
 }
+
+/// How many times candle's pool threads spin waiting for work before they sleep (see
+/// [`pin_thread_count`]; candle's default is 25,000).
+pub const BARRIER_POOL_SPIN_LIMIT: u32 = 0;
 
 /// A standard normal sample (Box–Muller), so results do not depend on a distributions crate.
 pub fn normal(rng: &mut StdRng) -> f32 {

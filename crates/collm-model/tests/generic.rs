@@ -71,6 +71,11 @@ fn each_op_matches_its_generic_path_with_gradients() {
     let logits = var(&[6, 50], 5);
     check("token_logprobs", &[&logits], || ops::token_logprobs(logits.as_tensor(), &[0, 7, 49, 3, 3, 21]).unwrap());
 
+    // Scaled so that the gate reaches far into both tails of the sigmoid; 40,000 values span
+    // several parallel tasks and leave a remainder.
+    let (gate, up) = (Var::from_tensor(&(random(&[4, 10_000], 21) * 12.0).unwrap()).unwrap(), var(&[4, 10_000], 22));
+    check("swiglu", &[&gate, &up], || ops::swiglu(gate.as_tensor(), up.as_tensor()).unwrap());
+
     let (x, frozen) = (var(&[3, 4, 16], 6), random(&[10, 16], 7));
     check("frozen_linear", &[&x], || ops::frozen_linear(x.as_tensor(), &frozen).unwrap());
 

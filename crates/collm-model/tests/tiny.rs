@@ -691,3 +691,12 @@ fn a_pass_counts_its_flops_over_real_tokens() {
     // A copy counts on its own.
     assert_eq!(m.deep_clone().unwrap().flops.total(), 0);
 }
+
+/// Building a model tells candle's worker pool not to spin between ops (its threads would share a
+/// core with the GEMMs' threads).
+#[test]
+fn building_a_model_keeps_candles_pool_from_spinning() {
+    let _m = tiny(Arch::Llama, 64, 3);
+    let v = std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT").expect("the spin limit is set once a model is built");
+    assert_eq!(v, collm_model::model::BARRIER_POOL_SPIN_LIMIT.to_string(), "(run the tests without CANDLE_BARRIER_POOL_SPIN_LIMIT set)");
+}
