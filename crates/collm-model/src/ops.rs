@@ -68,6 +68,25 @@ fn last_dim(l: &Layout) -> usize {
     *l.dims().last().unwrap_or(&1)
 }
 
+/// Calls `body(args)` compiled for AVX2 + FMA where the CPU has them (the compiler then vectorizes
+/// its plain loops 8 wide with fused multiply-adds), else the portable build of the same `body`.
+/// Used as the tail of a function: `avx2_fma!(body(xs: &[f32], shift: f32) -> f32)`.
+macro_rules! avx2_fma {
+    ($body:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) -> $ret {
+                $body($($arg),*)
+            }
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { avx2($($arg),*) };
+        }
+        $body($($arg),*)
+    }};
+}
+pub(crate) use avx2_fma;
+
 // ---------------------------------------------------------------------------------------------
 // exp over rows: a polynomial (Cephes' expf, within 2 ulp of libm's) in plain f32 arithmetic
 // that the compiler vectorizes, with AVX2 + FMA where the CPU has them. libm's expf is a call
@@ -111,16 +130,7 @@ pub fn exp_shift_sum(xs: &mut [f32], shift: f32) -> f32 {
         }
         sum
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(xs: &mut [f32], shift: f32) -> f32 {
-            body(xs, shift)
-        }
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return unsafe { avx2(xs, shift) };
-    }
-    body(xs, shift)
+    avx2_fma!(body(xs: &mut [f32], shift: f32) -> f32)
 }
 
 /// Σ exp(xs[j] − shift), xs unchanged.
@@ -136,16 +146,7 @@ pub fn sum_exp_shift(xs: &[f32], shift: f32) -> f32 {
         }
         acc.iter().sum::<f32>() + chunks.remainder().iter().map(|&x| exp_poly(x - shift)).sum::<f32>()
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(xs: &[f32], shift: f32) -> f32 {
-            body(xs, shift)
-        }
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return unsafe { avx2(xs, shift) };
-    }
-    body(xs, shift)
+    avx2_fma!(body(xs: &[f32], shift: f32) -> f32)
 }
 
 /// out[j] = scale · exp(xs[j] − shift).
@@ -156,16 +157,7 @@ pub fn exp_shift_scaled(xs: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
             *o = scale * exp_poly(x - shift);
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(xs: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
-            body(xs, shift, scale, out)
-        }
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return unsafe { avx2(xs, shift, scale, out) };
-    }
-    body(xs, shift, scale, out)
+    avx2_fma!(body(xs: &[f32], shift: f32, scale: f32, out: &mut [f32]) -> ())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -410,16 +402,7 @@ fn swiglu_rows(g: &[f32], u: &[f32], h: &mut [f32]) {
             *h = g * sigmoid(g) * u;
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(g: &[f32], u: &[f32], h: &mut [f32]) {
-            body(g, u, h)
-        }
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return unsafe { avx2(g, u, h) };
-    }
-    body(g, u, h)
+    avx2_fma!(body(g: &[f32], u: &[f32], h: &mut [f32]) -> ())
 }
 
 /// dgate = dh · up · silu'(gate) with silu'(g) = σ(g)(1 + g(1 − σ(g))); dup = dh · silu(gate).
@@ -432,16 +415,7 @@ fn swiglu_grad_rows(g: &[f32], u: &[f32], dh: &[f32], dg: &mut [f32], du: &mut [
             du[i] = dh[i] * g * s;
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(g: &[f32], u: &[f32], dh: &[f32], dg: &mut [f32], du: &mut [f32]) {
-            body(g, u, dh, dg, du)
-        }
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return unsafe { avx2(g, u, dh, dg, du) };
-    }
-    body(g, u, dh, dg, du)
+    avx2_fma!(body(g: &[f32], u: &[f32], dh: &[f32], dg: &mut [f32], du: &mut [f32]) -> ())
 }
 
 impl CustomOp2 for SwiGlu {

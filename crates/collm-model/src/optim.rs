@@ -84,16 +84,7 @@ pub fn sum_squares(xs: &[f32]) -> f64 {
         acc.iter().sum::<f64>() + tail
     }
     fn block(xs: &[f32]) -> f64 {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") {
-            #[target_feature(enable = "avx2")]
-            unsafe fn avx2(xs: &[f32]) -> f64 {
-                body(xs)
-            }
-            // SAFETY: the CPU has AVX2 (checked above).
-            return unsafe { avx2(xs) };
-        }
-        body(xs)
+        crate::ops::avx2_fma!(body(xs: &[f32]) -> f64)
     }
     const BLOCK: usize = 1 << 16;
     let partials: Vec<f64> = xs.par_chunks(BLOCK).map(block).collect();
