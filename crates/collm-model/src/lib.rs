@@ -5,6 +5,7 @@ pub mod batcher;
 pub mod checkpoint;
 pub mod config;
 pub mod cuda;
+pub mod decode_cpu;
 pub mod devcheck;
 pub mod device;
 pub mod export;

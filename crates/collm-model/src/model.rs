@@ -80,7 +80,7 @@ impl KvCache {
     /// layer `l`; returns the layer's whole keys and values. With `in_place` (a pass without a
     /// graph) they go into the layer's room; otherwise (a graph may hold the old tensors) the
     /// layer is concatenated anew.
-    fn append(&mut self, l: usize, k: Tensor, v: Tensor, in_place: bool) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(&mut self, l: usize, k: Tensor, v: Tensor, in_place: bool) -> Result<(Tensor, Tensor)> {
         let (k, v) = match self.layers[l].take() {
             None => (k, v),
             Some((pk, pv)) if !in_place => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
@@ -422,8 +422,11 @@ impl Transformer {
             cache.valid[r].extend_from_slice(&valid[r]);
         }
         self.flops.add(self.pass_flops(valid, &positions, grad));
-        let mask = AttnMask::causal(&cache.valid, past, t);
         let rope = RopeTable::new(&positions, cfg.head_dim, cfg.rope_theta);
+        if crate::decode_cpu::applies(self, b, t, grad) {
+            return crate::decode_cpu::step(self, &flat, cache, &rope);
+        }
+        let mask = AttnMask::causal(&cache.valid, past, t);
         let ids = Tensor::from_vec(flat, b * t, &self.device)?;
         let mut x = self.w("model.embed_tokens.weight", grad)?.index_select(&ids, 0)?.reshape((b, t, cfg.hidden_size))?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);

@@ -41,6 +41,11 @@ pub fn fused(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && !GENERIC.with(|g| g.get())
 }
 
+/// Whether the fused CPU kernels are on for this thread (not forced off by [`with_generic_ops`]).
+pub fn fused_ops_on() -> bool {
+    !GENERIC.with(|g| g.get())
+}
+
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
@@ -450,6 +455,13 @@ impl CustomOp2 for SwiGlu {
         })???;
         Ok((Some(Tensor::from_vec(dg, gate.shape(), gate.device())?), Some(Tensor::from_vec(du, up.shape(), up.device())?)))
     }
+}
+
+/// silu(gate) · up of two slices on the calling thread (the decode step's few rows).
+pub(crate) fn swiglu_slices(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut h = vec![0f32; gate.len().min(up.len())];
+    swiglu_rows(gate, up, &mut h);
+    h
 }
 
 /// silu(gate) · up elementwise (the MLP's gate): one fused op on the CPU in f32, candle's silu
@@ -922,51 +934,82 @@ pub const SMALL_ROWS: usize = 16;
 /// C[m, n] = A[m, k] · B[n, k]^T for small m: parallel over blocks of B's rows, each row read
 /// once and dotted with every row of A (A stays in cache).
 pub fn matmul_nt_small(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Result<Vec<f32>> {
-    if a.len() != m * k || b.len() != n * k {
-        bail!("matmul_nt_small: shapes do not match the data ({m}x{k} · {n}x{k})");
+    Ok(matmul_nt_small_many(a, m, k, &[(b, n)])?.pop().expect("one weight, one product"))
+}
+
+/// [`matmul_nt_small`] of one A against several weights B_i [n_i, k] in one parallel region (a
+/// decode step's q, k and v projections, or gate and up): one dispatch to the threads instead of
+/// one per weight. Returns each C_i [m, n_i].
+pub fn matmul_nt_small_many(a: &[f32], m: usize, k: usize, ws: &[(&[f32], usize)]) -> Result<Vec<Vec<f32>>> {
+    if a.len() != m * k {
+        bail!("matmul_nt_small: A holds {} values, not {m}x{k}", a.len());
+    }
+    if let Some((b, n)) = ws.iter().find(|(b, n)| b.len() != n * k) {
+        bail!("matmul_nt_small: a weight of {} values is not {n}x{k}", b.len());
     }
     const BLOCK: usize = 64;
-    let mut ct = vec![0f32; n * m]; // transposed: [n, m], so each block writes one contiguous run
-    ct.par_chunks_mut(BLOCK * m).enumerate().for_each(|(blk, out)| {
-        let j0 = blk * BLOCK;
-        let rows = out.len() / m;
-        let mut jj = 0;
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            while jj + 4 <= rows {
-                let w = &b[(j0 + jj) * k..(j0 + jj + 4) * k];
-                let mut i = 0;
-                while i + 2 <= m {
-                    // SAFETY: the CPU has AVX2 and FMA; the slices hold 2 and 4 rows of k values.
-                    let r = unsafe { dot_2x4_avx2(&a[i * k..(i + 2) * k], w, k) };
-                    for q in 0..4 {
-                        out[(jj + q) * m + i] = r[q];
-                        out[(jj + q) * m + i + 1] = r[4 + q];
-                    }
-                    i += 2;
-                }
-                if i < m {
-                    for q in 0..4 {
-                        out[(jj + q) * m + i] = dot(&a[i * k..(i + 1) * k], &w[q * k..(q + 1) * k]);
-                    }
-                }
-                jj += 4;
-            }
-        }
-        for (jr, o) in out.chunks_mut(m).enumerate().skip(jj) {
-            let row = &b[(j0 + jr) * k..(j0 + jr + 1) * k];
-            for (i, oi) in o.iter_mut().enumerate() {
-                *oi = dot(&a[i * k..(i + 1) * k], row);
-            }
-        }
-    });
-    let mut c = vec![0f32; m * n];
-    for j in 0..n {
-        for i in 0..m {
-            c[i * n + j] = ct[j * m + i];
+    // Transposed products [n_i, m], so each block writes one contiguous run.
+    let mut cts: Vec<Vec<f32>> = ws.iter().map(|&(_, n)| vec![0f32; n * m]).collect();
+    let mut tasks: Vec<(&[f32], &mut [f32])> = vec![];
+    for (ct, &(b, _)) in cts.iter_mut().zip(ws) {
+        for (blk, out) in ct.chunks_mut(BLOCK * m).enumerate() {
+            let rows = out.len() / m;
+            tasks.push((&b[blk * BLOCK * k..(blk * BLOCK + rows) * k], out));
         }
     }
-    Ok(c)
+    tasks.into_par_iter().for_each(|(w, out)| small_block(a, m, k, w, out));
+    Ok(cts
+        .into_iter()
+        .zip(ws)
+        .map(|(ct, &(_, n))| {
+            if m == 1 {
+                return ct;
+            }
+            let mut c = vec![0f32; m * n];
+            for j in 0..n {
+                for i in 0..m {
+                    c[i * n + j] = ct[j * m + i];
+                }
+            }
+            c
+        })
+        .collect())
+}
+
+/// out[j, i] = A[i] · W[j] for the rows of one block of W.
+fn small_block(a: &[f32], m: usize, k: usize, w: &[f32], out: &mut [f32]) {
+    let rows = out.len() / m;
+    let mut jj = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        while jj + 4 <= rows {
+            let w4 = &w[jj * k..(jj + 4) * k];
+            let mut i = 0;
+            while i + 2 <= m {
+                // SAFETY: the CPU has AVX2 and FMA; the slices hold 2 and 4 rows of k values.
+                let r = unsafe { dot_2x4_avx2(&a[i * k..(i + 2) * k], w4, k, i == 0) };
+                for q in 0..4 {
+                    out[(jj + q) * m + i] = r[q];
+                    out[(jj + q) * m + i + 1] = r[4 + q];
+                }
+                i += 2;
+            }
+            if i < m {
+                // SAFETY: as above; the row of A holds k values.
+                let r = unsafe { dot_1x4_avx2(&a[i * k..(i + 1) * k], w4, k) };
+                for q in 0..4 {
+                    out[(jj + q) * m + i] = r[q];
+                }
+            }
+            jj += 4;
+        }
+    }
+    for (jr, o) in out.chunks_mut(m).enumerate().skip(jj) {
+        let row = &w[jr * k..(jr + 1) * k];
+        for (i, oi) in o.iter_mut().enumerate() {
+            *oi = dot(&a[i * k..(i + 1) * k], row);
+        }
+    }
 }
 
 /// Σ a_i b_i, with AVX2/FMA when the CPU has them.
@@ -998,7 +1041,7 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 /// [a0·w0, a0·w1, a0·w2, a0·w3, a1·w0, …].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_2x4_avx2(a: &[f32], w: &[f32], k: usize) -> [f32; 8] {
+unsafe fn dot_2x4_avx2(a: &[f32], w: &[f32], k: usize, prefetch: bool) -> [f32; 8] {
     use std::arch::x86_64::*;
     let (a0, a1) = (a.as_ptr(), a.as_ptr().add(k));
     let wp = [w.as_ptr(), w.as_ptr().add(k), w.as_ptr().add(2 * k), w.as_ptr().add(3 * k)];
@@ -1008,6 +1051,10 @@ unsafe fn dot_2x4_avx2(a: &[f32], w: &[f32], k: usize) -> [f32; 8] {
         let x0 = _mm256_loadu_ps(a0.add(i));
         let x1 = _mm256_loadu_ps(a1.add(i));
         for q in 0..4 {
+            if prefetch {
+                // The same place eight rows on (the next blocks of rows): a hint, never dereferenced.
+                _mm_prefetch::<_MM_HINT_T0>(wp[q].wrapping_add(8 * k + i) as *const i8);
+            }
             let y = _mm256_loadu_ps(wp[q].add(i));
             acc[q] = _mm256_fmadd_ps(x0, y, acc[q]);
             acc[4 + q] = _mm256_fmadd_ps(x1, y, acc[4 + q]);
@@ -1026,6 +1073,53 @@ unsafe fn dot_2x4_avx2(a: &[f32], w: &[f32], k: usize) -> [f32; 8] {
         for q in 0..4 {
             out[q] += *a0.add(i) * *wp[q].add(i);
             out[4 + q] += *a1.add(i) * *wp[q].add(i);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Dots of one row of `a` with 4 rows of `w` (each k long): batch-1 decoding, where the weights
+/// stream from memory once per step. The loads of the four rows interleave (four streams in
+/// flight) and the next four rows are prefetched a block ahead.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_1x4_avx2(a: &[f32], w: &[f32], k: usize) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let a0 = a.as_ptr();
+    let wp = [w.as_ptr(), w.as_ptr().add(k), w.as_ptr().add(2 * k), w.as_ptr().add(3 * k)];
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let mut i = 0;
+    while i + 16 <= k {
+        let x0 = _mm256_loadu_ps(a0.add(i));
+        let x1 = _mm256_loadu_ps(a0.add(i + 8));
+        for q in 0..4 {
+            // The same place four rows on: a read hint, never dereferenced.
+            _mm_prefetch::<_MM_HINT_T0>(wp[q].wrapping_add(8 * k + i) as *const i8);
+            acc[q] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wp[q].add(i)), acc[q]);
+            acc[4 + q] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(wp[q].add(i + 8)), acc[4 + q]);
+        }
+        i += 16;
+    }
+    while i + 8 <= k {
+        let x0 = _mm256_loadu_ps(a0.add(i));
+        for q in 0..4 {
+            acc[q] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wp[q].add(i)), acc[q]);
+        }
+        i += 8;
+    }
+    let mut out = [0f32; 4];
+    for q in 0..4 {
+        let v = _mm256_add_ps(acc[q], acc[4 + q]);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(hi, _mm256_castps256_ps128(v));
+        let s = _mm_hadd_ps(s, s);
+        let s = _mm_hadd_ps(s, s);
+        out[q] = _mm_cvtss_f32(s);
+    }
+    while i < k {
+        for q in 0..4 {
+            out[q] += *a0.add(i) * *wp[q].add(i);
         }
         i += 1;
     }
@@ -1356,6 +1450,39 @@ pub fn attention_unfused(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, sc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The small-row products (decoding's projections) against f64 sums: every path of the
+    /// kernels (pairs of rows, the odd row's four-row dots, the leftover weight rows, k around
+    /// the 8- and 16-wide steps) and several weights in one dispatch.
+    #[test]
+    fn small_row_products_match_f64() {
+        let val = |i: usize, s: usize| ((i * 37 + s * 101) % 97) as f32 / 48.0 - 1.0;
+        for m in [1, 2, 3, 5, 16] {
+            for k in [1, 7, 8, 15, 16, 17, 33, 576] {
+                let a: Vec<f32> = (0..m * k).map(|i| val(i, 1)).collect();
+                let ns = [1usize, 3, 4, 5, 64, 65, 130];
+                let ws: Vec<Vec<f32>> = ns.iter().enumerate().map(|(w, &n)| (0..n * k).map(|i| val(i, w + 2)).collect()).collect();
+                let pairs: Vec<(&[f32], usize)> = ws.iter().zip(ns).map(|(w, n)| (&w[..], n)).collect();
+                let got = matmul_nt_small_many(&a, m, k, &pairs).unwrap();
+                for ((c, w), n) in got.iter().zip(&ws).zip(ns) {
+                    assert_eq!(c.len(), m * n);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want: f64 = (0..k).map(|x| a[i * k + x] as f64 * w[j * k + x] as f64).sum();
+                            let d = (c[i * n + j] as f64 - want).abs();
+                            assert!(
+                                d <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                                "m {m} k {k} n {n}: C[{i},{j}] {} vs {want}",
+                                c[i * n + j]
+                            );
+                        }
+                    }
+                }
+                assert_eq!(matmul_nt_small(&a, m, k, &ws[4], 64).unwrap(), got[4]);
+            }
+        }
+        assert!(matmul_nt_small_many(&[1.0; 6], 2, 3, &[(&[1.0; 5], 2)]).is_err());
+    }
 
     /// The vectorized exp against f64's, relative error, over the range the softmaxes meet (and
     /// the masked −inf and underflow, which must be exactly 0).

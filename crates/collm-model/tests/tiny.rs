@@ -49,6 +49,45 @@ fn kv_cache_decoding_equals_full_forward() {
     }
 }
 
+/// The decode step on raw slices (`decode_cpu`) gives the general pass's hidden states: every
+/// architecture (biases, q/k norms, untied head) and a LoRA adapter whose B is not zero, three
+/// rows left-padded to different prompt lengths with one row finished (stepping with padding)
+/// after a few steps, and a batch of one, over 70 steps (the cache's room regrows).
+#[test]
+fn the_fast_decode_step_equals_the_general_pass() {
+    use collm_model::decode_cpu::{without_fast_decode, STEPS};
+    use std::sync::atomic::Ordering;
+    let mut models = all_archs();
+    let mut lora = tiny(Arch::Qwen2, 64, 9);
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec();
+    lora.add_lora(LoraConfig { rank: 4, alpha: 8.0, targets }, 1).unwrap();
+    for (name, p) in &lora.params {
+        if name.contains("lora_B") {
+            p.var.set(&Tensor::randn(0f32, 0.5, p.var.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    models.push(lora);
+    for m in &models {
+        for prompts in [vec![vec![5u32, 9, 17], vec![7, 1, 60, 22, 13, 9], vec![3]], vec![vec![11, 4, 8, 2]]] {
+            let rows = prompts.len();
+            let (mut fast, _) = prefill(m, &prompts, 0).unwrap();
+            let mut general = fast.clone();
+            for step in 0..70 {
+                let tokens: Vec<Vec<u32>> = (0..rows).map(|r| vec![((step * 7 + r * 11 + 1) % 64) as u32]).collect();
+                let valid: Vec<Vec<bool>> = (0..rows).map(|r| vec![!(r == 1 && step >= 4)]).collect();
+                let before = STEPS.load(Ordering::Relaxed);
+                let h = m.forward(&tokens, &valid, &mut fast, false).unwrap();
+                assert!(STEPS.load(Ordering::Relaxed) > before, "{:?}: the step did not take the fast path", m.cfg.arch);
+                let want = without_fast_decode(|| m.forward(&tokens, &valid, &mut general, false)).unwrap();
+                assert_eq!(h.dims(), want.dims());
+                let d = max_diff(&h, &want);
+                assert!(d <= 1e-4, "{:?} (LoRA {}), {rows} row(s), step {step}: hidden states differ by {d}", m.cfg.arch, m.lora.is_some());
+            }
+            assert_eq!((fast.next_pos.clone(), fast.valid.clone()), (general.next_pos.clone(), general.valid.clone()));
+        }
+    }
+}
+
 /// Token-by-token passes without a graph write into the cache's room in place (doubling it when
 /// full): after 150 steps (the room regrown several times) each step's logits equal a full
 /// forward's. A clone of the cache, extended differently from the original, gives its own

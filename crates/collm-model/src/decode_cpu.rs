@@ -1,0 +1,252 @@
+//! The decode step on the CPU: one new token per row, no graph, f32, every layer computed on the
+//! weights' own slices. It is the arithmetic of `Transformer::forward` (the same RMSNorm, RoPE
+//! table, masked softmax and projections, LoRA adapters and biases included) without the
+//! ~25 candle ops per layer that the general pass builds, each of which allocated its output and
+//! woke candle's thread pool: at batch 1 those ops, not the weights' bytes, bounded a step. Here
+//! a layer makes four parallel dispatches (q/k/v, o, gate/up, down), all of them the streaming
+//! dot products of [`ops::matmul_nt_small_many`], and the rest runs on the calling thread.
+//! Checked against the general pass in `tests/tiny.rs`.
+
+use crate::model::{KvCache, Transformer};
+use crate::ops::{self, RopeTable};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Storage, Tensor};
+use rayon::prelude::*;
+use std::cell::Cell;
+use std::ops::Deref;
+
+/// A tensor's storage, read-locked (candle's lock guard).
+type Guard<'a> = Box<dyn Deref<Target = Storage> + 'a>;
+
+thread_local! {
+    static ON: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Runs `f` with this path off on this thread: every decode step takes the general pass (the
+/// reference this one is tested against).
+pub fn without_fast_decode<R>(f: impl FnOnce() -> R) -> R {
+    ops::with_switch(&ON, false, f)
+}
+
+/// Decode steps this process has taken on this path (what the tests check it is used by).
+pub static STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// `COLLM_FAST_DECODE=0` turns this path off for the whole process (to time it against the
+/// general pass).
+fn enabled_by_env() -> bool {
+    static ON_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON_ENV.get_or_init(|| std::env::var("COLLM_FAST_DECODE").map_or(true, |v| v != "0"))
+}
+
+/// Whether a pass of `rows` rows × `t` new tokens may take this path.
+pub(crate) fn applies(m: &Transformer, rows: usize, t: usize, grad: bool) -> bool {
+    !grad
+        && t == 1
+        && rows <= ops::SMALL_ROWS
+        && m.device.is_cpu()
+        && m.dtype() == DType::F32
+        && ops::fused_ops_on()
+        && ON.with(|s| s.get())
+        && enabled_by_env()
+}
+
+/// A weight's storage, read-locked while a step uses it.
+struct Held<'a> {
+    guard: Guard<'a>,
+    range: (usize, usize),
+}
+
+impl Held<'_> {
+    fn data(&self) -> Result<&[f32]> {
+        match &**self.guard {
+            Storage::Cpu(c) => Ok(&c.as_slice::<f32>()?[self.range.0..self.range.1]),
+            _ => bail!("decode step: a weight is not on the CPU"),
+        }
+    }
+}
+
+fn hold<'a>(m: &'a Transformer, name: &str) -> Result<Held<'a>> {
+    let p = m.params.get(name).with_context(|| format!("model has no tensor '{name}'"))?;
+    let (guard, layout) = p.var.as_tensor().storage_and_layout();
+    let range = layout.contiguous_offsets().with_context(|| format!("decode step: '{name}' is not contiguous"))?;
+    Ok(Held { guard: Box::new(guard), range })
+}
+
+/// A projection's weights: the base W [out, in], its bias, and its LoRA adapter (A, B, scale).
+struct Proj<'a> {
+    w: Held<'a>,
+    out: usize,
+    bias: Option<Held<'a>>,
+    lora: Option<(Held<'a>, Held<'a>, f32)>,
+}
+
+fn proj<'a>(m: &'a Transformer, prefix: &str, out: usize) -> Result<Proj<'a>> {
+    let opt = |n: String| if m.params.contains_key(&n) { hold(m, &n).map(Some) } else { Ok(None) };
+    let lora = match (&m.lora, opt(format!("{prefix}.lora_A.weight"))?, opt(format!("{prefix}.lora_B.weight"))?) {
+        (Some(l), Some(a), Some(b)) => Some((a, b, l.scale() as f32)),
+        _ => None,
+    };
+    Ok(Proj { w: hold(m, &format!("{prefix}.weight"))?, out, bias: opt(format!("{prefix}.bias"))?, lora })
+}
+
+/// y_i = x W_iᵀ (+ b_i) (+ s·(x A_iᵀ) B_iᵀ) for several projections of the same rows x [m, k],
+/// the base products in one parallel dispatch.
+fn project(x: &[f32], m: usize, k: usize, ps: &[&Proj]) -> Result<Vec<Vec<f32>>> {
+    let ws: Vec<(&[f32], usize)> = ps.iter().map(|p| Ok((p.w.data()?, p.out))).collect::<Result<_>>()?;
+    let mut ys = ops::matmul_nt_small_many(x, m, k, &ws)?;
+    for (y, p) in ys.iter_mut().zip(ps) {
+        if let Some(b) = &p.bias {
+            for row in y.chunks_mut(p.out) {
+                row.iter_mut().zip(b.data()?).for_each(|(v, b)| *v += b);
+            }
+        }
+        if let Some((a, b, s)) = &p.lora {
+            let r = a.data()?.len() / k;
+            let xa = ops::matmul_nt_small(x, m, k, a.data()?, r)?;
+            let d = ops::matmul_nt_small(&xa, m, r, b.data()?, p.out)?;
+            y.iter_mut().zip(d).for_each(|(v, d)| *v += s * d);
+        }
+    }
+    Ok(ys)
+}
+
+/// RMSNorm of each row of `x` (rows of `w.len()`), as `ops::rms_norm` computes it.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut out = vec![0f32; x.len()];
+    for (o, x) in out.chunks_mut(d).zip(x.chunks(d)) {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for j in 0..d {
+            o[j] = x[j] * r * w[j];
+        }
+    }
+    out
+}
+
+/// Rotates each row's heads in place by its position's angles (the table has one row per row).
+fn rope(x: &mut [f32], table: &RopeTable, heads: usize) {
+    let half = table.half;
+    let hd = 2 * half;
+    for (r, row) in x.chunks_mut(heads * hd).enumerate() {
+        let (c, s) = (&table.cos[r * half..(r + 1) * half], &table.sin[r * half..(r + 1) * half]);
+        for h in row.chunks_mut(hd) {
+            for i in 0..half {
+                let (a, b) = (h[i], h[i + half]);
+                h[i] = a * c[i] - b * s[i];
+                h[i + half] = b * c[i] + a * s[i];
+            }
+        }
+    }
+}
+
+/// A [batch, kv_heads, slots, head_dim] cache tensor's data and strides (the last one 1).
+struct Strided<'a> {
+    guard: Guard<'a>,
+    offset: usize,
+    stride: [usize; 3],
+}
+
+fn strided(t: &Tensor) -> Result<Strided<'_>> {
+    let (guard, l) = t.storage_and_layout();
+    let st = l.stride();
+    if st.len() != 4 || st[3] != 1 {
+        bail!("decode step: a cache tensor of strides {st:?}");
+    }
+    Ok(Strided { offset: l.start_offset(), stride: [st[0], st[1], st[2]], guard: Box::new(guard) })
+}
+
+impl Strided<'_> {
+    fn data(&self) -> Result<&[f32]> {
+        match &**self.guard {
+            Storage::Cpu(c) => Ok(c.as_slice::<f32>()?),
+            _ => bail!("decode step: the cache is not on the CPU"),
+        }
+    }
+}
+
+/// One decode step of `ids` (one token per row) after what `cache` holds, whose `valid` and
+/// `next_pos` the caller has already advanced; `rope` has one row per row. Returns the hidden
+/// states after the final norm, [batch, 1, hidden].
+pub(crate) fn step(m: &Transformer, ids: &[u32], cache: &mut KvCache, rope_t: &RopeTable) -> Result<Tensor> {
+    STEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let cfg = &m.cfg;
+    let (b, hs) = (ids.len(), cfg.hidden_size);
+    let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    let n_rep = nh / nkv;
+    let eps = cfg.rms_norm_eps as f32;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut x = vec![0f32; b * hs];
+    {
+        let emb = hold(m, "model.embed_tokens.weight")?;
+        let e = emb.data()?;
+        for (row, &id) in x.chunks_mut(hs).zip(ids) {
+            row.copy_from_slice(&e[id as usize * hs..(id as usize + 1) * hs]);
+        }
+    }
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        // Attention.
+        let (q, k, v) = {
+            let norm = hold(m, &format!("{p}.input_layernorm.weight"))?;
+            let h = rms_norm(&x, norm.data()?, eps);
+            let pq = proj(m, &format!("{p}.self_attn.q_proj"), nh * hd)?;
+            let pk = proj(m, &format!("{p}.self_attn.k_proj"), nkv * hd)?;
+            let pv = proj(m, &format!("{p}.self_attn.v_proj"), nkv * hd)?;
+            let mut ys = project(&h, b, hs, &[&pq, &pk, &pv])?.into_iter();
+            let (mut q, mut k, v) = (ys.next().unwrap(), ys.next().unwrap(), ys.next().unwrap());
+            if cfg.qk_norm {
+                q = rms_norm(&q, hold(m, &format!("{p}.self_attn.q_norm.weight"))?.data()?, eps);
+                k = rms_norm(&k, hold(m, &format!("{p}.self_attn.k_norm.weight"))?.data()?, eps);
+            }
+            rope(&mut q, rope_t, nh);
+            rope(&mut k, rope_t, nkv);
+            (q, k, v)
+        };
+        // One new slot per row: [b, 1, nkv, hd] is laid out as [b, nkv, 1, hd].
+        let (kt, vt) =
+            cache.append(l, Tensor::from_vec(k, (b, nkv, 1, hd), &m.device)?, Tensor::from_vec(v, (b, nkv, 1, hd), &m.device)?, true)?;
+        let slots = kt.dim(2)?;
+        let mut o = vec![0f32; b * nh * hd];
+        {
+            let (ks, vs) = (strided(&kt)?, strided(&vt)?);
+            let (kd, vd) = (ks.data()?, vs.data()?);
+            let valid = &cache.valid;
+            o.par_chunks_mut(hd).enumerate().for_each(|(rh, out)| {
+                let (r, h) = (rh / nh, rh % nh);
+                let g = h / n_rep;
+                let qh = &q[(r * nh + h) * hd..(r * nh + h + 1) * hd];
+                let kbase = ks.offset + r * ks.stride[0] + g * ks.stride[1];
+                let vbase = vs.offset + r * vs.stride[0] + g * vs.stride[1];
+                // The new token (the last slot) sees every real key and itself.
+                let seen: Vec<usize> = (0..slots).filter(|&j| valid[r][j] || j + 1 == slots).collect();
+                let mut sc: Vec<f32> =
+                    seen.iter().map(|&j| ops::dot(qh, &kd[kbase + j * ks.stride[2]..kbase + j * ks.stride[2] + hd]) * scale).collect();
+                let max = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let inv = 1.0 / ops::exp_shift_sum(&mut sc, max);
+                for (&j, &pj) in seen.iter().zip(&sc) {
+                    let vj = &vd[vbase + j * vs.stride[2]..vbase + j * vs.stride[2] + hd];
+                    let w = pj * inv;
+                    out.iter_mut().zip(vj).for_each(|(o, v)| *o += w * v);
+                }
+            });
+        }
+        let po = proj(m, &format!("{p}.self_attn.o_proj"), hs)?;
+        let y = project(&o, b, nh * hd, &[&po])?.pop().unwrap();
+        x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+        // MLP.
+        let norm = hold(m, &format!("{p}.post_attention_layernorm.weight"))?;
+        let h = rms_norm(&x, norm.data()?, eps);
+        let inter = cfg.intermediate_size;
+        let (pg, pu) = (proj(m, &format!("{p}.mlp.gate_proj"), inter)?, proj(m, &format!("{p}.mlp.up_proj"), inter)?);
+        let mut gu = project(&h, b, hs, &[&pg, &pu])?.into_iter();
+        let (gate, up) = (gu.next().unwrap(), gu.next().unwrap());
+        let act = ops::swiglu_slices(&gate, &up);
+        let pd = proj(m, &format!("{p}.mlp.down_proj"), hs)?;
+        let y = project(&act, b, inter, &[&pd])?.pop().unwrap();
+        x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+    }
+    let norm = hold(m, "model.norm.weight")?;
+    let out = rms_norm(&x, norm.data()?, eps);
+    Ok(Tensor::from_vec(out, (b, 1, hs), &m.device)?)
+}
