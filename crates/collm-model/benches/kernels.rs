@@ -1,7 +1,8 @@
 //! Criterion benchmarks of the hot kernels, on a randomly initialised model of SmolLM2-135M's
 //! shape (30 layers, hidden 576, 9 query / 3 key-value heads, vocabulary 49152), f32 on the CPU:
 //! - `decode_step/bN`: one sampling step for N rows (forward of one new token each over a
-//!   128-token KV cache, then the last position's logits);
+//!   128-token KV cache, then the last position's logits), on the decode step's raw slices
+//!   (`decode_cpu`) and, as `bN_general`, through the general pass;
 //! - `forward_backward/BxT`: the teacher-forced pass of the policy loss (token log-probs of a
 //!   padded batch) and its backward;
 //! - `adamw_step`: one fused AdamW step over every parameter;
@@ -55,15 +56,13 @@ fn kernels(c: &mut Criterion) {
         let (cache, _) = prefill(&model, &prompts, 0).expect("prefill");
         let next: Vec<Vec<u32>> = (0..b).map(|i| vec![(i * 31 + 7) as u32]).collect();
         let valid = vec![vec![true]; b];
-        g.bench_function(format!("b{b}"), |bench| {
-            bench.iter_batched(
-                || cache.clone(),
-                |mut c| {
-                    let h = model.forward(&next, &valid, &mut c, false).unwrap();
-                    model.logits(&h.squeeze(1).unwrap(), false).unwrap()
-                },
-                BatchSize::LargeInput,
-            )
+        let step = |c: &mut KvCache| {
+            let h = model.forward(&next, &valid, c, false).unwrap();
+            model.logits(&h.squeeze(1).unwrap(), false).unwrap()
+        };
+        g.bench_function(format!("b{b}"), |bench| bench.iter_batched(|| cache.clone(), |mut c| step(&mut c), BatchSize::LargeInput));
+        g.bench_function(format!("b{b}_general"), |bench| {
+            bench.iter_batched(|| cache.clone(), |mut c| decode_cpu::without_fast_decode(|| step(&mut c)), BatchSize::LargeInput)
         });
     }
     g.finish();

@@ -89,22 +89,33 @@ fn proj<'a>(m: &'a Transformer, prefix: &str, out: usize) -> Result<Proj<'a>> {
     Ok(Proj { w: hold(m, &format!("{prefix}.weight"))?, out, bias: opt(format!("{prefix}.bias"))?, lora })
 }
 
-/// y_i = x W_iᵀ (+ b_i) (+ s·(x A_iᵀ) B_iᵀ) for several projections of the same rows x [m, k],
-/// the base products in one parallel dispatch.
+/// y_i = x W_iᵀ (+ b_i) (+ s·(x A_iᵀ) B_iᵀ) for several projections of the same rows x [m, k]:
+/// the base products and the adapters' x A_iᵀ in one parallel dispatch, the thin (x A_iᵀ) B_iᵀ
+/// (rank-wide rows) on the calling thread.
 fn project(x: &[f32], m: usize, k: usize, ps: &[&Proj]) -> Result<Vec<Vec<f32>>> {
-    let ws: Vec<(&[f32], usize)> = ps.iter().map(|p| Ok((p.w.data()?, p.out))).collect::<Result<_>>()?;
+    let mut ws: Vec<(&[f32], usize)> = ps.iter().map(|p| Ok((p.w.data()?, p.out))).collect::<Result<_>>()?;
+    for p in ps {
+        if let Some((a, _, _)) = &p.lora {
+            let a = a.data()?;
+            ws.push((a, a.len() / k));
+        }
+    }
     let mut ys = ops::matmul_nt_small_many(x, m, k, &ws)?;
+    let mut xas = ys.split_off(ps.len()).into_iter();
     for (y, p) in ys.iter_mut().zip(ps) {
         if let Some(b) = &p.bias {
             for row in y.chunks_mut(p.out) {
                 row.iter_mut().zip(b.data()?).for_each(|(v, b)| *v += b);
             }
         }
-        if let Some((a, b, s)) = &p.lora {
-            let r = a.data()?.len() / k;
-            let xa = ops::matmul_nt_small(x, m, k, a.data()?, r)?;
-            let d = ops::matmul_nt_small(&xa, m, r, b.data()?, p.out)?;
-            y.iter_mut().zip(d).for_each(|(v, d)| *v += s * d);
+        if let Some((_, b, s)) = &p.lora {
+            let (xa, b) = (xas.next().expect("one x·Aᵀ per adapter"), b.data()?);
+            let r = b.len() / p.out;
+            for (yr, xr) in y.chunks_mut(p.out).zip(xa.chunks(r)) {
+                for (v, br) in yr.iter_mut().zip(b.chunks(r)) {
+                    *v += s * br.iter().zip(xr).map(|(b, x)| b * x).sum::<f32>();
+                }
+            }
         }
     }
     Ok(ys)

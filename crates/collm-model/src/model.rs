@@ -430,24 +430,25 @@ impl Transformer {
         let ids = Tensor::from_vec(flat, b * t, &self.device)?;
         let mut x = self.w("model.embed_tokens.weight", grad)?.index_select(&ids, 0)?.reshape((b, t, cfg.hidden_size))?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let n_rep = nh / nkv;
         let scale = 1.0 / (hd as f32).sqrt();
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
             let h = ops::rms_norm(&x, &self.w(&format!("{p}.input_layernorm.weight"), grad)?, cfg.rms_norm_eps)?;
-            let mut q = self.linear(&h, &format!("{p}.self_attn.q_proj"), grad)?.reshape((b, t, nh, hd))?;
-            let mut k = self.linear(&h, &format!("{p}.self_attn.k_proj"), grad)?.reshape((b, t, nkv, hd))?;
-            let v = self.linear(&h, &format!("{p}.self_attn.v_proj"), grad)?.reshape((b, t, nkv, hd))?;
+            let mut q = self.linear(&h, &format!("{p}.self_attn.q_proj"), grad)?; // [b, t, nh * hd]
+            let mut k = self.linear(&h, &format!("{p}.self_attn.k_proj"), grad)?;
+            let v = self.linear(&h, &format!("{p}.self_attn.v_proj"), grad)?;
             if cfg.qk_norm {
-                q = ops::rms_norm(&q, &self.w(&format!("{p}.self_attn.q_norm.weight"), grad)?, cfg.rms_norm_eps)?;
-                k = ops::rms_norm(&k, &self.w(&format!("{p}.self_attn.k_norm.weight"), grad)?, cfg.rms_norm_eps)?;
+                let (qw, kw) =
+                    (self.w(&format!("{p}.self_attn.q_norm.weight"), grad)?, self.w(&format!("{p}.self_attn.k_norm.weight"), grad)?);
+                q = ops::rms_norm(&q.reshape((b, t, nh, hd))?, &qw, cfg.rms_norm_eps)?;
+                k = ops::rms_norm(&k.reshape((b, t, nkv, hd))?, &kw, cfg.rms_norm_eps)?;
             }
-            let q = ops::rope(&q, &rope)?.transpose(1, 2)?.contiguous()?; // [b, nh, t, hd]
-            let k = ops::rope(&k, &rope)?.transpose(1, 2)?.contiguous()?; // [b, nkv, t, hd]
-            let v = v.transpose(1, 2)?.contiguous()?;
+            // Head-major, rotated: the query heads that share a key/value head grouped,
+            // [b, nkv, n_rep * t, hd]; keys and values [b, nkv, t, hd].
+            let qg = ops::to_heads(&q, Some(&rope), nh, nkv)?;
+            let k = ops::to_heads(&k, Some(&rope), nkv, nkv)?;
+            let v = ops::to_heads(&v, None, nkv, nkv)?;
             let (k, v) = cache.append(l, k, v, !grad)?;
-            // Group the query heads that share a key/value head: [b, nkv, n_rep * t, hd].
-            let qg = q.reshape((b, nkv, n_rep * t, hd))?;
             // Long passes take the fused block-wise attention, which keeps no [t, k_len] matrix
             // per layer (it recomputes them in the backward); short ones the plain ops, faster
             // when the matrices are small.
@@ -456,7 +457,7 @@ impl Transformer {
             } else {
                 ops::attention_unfused(&qg, &k, &v, &mask, scale)?
             };
-            let o = o.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            let o = ops::from_heads(&o, nh)?; // [b, t, nh * hd]
             x = (x + self.linear(&o, &format!("{p}.self_attn.o_proj"), grad)?)?;
             let h = ops::rms_norm(&x, &self.w(&format!("{p}.post_attention_layernorm.weight"), grad)?, cfg.rms_norm_eps)?;
             let gate = self.linear(&h, &format!("{p}.mlp.gate_proj"), grad)?;

@@ -567,6 +567,169 @@ pub fn rope(x: &Tensor, table: &RopeTable) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Heads: a projection's output [batch, seq, heads · head_dim] into the head-major layout that
+// attention reads, RoPE applied on the way, and attention's output back. Composed of candle ops
+// (reshape, rope, transpose, a contiguous copy, the query heads regrouped) each of these was
+// several graph nodes, and every node of a backward pass cost a zero-filled gradient buffer and
+// an add (strided, for the transposes); here each is one op, one pass each way.
+
+struct ToHeads {
+    table: Option<RopeTable>,
+    heads: usize,
+    groups: usize,
+}
+
+/// (batch, seq, head_dim) of a [batch, seq, …] tensor holding `heads` heads per token.
+fn head_dims(l: &Layout, heads: usize) -> Result<(usize, usize, usize)> {
+    let d = l.dims();
+    if d.len() < 3 || heads == 0 {
+        bail!("heads: a tensor of shape {d:?} does not hold {heads} heads per token");
+    }
+    let (b, t) = (d[0], d[1]);
+    let per_token = l.shape().elem_count() / (b * t).max(1);
+    if !per_token.is_multiple_of(heads) {
+        bail!("heads: a tensor of shape {d:?} does not hold {heads} heads per token");
+    }
+    Ok((b, t, per_token / heads))
+}
+
+/// Rotates one head's row by the angles of table row `tok` (inverse: the other way).
+#[inline(always)]
+fn rope_row(src: &[f32], dst: &mut [f32], t: &RopeTable, tok: usize, inverse: bool) {
+    let half = t.half;
+    let (c, s) = (&t.cos[tok * half..(tok + 1) * half], &t.sin[tok * half..(tok + 1) * half]);
+    for i in 0..half {
+        let (a, b) = (src[i], src[i + half]);
+        let sn = if inverse { -s[i] } else { s[i] };
+        dst[i] = a * c[i] - b * sn;
+        dst[i + half] = b * c[i] + a * sn;
+    }
+}
+
+/// Token-major [b, t, heads, hd] to head-major [b, heads, t, hd], rotating each head row by its
+/// token's angles when there is a table (`inverse`: the other way).
+fn permute_heads(x: &[f32], t: usize, heads: usize, hd: usize, table: Option<&RopeTable>, inverse: bool) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(t * hd).enumerate().for_each(|(bh, o)| {
+        let (r, h) = (bh / heads, bh % heads);
+        for j in 0..t {
+            let tok = r * t + j;
+            let token_major = (tok * heads + h) * hd;
+            let (src, dst) = (&x[token_major..token_major + hd], &mut o[j * hd..(j + 1) * hd]);
+            match table {
+                Some(tb) => rope_row(src, dst, tb, tok, inverse),
+                None => dst.copy_from_slice(src),
+            }
+        }
+    });
+    out
+}
+
+/// The inverse of [`permute_heads`]: head-major [b, heads, t, hd] to token-major.
+fn unpermute_heads(x: &[f32], t: usize, heads: usize, hd: usize, table: Option<&RopeTable>, inverse: bool) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(heads * hd).enumerate().for_each(|(tok, o)| {
+        let (r, j) = (tok / t, tok % t);
+        for h in 0..heads {
+            let head_major = ((r * heads + h) * t + j) * hd;
+            let (src, dst) = (&x[head_major..head_major + hd], &mut o[h * hd..(h + 1) * hd]);
+            match table {
+                Some(tb) => rope_row(src, dst, tb, tok, inverse),
+                None => dst.copy_from_slice(src),
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp1 for ToHeads {
+    fn name(&self) -> &'static str {
+        "collm-to-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let (b, t, hd) = head_dims(l, self.heads)?;
+        if let Some(tb) = &self.table {
+            if tb.cos.len() != b * t * tb.half || 2 * tb.half != hd {
+                bail!("to_heads: the RoPE table does not fit {b}x{t} tokens of head size {hd}");
+            }
+        }
+        let out = permute_heads(x, t, self.heads, hd, self.table.as_ref(), false);
+        Ok((CpuStorage::F32(out), Shape::from((b, self.groups, self.heads / self.groups * t, hd))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (_, t, hd) = head_dims(arg.layout(), self.heads)?;
+        let dx = with_f32(grad, |g| unpermute_heads(g, t, self.heads, hd, self.table.as_ref(), true))?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// A projection's output `x` [batch, seq, heads · head_dim] (or [batch, seq, heads, head_dim]) as
+/// attention's operand [batch, groups, heads / groups · seq, head_dim]: head-major, each group's
+/// heads one after another (the query heads that share a key/value head), rotated by `rope`'s
+/// per-token angles when given.
+pub fn to_heads(x: &Tensor, rope: Option<&RopeTable>, heads: usize, groups: usize) -> Result<Tensor> {
+    if groups == 0 || !heads.is_multiple_of(groups) {
+        bail!("to_heads: {heads} heads do not split into {groups} groups");
+    }
+    let (b, t, hd) = head_dims(x.layout(), heads)?;
+    if fused(x) {
+        return x.contiguous()?.apply_op1(ToHeads { table: rope.cloned(), heads, groups });
+    }
+    let x = x.reshape((b, t, heads, hd))?;
+    let x = match rope {
+        Some(table) => self::rope(&x, table)?,
+        None => x,
+    };
+    x.transpose(1, 2)?.contiguous()?.reshape((b, groups, heads / groups * t, hd))
+}
+
+struct FromHeads {
+    heads: usize,
+}
+
+impl CustomOp1 for FromHeads {
+    fn name(&self) -> &'static str {
+        "collm-from-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let d = l.dims();
+        let hd = *d.last().unwrap_or(&1);
+        let b = d[0];
+        let t = x.len() / (b * self.heads * hd).max(1);
+        if b * self.heads * t * hd != x.len() {
+            bail!("from_heads: a tensor of shape {d:?} does not hold {} heads", self.heads);
+        }
+        let out = unpermute_heads(x, t, self.heads, hd, None, false);
+        Ok((CpuStorage::F32(out), Shape::from((b, t, self.heads * hd))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let d = arg.dims();
+        let (b, hd) = (d[0], *d.last().unwrap_or(&1));
+        let t = arg.elem_count() / (b * self.heads * hd).max(1);
+        let dx = with_f32(grad, |g| permute_heads(g, t, self.heads, hd, None, false))?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// Attention's output [batch, groups, heads / groups · seq, head_dim] (head-major) as
+/// [batch, seq, heads · head_dim], the output projection's input.
+pub fn from_heads(o: &Tensor, heads: usize) -> Result<Tensor> {
+    let d = o.dims().to_vec();
+    let (b, hd) = (d[0], *d.last().unwrap_or(&1));
+    let t = o.elem_count() / (b * heads * hd).max(1);
+    if fused(o) {
+        return o.contiguous()?.apply_op1(FromHeads { heads });
+    }
+    o.reshape((b, heads, t, hd))?.transpose(1, 2)?.reshape((b, t, heads * hd))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Token log-probabilities: log_softmax(logits)[target], fused, with backward.
 
 struct TokenLogprobs {

@@ -68,6 +68,18 @@ fn each_op_matches_its_generic_path_with_gradients() {
     let q = var(&[2, 5, 3, 8], 4);
     check("rope", &[&q], || ops::rope(q.as_tensor(), &table).unwrap());
 
+    // A projection's output into heads and back: 6 heads in 2 groups, rotated or not, from the
+    // flat [b, t, heads · hd] and from [b, t, heads, hd] (after a q/k norm).
+    let x = var(&[2, 5, 6 * 8], 23);
+    check("to_heads (rope, grouped)", &[&x], || ops::to_heads(x.as_tensor(), Some(&table), 6, 2).unwrap());
+    check("to_heads (plain)", &[&x], || ops::to_heads(x.as_tensor(), None, 6, 6).unwrap());
+    check("to_heads (4-d)", &[&q], || ops::to_heads(q.as_tensor(), Some(&table), 3, 1).unwrap());
+    let o = var(&[2, 2, 3 * 5, 8], 24);
+    check("from_heads", &[&o], || ops::from_heads(o.as_tensor(), 6).unwrap());
+    assert_eq!(ops::to_heads(x.as_tensor(), Some(&table), 6, 2).unwrap().dims(), &[2, 2, 15, 8]);
+    assert_eq!(ops::from_heads(o.as_tensor(), 6).unwrap().dims(), &[2, 5, 48]);
+    assert!(ops::to_heads(x.as_tensor(), None, 5, 5).is_err() && ops::to_heads(x.as_tensor(), None, 6, 4).is_err());
+
     let logits = var(&[6, 50], 5);
     check("token_logprobs", &[&logits], || ops::token_logprobs(logits.as_tensor(), &[0, 7, 49, 3, 3, 21]).unwrap());
 
