@@ -28,8 +28,14 @@ pub fn without_fast_decode<R>(f: impl FnOnce() -> R) -> R {
     ops::with_switch(&ON, false, f)
 }
 
-/// Decode steps this process has taken on this path (what the tests check it is used by).
-pub static STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+thread_local! {
+    static STEPS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Decode steps this thread has taken on this path (what the tests check it is used by).
+pub fn steps_on_this_thread() -> u64 {
+    STEPS.with(|s| s.get())
+}
 
 /// `COLLM_FAST_DECODE=0` turns this path off for the whole process (to time it against the
 /// general pass).
@@ -121,34 +127,25 @@ fn project(x: &[f32], m: usize, k: usize, ps: &[&Proj]) -> Result<Vec<Vec<f32>>>
     Ok(ys)
 }
 
-/// RMSNorm of each row of `x` (rows of `w.len()`), as `ops::rms_norm` computes it.
+/// RMSNorm of each row of `x` (rows of `w.len()`), the fused op's arithmetic.
 fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let d = w.len();
     let mut out = vec![0f32; x.len()];
-    for (o, x) in out.chunks_mut(d).zip(x.chunks(d)) {
-        let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let r = 1.0 / (ms + eps).sqrt();
-        for j in 0..d {
-            o[j] = x[j] * r * w[j];
-        }
+    for (o, x) in out.chunks_mut(w.len()).zip(x.chunks(w.len())) {
+        ops::rms_norm_row(x, w, eps, o);
     }
     out
 }
 
-/// Rotates each row's heads in place by its position's angles (the table has one row per row).
-fn rope(x: &mut [f32], table: &RopeTable, heads: usize) {
-    let half = table.half;
-    let hd = 2 * half;
-    for (r, row) in x.chunks_mut(heads * hd).enumerate() {
-        let (c, s) = (&table.cos[r * half..(r + 1) * half], &table.sin[r * half..(r + 1) * half]);
-        for h in row.chunks_mut(hd) {
-            for i in 0..half {
-                let (a, b) = (h[i], h[i + half]);
-                h[i] = a * c[i] - b * s[i];
-                h[i + half] = b * c[i] + a * s[i];
-            }
+/// Rotates each row's heads by its position's angles (the table has one row per row).
+fn rope(x: &[f32], table: &RopeTable, heads: usize) -> Vec<f32> {
+    let hd = 2 * table.half;
+    let mut out = vec![0f32; x.len()];
+    for (r, (o, x)) in out.chunks_mut(heads * hd).zip(x.chunks(heads * hd)).enumerate() {
+        for (o, x) in o.chunks_mut(hd).zip(x.chunks(hd)) {
+            ops::rope_row(x, o, table, r, false);
         }
     }
+    out
 }
 
 /// A [batch, kv_heads, slots, head_dim] cache tensor's data and strides (the last one 1).
@@ -180,7 +177,7 @@ impl Strided<'_> {
 /// `next_pos` the caller has already advanced; `rope` has one row per row. Returns the hidden
 /// states after the final norm, [batch, 1, hidden].
 pub(crate) fn step(m: &Transformer, ids: &[u32], cache: &mut KvCache, rope_t: &RopeTable) -> Result<Tensor> {
-    STEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    STEPS.with(|s| s.set(s.get() + 1));
     let cfg = &m.cfg;
     let (b, hs) = (ids.len(), cfg.hidden_size);
     let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -210,14 +207,15 @@ pub(crate) fn step(m: &Transformer, ids: &[u32], cache: &mut KvCache, rope_t: &R
                 q = rms_norm(&q, hold(m, &format!("{p}.self_attn.q_norm.weight"))?.data()?, eps);
                 k = rms_norm(&k, hold(m, &format!("{p}.self_attn.k_norm.weight"))?.data()?, eps);
             }
-            rope(&mut q, rope_t, nh);
-            rope(&mut k, rope_t, nkv);
-            (q, k, v)
+            (rope(&q, rope_t, nh), rope(&k, rope_t, nkv), v)
         };
         // One new slot per row: [b, 1, nkv, hd] is laid out as [b, nkv, 1, hd].
         let (kt, vt) =
             cache.append(l, Tensor::from_vec(k, (b, nkv, 1, hd), &m.device)?, Tensor::from_vec(v, (b, nkv, 1, hd), &m.device)?, true)?;
         let slots = kt.dim(2)?;
+        if kt.dims4()? != (b, nkv, slots, hd) || vt.dims4()? != (b, nkv, slots, hd) || cache.valid.iter().any(|v| v.len() != slots) {
+            bail!("decode step: layer {l}'s cache holds keys {:?} and values {:?} for {slots} slots of validity", kt.dims(), vt.dims());
+        }
         let mut o = vec![0f32; b * nh * hd];
         {
             let (ks, vs) = (strided(&kt)?, strided(&vt)?);

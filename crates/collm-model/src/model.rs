@@ -353,6 +353,8 @@ impl Transformer {
         Ok(if grad && p.trainable { p.var.as_tensor().clone() } else { p.var.as_detached_tensor() })
     }
 
+    /// A projection with its bias and LoRA adapter. The decode step (`decode_cpu::project`)
+    /// repeats this epilogue on raw slices: a change here goes there too.
     fn linear(&self, x: &Tensor, prefix: &str, grad: bool) -> Result<Tensor> {
         let wname = format!("{prefix}.weight");
         let p = self.params.get(&wname).with_context(|| format!("model has no tensor '{wname}'"))?;

@@ -289,6 +289,17 @@ pub fn attn_softmax(scores: &Tensor, mask: &AttnMask, scale: f32) -> Result<Tens
 // ---------------------------------------------------------------------------------------------
 // RMSNorm: y = x / sqrt(mean(x^2) + eps) * w
 
+/// One row of RMSNorm: o = x / sqrt(mean(x²) + eps) · w (the fused op's and the decode step's).
+#[inline]
+pub(crate) fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, o: &mut [f32]) {
+    let d = w.len();
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+    let r = 1.0 / (ms + eps).sqrt();
+    for j in 0..d {
+        o[j] = x[j] * r * w[j];
+    }
+}
+
 struct RmsNorm {
     eps: f32,
 }
@@ -306,13 +317,7 @@ impl CustomOp2 for RmsNorm {
             bail!("rms_norm: hidden size {} != weight size {d}", last_dim(l1));
         }
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, x)| {
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            let r = 1.0 / (ms + self.eps).sqrt();
-            for j in 0..d {
-                o[j] = x[j] * r * w[j];
-            }
-        });
+        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, x)| rms_norm_row(x, w, self.eps, o));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -587,7 +592,7 @@ fn head_dims(l: &Layout, heads: usize) -> Result<(usize, usize, usize)> {
     }
     let (b, t) = (d[0], d[1]);
     let per_token = l.shape().elem_count() / (b * t).max(1);
-    if !per_token.is_multiple_of(heads) {
+    if per_token == 0 || !per_token.is_multiple_of(heads) {
         bail!("heads: a tensor of shape {d:?} does not hold {heads} heads per token");
     }
     Ok((b, t, per_token / heads))
@@ -595,7 +600,7 @@ fn head_dims(l: &Layout, heads: usize) -> Result<(usize, usize, usize)> {
 
 /// Rotates one head's row by the angles of table row `tok` (inverse: the other way).
 #[inline(always)]
-fn rope_row(src: &[f32], dst: &mut [f32], t: &RopeTable, tok: usize, inverse: bool) {
+pub(crate) fn rope_row(src: &[f32], dst: &mut [f32], t: &RopeTable, tok: usize, inverse: bool) {
     let half = t.half;
     let (c, s) = (&t.cos[tok * half..(tok + 1) * half], &t.sin[tok * half..(tok + 1) * half]);
     for i in 0..half {
@@ -686,6 +691,16 @@ pub fn to_heads(x: &Tensor, rope: Option<&RopeTable>, heads: usize, groups: usiz
     x.transpose(1, 2)?.contiguous()?.reshape((b, groups, heads / groups * t, hd))
 }
 
+/// (batch, seq, head_dim) of a head-major [batch, …, head_dim] tensor of `heads` heads.
+fn merged_dims(d: &[usize], heads: usize) -> Result<(usize, usize, usize)> {
+    let n: usize = d.iter().product();
+    let (b, hd) = (d.first().copied().unwrap_or(0), d.last().copied().unwrap_or(0));
+    if d.len() < 3 || n == 0 || heads == 0 || !n.is_multiple_of(b * heads * hd) {
+        bail!("from_heads: a tensor of shape {d:?} does not hold {heads} heads");
+    }
+    Ok((b, n / (b * heads * hd), hd))
+}
+
 struct FromHeads {
     heads: usize,
 }
@@ -697,21 +712,13 @@ impl CustomOp1 for FromHeads {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
-        let d = l.dims();
-        let hd = *d.last().unwrap_or(&1);
-        let b = d[0];
-        let t = x.len() / (b * self.heads * hd).max(1);
-        if b * self.heads * t * hd != x.len() {
-            bail!("from_heads: a tensor of shape {d:?} does not hold {} heads", self.heads);
-        }
+        let (b, t, hd) = merged_dims(l.dims(), self.heads)?;
         let out = unpermute_heads(x, t, self.heads, hd, None, false);
         Ok((CpuStorage::F32(out), Shape::from((b, t, self.heads * hd))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let d = arg.dims();
-        let (b, hd) = (d[0], *d.last().unwrap_or(&1));
-        let t = arg.elem_count() / (b * self.heads * hd).max(1);
+        let (_, t, hd) = merged_dims(arg.dims(), self.heads)?;
         let dx = with_f32(grad, |g| permute_heads(g, t, self.heads, hd, None, false))?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
@@ -720,9 +727,7 @@ impl CustomOp1 for FromHeads {
 /// Attention's output [batch, groups, heads / groups · seq, head_dim] (head-major) as
 /// [batch, seq, heads · head_dim], the output projection's input.
 pub fn from_heads(o: &Tensor, heads: usize) -> Result<Tensor> {
-    let d = o.dims().to_vec();
-    let (b, hd) = (d[0], *d.last().unwrap_or(&1));
-    let t = o.elem_count() / (b * heads * hd).max(1);
+    let (b, t, hd) = merged_dims(o.dims(), heads)?;
     if fused(o) {
         return o.contiguous()?.apply_op1(FromHeads { heads });
     }
@@ -1110,6 +1115,9 @@ pub fn matmul_nt_small_many(a: &[f32], m: usize, k: usize, ws: &[(&[f32], usize)
     if let Some((b, n)) = ws.iter().find(|(b, n)| b.len() != n * k) {
         bail!("matmul_nt_small: a weight of {} values is not {n}x{k}", b.len());
     }
+    if m == 0 {
+        return Ok(vec![vec![]; ws.len()]);
+    }
     const BLOCK: usize = 64;
     // Transposed products [n_i, m], so each block writes one contiguous run.
     let mut cts: Vec<Vec<f32>> = ws.iter().map(|&(_, n)| vec![0f32; n * m]).collect();
@@ -1257,7 +1265,7 @@ unsafe fn dot_1x4_avx2(a: &[f32], w: &[f32], k: usize) -> [f32; 4] {
         let x0 = _mm256_loadu_ps(a0.add(i));
         let x1 = _mm256_loadu_ps(a0.add(i + 8));
         for q in 0..4 {
-            // The same place four rows on: a read hint, never dereferenced.
+            // The same place eight rows on: a read hint, never dereferenced.
             _mm_prefetch::<_MM_HINT_T0>(wp[q].wrapping_add(8 * k + i) as *const i8);
             acc[q] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wp[q].add(i)), acc[q]);
             acc[4 + q] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(wp[q].add(i + 8)), acc[4 + q]);

@@ -55,8 +55,7 @@ fn kv_cache_decoding_equals_full_forward() {
 /// after a few steps, and a batch of one, over 70 steps (the cache's room regrows).
 #[test]
 fn the_fast_decode_step_equals_the_general_pass() {
-    use collm_model::decode_cpu::{without_fast_decode, STEPS};
-    use std::sync::atomic::Ordering;
+    use collm_model::decode_cpu::{steps_on_this_thread, without_fast_decode};
     let mut models = all_archs();
     let mut lora = tiny(Arch::Qwen2, 64, 9);
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec();
@@ -75,15 +74,21 @@ fn the_fast_decode_step_equals_the_general_pass() {
             for step in 0..70 {
                 let tokens: Vec<Vec<u32>> = (0..rows).map(|r| vec![((step * 7 + r * 11 + 1) % 64) as u32]).collect();
                 let valid: Vec<Vec<bool>> = (0..rows).map(|r| vec![!(r == 1 && step >= 4)]).collect();
-                let before = STEPS.load(Ordering::Relaxed);
+                let before = steps_on_this_thread();
                 let h = m.forward(&tokens, &valid, &mut fast, false).unwrap();
-                assert!(STEPS.load(Ordering::Relaxed) > before, "{:?}: the step did not take the fast path", m.cfg.arch);
+                assert!(steps_on_this_thread() == before + 1, "{:?}: the step did not take the fast path", m.cfg.arch);
                 let want = without_fast_decode(|| m.forward(&tokens, &valid, &mut general, false)).unwrap();
                 assert_eq!(h.dims(), want.dims());
                 let d = max_diff(&h, &want);
                 assert!(d <= 1e-4, "{:?} (LoRA {}), {rows} row(s), step {step}: hidden states differ by {d}", m.cfg.arch, m.lora.is_some());
             }
             assert_eq!((fast.next_pos.clone(), fast.valid.clone()), (general.next_pos.clone(), general.valid.clone()));
+            // A pass with a graph, or with the generic ops forced, takes the general pass.
+            let before = steps_on_this_thread();
+            let (tokens, valid) = (vec![vec![1u32]; rows], vec![vec![true]; rows]);
+            m.forward(&tokens, &valid, &mut fast.clone(), true).unwrap();
+            ops::with_generic_ops(|| m.forward(&tokens, &valid, &mut fast.clone(), false)).unwrap();
+            assert_eq!(steps_on_this_thread(), before, "{:?}: a graph or generic pass took the fast path", m.cfg.arch);
         }
     }
 }
