@@ -62,12 +62,17 @@ struct Held<'a> {
     range: (usize, usize),
 }
 
+/// The f32 values of a locked CPU storage.
+fn cpu_f32<'g>(guard: &'g Guard, what: &str) -> Result<&'g [f32]> {
+    match &***guard {
+        Storage::Cpu(c) => Ok(c.as_slice::<f32>()?),
+        _ => bail!("decode step: {what} is not on the CPU"),
+    }
+}
+
 impl Held<'_> {
     fn data(&self) -> Result<&[f32]> {
-        match &**self.guard {
-            Storage::Cpu(c) => Ok(&c.as_slice::<f32>()?[self.range.0..self.range.1]),
-            _ => bail!("decode step: a weight is not on the CPU"),
-        }
+        Ok(&cpu_f32(&self.guard, "a weight")?[self.range.0..self.range.1])
     }
 }
 
@@ -166,10 +171,7 @@ fn strided(t: &Tensor) -> Result<Strided<'_>> {
 
 impl Strided<'_> {
     fn data(&self) -> Result<&[f32]> {
-        match &**self.guard {
-            Storage::Cpu(c) => Ok(c.as_slice::<f32>()?),
-            _ => bail!("decode step: the cache is not on the CPU"),
-        }
+        cpu_f32(&self.guard, "the cache")
     }
 }
 

@@ -38,7 +38,7 @@ pub(crate) fn with_switch<R>(key: &'static std::thread::LocalKey<Cell<bool>>, on
 /// Whether the fused CPU kernels serve `t`: an f32 tensor on the CPU, and the generic path not
 /// forced on this thread.
 pub fn fused(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32 && !GENERIC.with(|g| g.get())
+    t.device().is_cpu() && t.dtype() == DType::F32 && fused_ops_on()
 }
 
 /// Whether the fused CPU kernels are on for this thread (not forced off by [`with_generic_ops`]).
@@ -513,20 +513,11 @@ struct Rope {
 }
 
 fn rope_apply(x: &[f32], t: &RopeTable, heads: usize, inverse: bool) -> Vec<f32> {
-    let half = t.half;
-    let hd = 2 * half;
+    let hd = 2 * t.half;
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(heads * hd).zip(x.par_chunks(heads * hd)).enumerate().for_each(|(tok, (o, x))| {
-        let c = &t.cos[tok * half..(tok + 1) * half];
-        let s = &t.sin[tok * half..(tok + 1) * half];
-        for h in 0..heads {
-            let (o, x) = (&mut o[h * hd..(h + 1) * hd], &x[h * hd..(h + 1) * hd]);
-            for i in 0..half {
-                let (a, b) = (x[i], x[i + half]);
-                let sn = if inverse { -s[i] } else { s[i] };
-                o[i] = a * c[i] - b * sn;
-                o[i + half] = b * c[i] + a * sn;
-            }
+        for (o, x) in o.chunks_mut(hd).zip(x.chunks(hd)) {
+            rope_row(x, o, t, tok, inverse);
         }
     });
     out
@@ -1252,7 +1243,7 @@ unsafe fn dot_2x4_avx2(a: &[f32], w: &[f32], k: usize, prefetch: bool) -> [f32; 
 
 /// Dots of one row of `a` with 4 rows of `w` (each k long): batch-1 decoding, where the weights
 /// stream from memory once per step. The loads of the four rows interleave (four streams in
-/// flight) and the next four rows are prefetched a block ahead.
+/// flight) and the rows eight on are prefetched.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_1x4_avx2(a: &[f32], w: &[f32], k: usize) -> [f32; 4] {
