@@ -135,6 +135,22 @@ fn kernels(c: &mut Criterion) {
             })
         });
     }
+    // A frozen projection alone and with a rank-8 LoRA adapter (what the adapter adds).
+    let frozen = w.as_detached_tensor();
+    let a = Var::from_tensor(&Tensor::randn(0f32, 0.05, (8, 576), &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::randn(0f32, 0.05, (1536, 8), &dev).unwrap()).unwrap();
+    g.bench_function("frozen_fwd_bwd_512x576x1536", |bench| {
+        bench.iter(|| ops::frozen_linear(x.as_tensor(), &frozen).unwrap().sum_all().unwrap().backward().unwrap())
+    });
+    g.bench_function("lora_r8_fwd_bwd_512x576x1536", |bench| {
+        bench.iter(|| {
+            ops::lora_linear(x.as_tensor(), &frozen, a.as_tensor(), b.as_tensor(), 2.0).unwrap().sum_all().unwrap().backward().unwrap()
+        })
+    });
+    // The adapter's thin product X Aᵀ: streamed against A, and through the packed GEMM.
+    let (xs, av): (Vec<f32>, Vec<f32>) = (x.flatten_all().unwrap().to_vec1().unwrap(), a.flatten_all().unwrap().to_vec1().unwrap());
+    g.bench_function("thin_512x576x8", |bench| bench.iter(|| ops::matmul_nt_thin(&xs, 512, 576, &av, 8).unwrap()));
+    g.bench_function("packed_512x576x8", |bench| bench.iter(|| ops::matmul_nt(&xs, 512, 576, &av, 8)));
     g.finish();
 
     // The GEMM kernels side by side on SmolLM2's projection and lm_head shapes (on a CPU without

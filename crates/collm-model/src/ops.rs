@@ -972,7 +972,7 @@ impl CustomOp3 for LoraLinear {
         let (x, a, b) = (slice(xs, xl)?, slice(as_, al)?, slice(bs, bl)?);
         let rows = x.len() / in_f;
         let mut y = with_f32(&self.w, |w| matmul_nt(x, rows, in_f, w, out_f))?;
-        let xa = matmul_nt(x, rows, in_f, a, r);
+        let xa = matmul_nt_thin(x, rows, in_f, a, r)?;
         // y += s · (x Aᵀ) Bᵀ: B [out, r] read as Bᵀ [r, out].
         gemm_into(&mut y, rows, out_f, r, &xa, (1, r), b, (r, 1), self.scale, true);
         let mut dims = xl.dims().to_vec();
@@ -997,12 +997,15 @@ impl CustomOp3 for LoraLinear {
             with_f32(a, |a| {
                 with_f32(b, |b| {
                     with_f32(&dy, |dy| {
-                        let xa = matmul_nt(x, rows, in_f, a, r);
-                        // dB = s · dyᵀ (x Aᵀ) [out, r]; d(x Aᵀ) = s · dy B [rows, r].
-                        let mut db = vec![0f32; out_f * r];
-                        gemm_into(&mut db, out_f, r, rows, dy, (out_f, 1), &xa, (1, r), s, false);
-                        let mut dxa = vec![0f32; rows * r];
-                        gemm_into(&mut dxa, rows, r, out_f, dy, (1, out_f), b, (1, r), s, false);
+                        let xa = matmul_nt_thin(x, rows, in_f, a, r)?;
+                        // dB = s · dyᵀ (x Aᵀ) [out, r], computed as its transpose s · (x Aᵀ)ᵀ dy
+                        // [r, out]: r rows fill more of the GEMM's tile than r columns would.
+                        let mut dbt = vec![0f32; r * out_f];
+                        gemm_into(&mut dbt, r, out_f, rows, &xa, (r, 1), dy, (1, out_f), s, false);
+                        let db = transpose(&dbt, r, out_f);
+                        // d(x Aᵀ) = s · dy B [rows, r], with B read as the rows of Bᵀ [r, out].
+                        let mut dxa = matmul_nt_thin(dy, rows, out_f, &transpose(b, out_f, r), r)?;
+                        dxa.iter_mut().for_each(|v| *v *= s);
                         // dA = d(x Aᵀ)ᵀ x [r, in].
                         let da = matmul_tn(&dxa, rows, r, x, in_f)?;
                         // dx = dy W + d(x Aᵀ) A, the second accumulated into the first.
@@ -1109,8 +1112,23 @@ pub fn matmul_nt_small_many(a: &[f32], m: usize, k: usize, ws: &[(&[f32], usize)
     if m == 0 {
         return Ok(vec![vec![]; ws.len()]);
     }
+    Ok(small_products_t(a, m, k, ws)
+        .into_iter()
+        .zip(ws)
+        .map(|(ct, &(_, n))| {
+            if m == 1 {
+                return ct;
+            }
+            transpose(&ct, n, m)
+        })
+        .collect())
+}
+
+/// The products of [`matmul_nt_small_many`] transposed: C_iᵀ = B_i · Aᵀ [n_i, m], each block of
+/// 64 rows of B_i a task that streams those rows once against all of A (unchecked shapes).
+fn small_products_t(a: &[f32], m: usize, k: usize, ws: &[(&[f32], usize)]) -> Vec<Vec<f32>> {
     const BLOCK: usize = 64;
-    // Transposed products [n_i, m], so each block writes one contiguous run.
+    // Each block writes one contiguous run of the transposed product.
     let mut cts: Vec<Vec<f32>> = ws.iter().map(|&(_, n)| vec![0f32; n * m]).collect();
     let mut tasks: Vec<(&[f32], &mut [f32])> = vec![];
     for (ct, &(b, _)) in cts.iter_mut().zip(ws) {
@@ -1120,22 +1138,31 @@ pub fn matmul_nt_small_many(a: &[f32], m: usize, k: usize, ws: &[(&[f32], usize)
         }
     }
     tasks.into_par_iter().for_each(|(w, out)| small_block(a, m, k, w, out));
-    Ok(cts
-        .into_iter()
-        .zip(ws)
-        .map(|(ct, &(_, n))| {
-            if m == 1 {
-                return ct;
-            }
-            let mut c = vec![0f32; m * n];
-            for j in 0..n {
-                for i in 0..m {
-                    c[i * n + j] = ct[j * m + i];
-                }
-            }
-            c
-        })
-        .collect())
+    cts
+}
+
+/// X[rows, k] · Aᵀ for a thin A [r, k] (a LoRA adapter's down-projection, or Bᵀ in its backward):
+/// for r ≤ [`SMALL_ROWS`] each row of X is streamed once against all of A, which stays in cache;
+/// the packed GEMM would pad r to its 32-column panel and pack all of X to use a quarter of it.
+pub fn matmul_nt_thin(x: &[f32], rows: usize, k: usize, a: &[f32], r: usize) -> Result<Vec<f32>> {
+    if x.len() != rows * k || a.len() != r * k {
+        bail!("matmul_nt_thin: X holds {} values and A {}, not {rows}x{k} and {r}x{k}", x.len(), a.len());
+    }
+    if r == 0 || r > SMALL_ROWS {
+        return Ok(matmul_nt(x, rows, k, a, r));
+    }
+    Ok(small_products_t(a, r, k, &[(x, rows)]).pop().expect("one operand, one product"))
+}
+
+/// The transpose [cols, rows] of a row-major [rows, cols] matrix.
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for (i, row) in x.chunks_exact(cols).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            t[j * rows + i] = v;
+        }
+    }
+    t
 }
 
 /// out[j, i] = A[i] · W[j] for the rows of one block of W.
@@ -1641,9 +1668,13 @@ mod tests {
                     }
                 }
                 assert_eq!(matmul_nt_small(&a, m, k, &ws[4], 64).unwrap(), got[4]);
+                // The thin product X Aᵀ is the transpose of A Xᵀ.
+                let thin = matmul_nt_thin(&ws[6], 130, k, &a, m).unwrap();
+                assert_eq!(thin, transpose(&got[6], m, 130), "thin product, m {m} k {k}");
             }
         }
         assert!(matmul_nt_small_many(&[1.0; 6], 2, 3, &[(&[1.0; 5], 2)]).is_err());
+        assert!(matmul_nt_thin(&[1.0; 6], 2, 3, &[1.0; 5], 2).is_err());
     }
 
     /// The vectorized exp against f64's, relative error, over the range the softmaxes meet (and

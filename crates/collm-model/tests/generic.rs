@@ -97,6 +97,13 @@ fn each_op_matches_its_generic_path_with_gradients() {
     // A LoRA-adapted frozen projection: x, A and B get gradients, W none.
     let (x, frozen, a, b) = (var(&[3, 7, 16], 16), random(&[10, 16], 17), var(&[3, 16], 18), var(&[10, 3], 19));
     check("lora_linear", &[&x, &a, &b], || ops::lora_linear(x.as_tensor(), &frozen, a.as_tensor(), b.as_tensor(), 1.5).unwrap());
+    // Thin products over several 64-row blocks with a ragged depth (37), an odd rank, and a
+    // rank past the thin kernel's limit (the packed GEMM then serves x Aᵀ and dy B).
+    for (rank, seed) in [(5usize, 30u64), (17, 34)] {
+        let (x, frozen, a, b) =
+            (var(&[2, 70, 37], seed), random(&[12, 37], seed + 1), var(&[rank, 37], seed + 2), var(&[12, rank], seed + 3));
+        check("lora_linear (thin)", &[&x, &a, &b], || ops::lora_linear(x.as_tensor(), &frozen, a.as_tensor(), b.as_tensor(), 0.7).unwrap());
+    }
     // Without a graph over more rows than the streaming path takes (sampling's prefill).
     let (xs, a_, b_) = (random(&[40, 16], 20), random(&[3, 16], 21), random(&[10, 3], 22));
     let fused = ops::lora_linear(&xs, &frozen, &a_, &b_, 1.5).unwrap();
