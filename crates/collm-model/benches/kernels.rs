@@ -164,6 +164,11 @@ fn kernels(c: &mut Criterion) {
             g.bench_function(format!("{name}_{m}x{k}x{n}"), |bench| bench.iter(|| sgemm::matmul_nt_with(kernel, &a, m, k, &b, n)));
         }
     }
+    // A weight's gradient dyᵀ·x [1536, 576] over 1024 rows: both operands are packed from
+    // rows that are contiguous along the panels.
+    let (dy, x): (Vec<f32>, Vec<f32>) =
+        ((0..1024 * 1536).map(|i| (i % 83) as f32 / 83.0 - 0.5).collect(), (0..1024 * 576).map(|i| (i % 79) as f32 / 79.0 - 0.5).collect());
+    g.bench_function("tn_1536x1024x576", |bench| bench.iter(|| ops::matmul_tn(&dy, 1024, 1536, &x, 576).unwrap()));
     g.finish();
 
     // Attention of one layer's shape (9 query heads over 3 key-value heads, head size 64).
