@@ -177,6 +177,8 @@ const KC: usize = 256;
 const NC: usize = 1024;
 /// Rows of A packed at a time (224×256 floats, 224 KiB: L2).
 const MC: usize = MR * 16;
+/// Up to this many floats (8 MiB) an A that spans several column blocks is packed once.
+const WHOLE_A: usize = 1 << 21;
 
 thread_local! {
     static PACK_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -281,7 +283,12 @@ mod avx512 {
         let mut pa = PACK_A.with(|p| std::mem::take(&mut *p.borrow_mut()));
         let mut pb = PACK_B.with(|p| std::mem::take(&mut *p.borrow_mut()));
         let kc_max = KC.min(k);
-        let need_a = MC.min(m.next_multiple_of(MR)) * kc_max;
+        // Several column blocks (the output head's 49,152 columns) would pack the same A once
+        // per block: where A is small enough, it is packed whole in the first block and kept,
+        // its (K block, row block) panels at (pc / KC)·m_pad·KC + ic·kc.
+        let m_pad = m.next_multiple_of(MR);
+        let whole_a = n > NC && m_pad * k <= WHOLE_A;
+        let need_a = if whole_a { m_pad * k } else { MC.min(m_pad) * kc_max };
         let need_b = NC.min(n).next_multiple_of(NR) * kc_max;
         if pa.len() < need_a {
             pa.resize(need_a, 0.0);
@@ -297,14 +304,18 @@ mod avx512 {
                 let acc = accumulate || pc > 0;
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
-                    pack_avx512(&mut pa, a, ic, mc, pc, kc, MR, true);
+                    let a_at = if whole_a { (pc / KC) * m_pad * KC + ic * kc } else { 0 };
+                    if !whole_a || jc == 0 {
+                        pack_avx512(&mut pa[a_at..], a, ic, mc, pc, kc, MR, true);
+                    }
+                    let pa_block = pa.as_ptr().add(a_at);
                     for j in (0..nc).step_by(NR) {
                         let cols = NR.min(nc - j);
                         let bp = pb.as_ptr().add(j * kc);
                         let (m0, m1) =
                             if cols >= 16 { (u16::MAX, ((1u32 << (cols - 16)) - 1) as u16) } else { (((1u32 << cols) - 1) as u16, 0) };
                         for i in (0..mc).step_by(MR) {
-                            let ap = pa.as_ptr().add(i * kc);
+                            let ap = pa_block.add(i * kc);
                             kernel(kc, ap, bp, c.add((ic + i) * c_rs + jc + j), c_rs, MR.min(mc - i), m0, m1, acc, alpha);
                         }
                     }
@@ -548,7 +559,17 @@ mod tests {
         if !has_avx512() {
             eprintln!("this CPU has no AVX-512: Kernel::Avx512 falls back to the gemm crate here");
         }
-        let shapes = [(1, 1, 1), (13, 15, 7), (14, 16, 256), (15, 17, 257), (29, 33, 300), (113, 64, 40), (3, 4097, 20), (130, 70, 530)];
+        let shapes = [
+            (1, 1, 1),
+            (13, 15, 7),
+            (14, 16, 256),
+            (15, 17, 257),
+            (29, 33, 300),
+            (113, 64, 40),
+            (3, 4097, 20),
+            (130, 70, 530),
+            (230, 2100, 300),
+        ];
         for kernel in [Kernel::Avx512, Kernel::GemmCrate] {
             for &(m, n, k) in &shapes {
                 for (ta, tb, acc, alpha, parallel) in [
