@@ -384,6 +384,21 @@ impl Transformer {
         Ok(y)
     }
 
+    /// Whether the projection `prefix` is its weight alone: no bias, no LoRA adapter.
+    fn plain(&self, prefix: &str) -> bool {
+        !self.params.contains_key(&format!("{prefix}.bias")) && !self.params.contains_key(&format!("{prefix}.lora_A.weight"))
+    }
+
+    /// res + the projection `prefix` of x. With a graph, a projection without bias or adapter
+    /// is one op ([`ops::residual_linear`]): no separate output tensor kept for the backward, no
+    /// add node.
+    fn residual(&self, res: &Tensor, x: &Tensor, prefix: &str, grad: bool) -> Result<Tensor> {
+        if grad && self.plain(prefix) {
+            return Ok(ops::residual_linear(res, x, &self.w(&format!("{prefix}.weight"), grad)?)?);
+        }
+        Ok((res + self.linear(x, prefix, grad)?)?)
+    }
+
     /// Runs `tokens` ([batch][new]) through the model after what `cache` holds, appending their
     /// keys and values. `valid[b][t]` is false for padding. Returns hidden states [batch, new, hidden]
     /// after the final norm.
@@ -436,20 +451,29 @@ impl Transformer {
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
             let h = ops::rms_norm(&x, &self.w(&format!("{p}.input_layernorm.weight"), grad)?, cfg.rms_norm_eps)?;
-            let mut q = self.linear(&h, &format!("{p}.self_attn.q_proj"), grad)?; // [b, t, nh * hd]
-            let mut k = self.linear(&h, &format!("{p}.self_attn.k_proj"), grad)?;
-            let v = self.linear(&h, &format!("{p}.self_attn.v_proj"), grad)?;
-            if cfg.qk_norm {
-                let (qw, kw) =
-                    (self.w(&format!("{p}.self_attn.q_norm.weight"), grad)?, self.w(&format!("{p}.self_attn.k_norm.weight"), grad)?);
-                q = ops::rms_norm(&q.reshape((b, t, nh, hd))?, &qw, cfg.rms_norm_eps)?;
-                k = ops::rms_norm(&k.reshape((b, t, nkv, hd))?, &kw, cfg.rms_norm_eps)?;
-            }
             // Head-major, rotated: the query heads that share a key/value head grouped,
-            // [b, nkv, n_rep * t, hd]; keys and values [b, nkv, t, hd].
-            let qg = ops::to_heads(&q, Some(&rope), nh, nkv)?;
-            let k = ops::to_heads(&k, Some(&rope), nkv, nkv)?;
-            let v = ops::to_heads(&v, None, nkv, nkv)?;
+            // [b, nkv, n_rep * t, hd]; keys and values [b, nkv, t, hd]. With a graph, plain
+            // projections go into heads in one op each (ops::linear_heads).
+            let proj = |m: &str| format!("{p}.self_attn.{m}");
+            let (qg, k, v) = if grad && !cfg.qk_norm && ["q_proj", "k_proj", "v_proj"].iter().all(|m| self.plain(&proj(m))) {
+                let w = |m: &str| self.w(&format!("{}.weight", proj(m)), grad);
+                (
+                    ops::linear_heads(&h, &w("q_proj")?, Some(&rope), nh, nkv)?,
+                    ops::linear_heads(&h, &w("k_proj")?, Some(&rope), nkv, nkv)?,
+                    ops::linear_heads(&h, &w("v_proj")?, None, nkv, nkv)?,
+                )
+            } else {
+                let mut q = self.linear(&h, &proj("q_proj"), grad)?; // [b, t, nh * hd]
+                let mut k = self.linear(&h, &proj("k_proj"), grad)?;
+                let v = self.linear(&h, &proj("v_proj"), grad)?;
+                if cfg.qk_norm {
+                    let (qw, kw) =
+                        (self.w(&format!("{p}.self_attn.q_norm.weight"), grad)?, self.w(&format!("{p}.self_attn.k_norm.weight"), grad)?);
+                    q = ops::rms_norm(&q.reshape((b, t, nh, hd))?, &qw, cfg.rms_norm_eps)?;
+                    k = ops::rms_norm(&k.reshape((b, t, nkv, hd))?, &kw, cfg.rms_norm_eps)?;
+                }
+                (ops::to_heads(&q, Some(&rope), nh, nkv)?, ops::to_heads(&k, Some(&rope), nkv, nkv)?, ops::to_heads(&v, None, nkv, nkv)?)
+            };
             let (k, v) = cache.append(l, k, v, !grad)?;
             // Long passes take the fused block-wise attention, which keeps no [t, k_len] matrix
             // per layer (it recomputes them in the backward); short ones the plain ops, faster
@@ -460,11 +484,11 @@ impl Transformer {
                 ops::attention_unfused(&qg, &k, &v, &mask, scale)?
             };
             let o = ops::from_heads(&o, nh)?; // [b, t, nh * hd]
-            x = (x + self.linear(&o, &format!("{p}.self_attn.o_proj"), grad)?)?;
+            x = self.residual(&x, &o, &format!("{p}.self_attn.o_proj"), grad)?;
             let h = ops::rms_norm(&x, &self.w(&format!("{p}.post_attention_layernorm.weight"), grad)?, cfg.rms_norm_eps)?;
             let gate = self.linear(&h, &format!("{p}.mlp.gate_proj"), grad)?;
             let up = self.linear(&h, &format!("{p}.mlp.up_proj"), grad)?;
-            x = (x + self.linear(&ops::swiglu(&gate, &up)?, &format!("{p}.mlp.down_proj"), grad)?)?;
+            x = self.residual(&x, &ops::swiglu(&gate, &up)?, &format!("{p}.mlp.down_proj"), grad)?;
         }
         Ok(ops::rms_norm(&x, &self.w("model.norm.weight", grad)?, cfg.rms_norm_eps)?)
     }
@@ -537,7 +561,10 @@ impl Transformer {
 /// unmap on a multi-threaded process interrupts the other cores to flush their TLBs; with no
 /// mmap at all they stay in the heap too. Measured on SmolLM2-135M, a full 4×256-token train
 /// step on 2 cores (Intel Xeon, AVX-512, 2026-12-06): 3.7 M page faults and 6.40 s before,
-/// 1.95 M and 6.18 s after, peak RSS unchanged (4.1 GB).
+/// 1.95 M and 6.18 s after, peak RSS unchanged (4.1 GB). Threads share one arena (unless
+/// `MALLOC_ARENA_MAX` or a `glibc.malloc.arena_max` tunable says otherwise): `collm bench train
+/// --algo cc` peaked at 6683 MB with glibc's default arenas, 6600 with two and 6546 with one, at
+/// the same speed (Intel Xeon, 2026-12-06).
 ///
 /// And it keeps candle's own worker threads from spinning on a core the GEMMs need. candle runs
 /// its elementwise ops on a pool of threads pinned one per core, which after each op spin 25,000
@@ -557,6 +584,12 @@ pub fn pin_thread_count() {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
             libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
             libc::mallopt(libc::M_MMAP_MAX, 0);
+            // One heap for all threads: with nothing returned to the kernel, a buffer freed in
+            // one thread's arena could not serve the next pass's allocation in another's.
+            let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+            if std::env::var_os("MALLOC_ARENA_MAX").is_none() && !tunables.contains("arena_max") {
+                libc::mallopt(libc::M_ARENA_MAX, 1);
+            }
         }
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);

@@ -682,6 +682,97 @@ pub fn to_heads(x: &Tensor, rope: Option<&RopeTable>, heads: usize, groups: usiz
     x.transpose(1, 2)?.contiguous()?.reshape((b, groups, heads / groups * t, hd))
 }
 
+/// [`to_heads`] of the projection x Wᵀ in one op: the projection's token-major output is a
+/// temporary of the op, not a tensor the graph keeps until the backward ends (nor a node whose
+/// backward zero-fills and adds a gradient). `w` trains when it tracks a graph, else it is frozen.
+pub fn linear_heads(x: &Tensor, w: &Tensor, rope: Option<&RopeTable>, heads: usize, groups: usize) -> Result<Tensor> {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if groups == 0 || !heads.is_multiple_of(groups) {
+        bail!("linear_heads: {heads} heads do not split into {groups} groups");
+    }
+    if fused(x) && cpu_f32(x) && cpu_f32(w) && (x.track_op() || w.track_op()) {
+        let op = |w: Option<Tensor>| LinearHeads { w, table: rope.cloned(), heads, groups };
+        let x = x.contiguous()?;
+        return if w.track_op() { x.apply_op2(&w.contiguous()?, op(None)) } else { x.apply_op1(op(Some(w.detach().contiguous()?))) };
+    }
+    let y = if w.track_op() { linear_nt(x, w)? } else { frozen_linear(x, w)? };
+    to_heads(&y, rope, heads, groups)
+}
+
+/// The op of [`linear_heads`]: `w` holds a frozen weight (one input, x), or is None when the
+/// weight is the op's second input and trains.
+struct LinearHeads {
+    w: Option<Tensor>,
+    table: Option<RopeTable>,
+    heads: usize,
+    groups: usize,
+}
+
+impl LinearHeads {
+    fn fwd(&self, x: &[f32], xl: &Layout, w: &[f32], (out_f, in_f): (usize, usize)) -> Result<(CpuStorage, Shape)> {
+        let d = xl.dims();
+        if d.len() != 3 || d[2] != in_f || w.len() != out_f * in_f || !out_f.is_multiple_of(self.heads) {
+            bail!("linear_heads: x {d:?} and W {out_f}x{in_f} do not fit {} heads", self.heads);
+        }
+        let (b, t, hd) = (d[0], d[1], out_f / self.heads);
+        if let Some(tb) = &self.table {
+            if tb.cos.len() != b * t * tb.half || 2 * tb.half != hd {
+                bail!("linear_heads: the RoPE table does not fit {b}x{t} tokens of head size {hd}");
+            }
+        }
+        let y = matmul_nt(x, b * t, in_f, w, out_f);
+        let out = permute_heads(&y, t, self.heads, hd, self.table.as_ref(), false);
+        Ok((CpuStorage::F32(out), Shape::from((b, self.groups, self.heads / self.groups * t, hd))))
+    }
+
+    /// (dx, dW when the weight trains).
+    fn bwd(&self, x: &Tensor, w: &Tensor, grad: &Tensor, trains: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let (out_f, in_f) = w.dims2()?;
+        let (b, t, _) = x.dims3()?;
+        let dy = with_f32(grad, |g| unpermute_heads(g, t, self.heads, out_f / self.heads, self.table.as_ref(), true))?;
+        let rows = b * t;
+        let dx = with_f32(w, |ws| gemm_f32(rows, in_f, out_f, &dy, (1, out_f), ws, (1, in_f)))?;
+        let dw = if trains {
+            let dw = with_f32(x, |xs| matmul_tn(&dy, rows, out_f, xs, in_f))??;
+            Some(Tensor::from_vec(dw, (out_f, in_f), w.device())?)
+        } else {
+            None
+        };
+        Ok((Tensor::from_vec(dx, x.shape(), x.device())?, dw))
+    }
+}
+
+impl CustomOp1 for LinearHeads {
+    fn name(&self) -> &'static str {
+        "collm-linear-heads"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let w = self.w.as_ref().ok_or_else(|| candle_core::Error::Msg("linear_heads: no frozen weight".into()))?;
+        with_f32(w, |ws| self.fwd(slice(xs, xl)?, xl, ws, w.dims2()?))?
+    }
+
+    fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let w = self.w.as_ref().ok_or_else(|| candle_core::Error::Msg("linear_heads: no frozen weight".into()))?;
+        Ok(Some(self.bwd(x, w, grad, false)?.0))
+    }
+}
+
+impl CustomOp2 for LinearHeads {
+    fn name(&self) -> &'static str {
+        "collm-linear-heads"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.fwd(slice(xs, xl)?, xl, slice(ws, wl)?, wl.shape().dims2()?)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.bwd(x, w, grad, true)?;
+        Ok((Some(dx), dw))
+    }
+}
+
 /// (batch, seq, head_dim) of a head-major [batch, …, head_dim] tensor of `heads` heads.
 fn merged_dims(d: &[usize], heads: usize) -> Result<(usize, usize, usize)> {
     let n: usize = d.iter().product();
@@ -901,6 +992,115 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return x.contiguous()?.apply_op1(FrozenLinear { w: w.detach().contiguous()? });
     }
     linear_nt(x, &w.detach())
+}
+
+/// res + x Wᵀ: a projection added onto the residual stream (attention's output projection, the
+/// MLP's down projection) in one op. Composed, the projection's output is a tensor of its own
+/// that the graph keeps until the backward ends, and the add a node whose backward zero-fills
+/// and adds a gradient for each side; here the GEMM accumulates onto a copy of `res`, and the
+/// backward hands `res` the output's gradient as it is. `w` trains when it tracks a graph, else
+/// it is frozen (no gradient, no backward work for it).
+pub fn residual_linear(res: &Tensor, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let graph = res.track_op() || x.track_op() || w.track_op();
+    if fused(x) && cpu_f32(res) && cpu_f32(x) && cpu_f32(w) && graph {
+        let (res, x) = (res.contiguous()?, x.contiguous()?);
+        return if w.track_op() {
+            res.apply_op3(&x, &w.contiguous()?, ResidualLinear { w: None })
+        } else {
+            res.apply_op2(&x, ResidualLinear { w: Some(w.detach().contiguous()?) })
+        };
+    }
+    let y = if w.track_op() { linear_nt(x, w)? } else { frozen_linear(x, w)? };
+    res + y
+}
+
+/// The op of [`residual_linear`]: `w` holds a frozen weight (two inputs, res and x), or is None
+/// when the weight is the op's third input and trains.
+struct ResidualLinear {
+    w: Option<Tensor>,
+}
+
+impl ResidualLinear {
+    fn fwd(
+        &self,
+        res: &[f32],
+        rl: &Layout,
+        x: &[f32],
+        xl: &Layout,
+        w: &[f32],
+        (out_f, in_f): (usize, usize),
+    ) -> Result<(CpuStorage, Shape)> {
+        let rows = x.len() / in_f.max(1);
+        if xl.dims().last() != Some(&in_f) || rl.dims().last() != Some(&out_f) || res.len() != rows * out_f || w.len() != out_f * in_f {
+            bail!("residual_linear: res {:?}, x {:?} and W {out_f}x{in_f} do not fit together", rl.dims(), xl.dims());
+        }
+        let mut y = res.to_vec();
+        gemm_into(&mut y, rows, out_f, in_f, x, (1, in_f), w, (in_f, 1), 1.0, true);
+        Ok((CpuStorage::F32(y), rl.shape().clone()))
+    }
+
+    /// (d res, dx, dW when the weight trains).
+    fn bwd(&self, x: &Tensor, w: &Tensor, grad: &Tensor, trains: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let (out_f, in_f) = w.dims2()?;
+        let g2 = grad.reshape(((), out_f))?.contiguous()?;
+        let rows = g2.dim(0)?;
+        let dx = matmul_nn(&g2, w)?.reshape(x.shape())?;
+        let dw = if trains {
+            let dw = with_f32(&g2, |g| with_f32(x, |xs| matmul_tn(g, rows, out_f, xs, in_f)))???;
+            Some(Tensor::from_vec(dw, (out_f, in_f), w.device())?)
+        } else {
+            None
+        };
+        Ok((grad.clone(), dx, dw))
+    }
+}
+
+impl CustomOp2 for ResidualLinear {
+    fn name(&self) -> &'static str {
+        "collm-residual-linear"
+    }
+
+    fn cpu_fwd(&self, rs: &CpuStorage, rl: &Layout, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let w = self.w.as_ref().ok_or_else(|| candle_core::Error::Msg("residual_linear: no frozen weight".into()))?;
+        with_f32(w, |ws| self.fwd(slice(rs, rl)?, rl, slice(xs, xl)?, xl, ws, w.dims2()?))?
+    }
+
+    fn bwd(&self, _res: &Tensor, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let w = self.w.as_ref().ok_or_else(|| candle_core::Error::Msg("residual_linear: no frozen weight".into()))?;
+        let (dres, dx, _) = self.bwd(x, w, grad, false)?;
+        Ok((Some(dres), x.track_op().then_some(dx)))
+    }
+}
+
+impl CustomOp3 for ResidualLinear {
+    fn name(&self) -> &'static str {
+        "collm-residual-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        rs: &CpuStorage,
+        rl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd(slice(rs, rl)?, rl, slice(xs, xl)?, xl, slice(ws, wl)?, wl.shape().dims2()?)
+    }
+
+    fn bwd(
+        &self,
+        _res: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dres, dx, dw) = self.bwd(x, w, grad, true)?;
+        Ok((Some(dres), Some(dx), dw))
+    }
 }
 
 // A trainable linear layer: y = x W^T whose backward gives dW = dy^T x in W's own [out, in]

@@ -94,6 +94,21 @@ fn each_op_matches_its_generic_path_with_gradients() {
     let (x, w) = (var(&[3, 4, 16], 8), var(&[10, 16], 9));
     check("linear_nt", &[&x, &w], || ops::linear_nt(x.as_tensor(), w.as_tensor()).unwrap());
 
+    // A projection into heads in one op (6 heads in 2 groups, rotated or not), W trained or frozen.
+    let (x, w) = (var(&[2, 5, 16], 45), var(&[48, 16], 46));
+    check("linear_heads (rope, grouped)", &[&x, &w], || ops::linear_heads(x.as_tensor(), w.as_tensor(), Some(&table), 6, 2).unwrap());
+    check("linear_heads (plain)", &[&x, &w], || ops::linear_heads(x.as_tensor(), w.as_tensor(), None, 6, 6).unwrap());
+    let frozen = random(&[48, 16], 47);
+    check("linear_heads (frozen)", &[&x], || ops::linear_heads(x.as_tensor(), &frozen, Some(&table), 6, 3).unwrap());
+    assert!(ops::linear_heads(x.as_tensor(), &random(&[47, 16], 48), None, 6, 6).is_err());
+
+    // A projection added onto the residual stream: W trains, or is frozen (no gradient).
+    let (res, x, w) = (var(&[3, 4, 10], 40), var(&[3, 4, 16], 41), var(&[10, 16], 42));
+    check("residual_linear", &[&res, &x, &w], || ops::residual_linear(res.as_tensor(), x.as_tensor(), w.as_tensor()).unwrap());
+    let frozen = random(&[10, 16], 43);
+    check("residual_linear (frozen)", &[&res, &x], || ops::residual_linear(res.as_tensor(), x.as_tensor(), &frozen).unwrap());
+    assert!(ops::residual_linear(var(&[3, 4, 9], 44).as_tensor(), x.as_tensor(), w.as_tensor()).is_err());
+
     // A LoRA-adapted frozen projection: x, A and B get gradients, W none.
     let (x, frozen, a, b) = (var(&[3, 7, 16], 16), random(&[10, 16], 17), var(&[3, 16], 18), var(&[10, 3], 19));
     check("lora_linear", &[&x, &a, &b], || ops::lora_linear(x.as_tensor(), &frozen, a.as_tensor(), b.as_tensor(), 1.5).unwrap());
