@@ -711,7 +711,14 @@ struct LinearHeads {
 impl LinearHeads {
     fn fwd(&self, x: &[f32], xl: &Layout, w: &[f32], (out_f, in_f): (usize, usize)) -> Result<(CpuStorage, Shape)> {
         let d = xl.dims();
-        if d.len() != 3 || d[2] != in_f || w.len() != out_f * in_f || !out_f.is_multiple_of(self.heads) {
+        if d.len() != 3
+            || d[2] != in_f
+            || w.len() != out_f * in_f
+            || self.heads == 0
+            || out_f == 0
+            || !out_f.is_multiple_of(self.heads)
+            || d[0] * d[1] == 0
+        {
             bail!("linear_heads: x {d:?} and W {out_f}x{in_f} do not fit {} heads", self.heads);
         }
         let (b, t, hd) = (d[0], d[1], out_f / self.heads);
@@ -725,20 +732,25 @@ impl LinearHeads {
         Ok((CpuStorage::F32(out), Shape::from((b, self.groups, self.heads / self.groups * t, hd))))
     }
 
-    /// (dx, dW when the weight trains).
-    fn bwd(&self, x: &Tensor, w: &Tensor, grad: &Tensor, trains: bool) -> Result<(Tensor, Option<Tensor>)> {
+    /// (dx when x tracks a graph, dW when the weight trains).
+    fn bwd(&self, x: &Tensor, w: &Tensor, grad: &Tensor, trains: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (out_f, in_f) = w.dims2()?;
         let (b, t, _) = x.dims3()?;
         let dy = with_f32(grad, |g| unpermute_heads(g, t, self.heads, out_f / self.heads, self.table.as_ref(), true))?;
         let rows = b * t;
-        let dx = with_f32(w, |ws| gemm_f32(rows, in_f, out_f, &dy, (1, out_f), ws, (1, in_f)))?;
+        let dx = if x.track_op() {
+            let dx = with_f32(w, |ws| gemm_f32(rows, in_f, out_f, &dy, (1, out_f), ws, (1, in_f)))?;
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
         let dw = if trains {
             let dw = with_f32(x, |xs| matmul_tn(&dy, rows, out_f, xs, in_f))??;
             Some(Tensor::from_vec(dw, (out_f, in_f), w.device())?)
         } else {
             None
         };
-        Ok((Tensor::from_vec(dx, x.shape(), x.device())?, dw))
+        Ok((dx, dw))
     }
 }
 
@@ -754,7 +766,7 @@ impl CustomOp1 for LinearHeads {
 
     fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let w = self.w.as_ref().ok_or_else(|| candle_core::Error::Msg("linear_heads: no frozen weight".into()))?;
-        Ok(Some(self.bwd(x, w, grad, false)?.0))
+        Ok(self.bwd(x, w, grad, false)?.0)
     }
 }
 
@@ -768,8 +780,7 @@ impl CustomOp2 for LinearHeads {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = self.bwd(x, w, grad, true)?;
-        Ok((Some(dx), dw))
+        self.bwd(x, w, grad, true)
     }
 }
 
@@ -1032,7 +1043,14 @@ impl ResidualLinear {
         (out_f, in_f): (usize, usize),
     ) -> Result<(CpuStorage, Shape)> {
         let rows = x.len() / in_f.max(1);
-        if xl.dims().last() != Some(&in_f) || rl.dims().last() != Some(&out_f) || res.len() != rows * out_f || w.len() != out_f * in_f {
+        let (rd, xd) = (rl.dims(), xl.dims());
+        let lead = |d: &[usize]| d[..d.len().saturating_sub(1)].to_vec();
+        if xd.last() != Some(&in_f)
+            || rd.last() != Some(&out_f)
+            || lead(rd) != lead(xd)
+            || res.len() != rows * out_f
+            || w.len() != out_f * in_f
+        {
             bail!("residual_linear: res {:?}, x {:?} and W {out_f}x{in_f} do not fit together", rl.dims(), xl.dims());
         }
         let mut y = res.to_vec();
@@ -1040,12 +1058,12 @@ impl ResidualLinear {
         Ok((CpuStorage::F32(y), rl.shape().clone()))
     }
 
-    /// (d res, dx, dW when the weight trains).
-    fn bwd(&self, x: &Tensor, w: &Tensor, grad: &Tensor, trains: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    /// (d res, dx when x tracks a graph, dW when the weight trains).
+    fn bwd(&self, x: &Tensor, w: &Tensor, grad: &Tensor, trains: bool) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
         let (out_f, in_f) = w.dims2()?;
         let g2 = grad.reshape(((), out_f))?.contiguous()?;
         let rows = g2.dim(0)?;
-        let dx = matmul_nn(&g2, w)?.reshape(x.shape())?;
+        let dx = if x.track_op() { Some(matmul_nn(&g2, w)?.reshape(x.shape())?) } else { None };
         let dw = if trains {
             let dw = with_f32(&g2, |g| with_f32(x, |xs| matmul_tn(g, rows, out_f, xs, in_f)))???;
             Some(Tensor::from_vec(dw, (out_f, in_f), w.device())?)
@@ -1069,7 +1087,7 @@ impl CustomOp2 for ResidualLinear {
     fn bwd(&self, _res: &Tensor, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let w = self.w.as_ref().ok_or_else(|| candle_core::Error::Msg("residual_linear: no frozen weight".into()))?;
         let (dres, dx, _) = self.bwd(x, w, grad, false)?;
-        Ok((Some(dres), x.track_op().then_some(dx)))
+        Ok((Some(dres), dx))
     }
 }
 
@@ -1099,7 +1117,7 @@ impl CustomOp3 for ResidualLinear {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dres, dx, dw) = self.bwd(x, w, grad, true)?;
-        Ok((Some(dres), Some(dx), dw))
+        Ok((Some(dres), dx, dw))
     }
 }
 
@@ -1200,8 +1218,8 @@ impl CustomOp3 for LoraLinear {
                         let xa = matmul_nt_thin(x, rows, in_f, a, r)?;
                         // dB = s · dyᵀ (x Aᵀ) [out, r], computed as its transpose s · (x Aᵀ)ᵀ dy
                         // [r, out]: r rows fill more of the GEMM's tile than r columns would.
-                        let mut dbt = vec![0f32; r * out_f];
-                        gemm_into(&mut dbt, r, out_f, rows, &xa, (r, 1), dy, (1, out_f), s, false);
+                        let mut dbt = gemm_f32(r, out_f, rows, &xa, (r, 1), dy, (1, out_f));
+                        dbt.iter_mut().for_each(|v| *v *= s);
                         let db = transpose(&dbt, r, out_f);
                         // d(x Aᵀ) = s · dy B [rows, r], with B read as the rows of Bᵀ [r, out].
                         let mut dxa = matmul_nt_thin(dy, rows, out_f, &transpose(b, out_f, r), r)?;
@@ -1357,6 +1375,9 @@ pub fn matmul_nt_thin(x: &[f32], rows: usize, k: usize, a: &[f32], r: usize) -> 
 /// The transpose [cols, rows] of a row-major [rows, cols] matrix.
 fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0f32; rows * cols];
+    if t.is_empty() {
+        return t;
+    }
     for (i, row) in x.chunks_exact(cols).enumerate() {
         for (j, &v) in row.iter().enumerate() {
             t[j * rows + i] = v;

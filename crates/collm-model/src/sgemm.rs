@@ -366,7 +366,8 @@ mod avx512 {
                         let (src, out) = (base.add(d * ds + p0), dst.as_mut_ptr().add(idx * w * depth + d * w));
                         for q in (0..w).step_by(16) {
                             let (width, n) = (16.min(w - q), live.saturating_sub(q).min(16.min(w - q)));
-                            let x = _mm512_maskz_loadu_ps(lanes(n), src.add(q));
+                            // A block of padding only reads nothing (its address may lie past the source).
+                            let x = if n == 0 { _mm512_setzero_ps() } else { _mm512_maskz_loadu_ps(lanes(n), src.add(q)) };
                             _mm512_mask_storeu_ps(out.add(q), lanes(width), x);
                         }
                     }
@@ -577,6 +578,8 @@ mod tests {
                     (true, false, true, 0.5, false),
                     (false, true, false, -2.0, true),
                     (true, true, true, 1.0, true),
+                    // One thread: the whole columns of a wide B on one slab (A packed once).
+                    (false, true, false, 1.0, false),
                 ] {
                     let a = data(m * k, 1);
                     let b = data(k * n, 2);

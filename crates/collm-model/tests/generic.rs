@@ -101,6 +101,8 @@ fn each_op_matches_its_generic_path_with_gradients() {
     let frozen = random(&[48, 16], 47);
     check("linear_heads (frozen)", &[&x], || ops::linear_heads(x.as_tensor(), &frozen, Some(&table), 6, 3).unwrap());
     assert!(ops::linear_heads(x.as_tensor(), &random(&[47, 16], 48), None, 6, 6).is_err());
+    assert!(ops::linear_heads(x.as_tensor(), w.as_tensor(), None, 0, 1).is_err());
+    assert!(ops::linear_heads(&var(&[2, 0, 16], 50).as_tensor().clone(), w.as_tensor(), None, 6, 6).is_err());
 
     // A projection added onto the residual stream: W trains, or is frozen (no gradient).
     let (res, x, w) = (var(&[3, 4, 10], 40), var(&[3, 4, 16], 41), var(&[10, 16], 42));
@@ -108,6 +110,8 @@ fn each_op_matches_its_generic_path_with_gradients() {
     let frozen = random(&[10, 16], 43);
     check("residual_linear (frozen)", &[&res, &x], || ops::residual_linear(res.as_tensor(), x.as_tensor(), &frozen).unwrap());
     assert!(ops::residual_linear(var(&[3, 4, 9], 44).as_tensor(), x.as_tensor(), w.as_tensor()).is_err());
+    // The same number of rows in another arrangement is an error, as the composed add's is.
+    assert!(ops::residual_linear(var(&[4, 3, 10], 49).as_tensor(), x.as_tensor(), w.as_tensor()).is_err());
 
     // A LoRA-adapted frozen projection: x, A and B get gradients, W none.
     let (x, frozen, a, b) = (var(&[3, 7, 16], 16), random(&[10, 16], 17), var(&[3, 16], 18), var(&[10, 3], 19));
@@ -119,6 +123,11 @@ fn each_op_matches_its_generic_path_with_gradients() {
             (var(&[2, 70, 37], seed), random(&[12, 37], seed + 1), var(&[rank, 37], seed + 2), var(&[12, rank], seed + 3));
         check("lora_linear (thin)", &[&x, &a, &b], || ops::lora_linear(x.as_tensor(), &frozen, a.as_tensor(), b.as_tensor(), 0.7).unwrap());
     }
+    // A rank-0 adapter (no product at all) is the base projection, backward included.
+    let (x0, a0, b0) = (var(&[2, 3, 16], 51), var(&[0, 16], 52), var(&[10, 0], 53));
+    let y0 = ops::lora_linear(x0.as_tensor(), &frozen, a0.as_tensor(), b0.as_tensor(), 1.0).unwrap();
+    assert!(max_diff(&y0, &ops::frozen_linear(x0.as_tensor(), &frozen).unwrap()) < 1e-6);
+    assert!(y0.sum_all().unwrap().backward().is_ok());
     // Without a graph over more rows than the streaming path takes (sampling's prefill).
     let (xs, a_, b_) = (random(&[40, 16], 20), random(&[3, 16], 21), random(&[10, 3], 22));
     let fused = ops::lora_linear(&xs, &frozen, &a_, &b_, 1.5).unwrap();
