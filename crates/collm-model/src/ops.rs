@@ -38,7 +38,12 @@ pub(crate) fn with_switch<R>(key: &'static std::thread::LocalKey<Cell<bool>>, on
 /// Whether the fused CPU kernels serve `t`: an f32 tensor on the CPU, and the generic path not
 /// forced on this thread.
 pub fn fused(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32 && fused_ops_on()
+    cpu_f32(t) && fused_ops_on()
+}
+
+/// Whether `t` is f32 on the CPU (what the fused kernels read).
+fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 /// Whether the fused CPU kernels are on for this thread (not forced off by [`with_generic_ops`]).
@@ -686,11 +691,10 @@ pub fn to_heads(x: &Tensor, rope: Option<&RopeTable>, heads: usize, groups: usiz
 /// temporary of the op, not a tensor the graph keeps until the backward ends (nor a node whose
 /// backward zero-fills and adds a gradient). `w` trains when it tracks a graph, else it is frozen.
 pub fn linear_heads(x: &Tensor, w: &Tensor, rope: Option<&RopeTable>, heads: usize, groups: usize) -> Result<Tensor> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if groups == 0 || !heads.is_multiple_of(groups) {
         bail!("linear_heads: {heads} heads do not split into {groups} groups");
     }
-    if fused(x) && cpu_f32(x) && cpu_f32(w) && (x.track_op() || w.track_op()) {
+    if fused(x) && cpu_f32(w) && (x.track_op() || w.track_op()) {
         let op = |w: Option<Tensor>| LinearHeads { w, table: rope.cloned(), heads, groups };
         let x = x.contiguous()?;
         return if w.track_op() { x.apply_op2(&w.contiguous()?, op(None)) } else { x.apply_op1(op(Some(w.detach().contiguous()?))) };
@@ -734,23 +738,10 @@ impl LinearHeads {
 
     /// (dx when x tracks a graph, dW when the weight trains).
     fn bwd(&self, x: &Tensor, w: &Tensor, grad: &Tensor, trains: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (out_f, in_f) = w.dims2()?;
+        let (out_f, _) = w.dims2()?;
         let (b, t, _) = x.dims3()?;
         let dy = with_f32(grad, |g| unpermute_heads(g, t, self.heads, out_f / self.heads, self.table.as_ref(), true))?;
-        let rows = b * t;
-        let dx = if x.track_op() {
-            let dx = with_f32(w, |ws| gemm_f32(rows, in_f, out_f, &dy, (1, out_f), ws, (1, in_f)))?;
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
-        } else {
-            None
-        };
-        let dw = if trains {
-            let dw = with_f32(x, |xs| matmul_tn(&dy, rows, out_f, xs, in_f))??;
-            Some(Tensor::from_vec(dw, (out_f, in_f), w.device())?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
+        linear_grads(x, w, &Tensor::from_vec(dy, (b * t, out_f), x.device())?, x.track_op(), trains)
     }
 }
 
@@ -760,12 +751,12 @@ impl CustomOp1 for LinearHeads {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let w = self.w.as_ref().ok_or_else(|| candle_core::Error::Msg("linear_heads: no frozen weight".into()))?;
+        let w = frozen_weight(&self.w, "linear_heads")?;
         with_f32(w, |ws| self.fwd(slice(xs, xl)?, xl, ws, w.dims2()?))?
     }
 
     fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let w = self.w.as_ref().ok_or_else(|| candle_core::Error::Msg("linear_heads: no frozen weight".into()))?;
+        let w = frozen_weight(&self.w, "linear_heads")?;
         Ok(self.bwd(x, w, grad, false)?.0)
     }
 }
@@ -927,9 +918,28 @@ impl CustomOp1 for FrozenLinear {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (out_f, _) = self.w.dims2()?;
-        let dx = matmul_nn(&grad.reshape(((), out_f))?, &self.w)?;
-        Ok(Some(dx.reshape(arg.shape())?))
+        Ok(linear_grads(arg, &self.w, &grad.reshape(((), out_f))?.contiguous()?, true, false)?.0)
     }
+}
+
+/// The gradients of y = x Wᵀ from dy [rows, out] (contiguous): dx = dy W in x's shape when
+/// `want_dx`, dW = dyᵀ x in W's own [out, in] layout when `want_dw`.
+fn linear_grads(x: &Tensor, w: &Tensor, dy: &Tensor, want_dx: bool, want_dw: bool) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (out_f, in_f) = w.dims2()?;
+    let rows = dy.dim(0)?;
+    let dx = if want_dx { Some(matmul_nn(dy, w)?.reshape(x.shape())?) } else { None };
+    let dw = if want_dw {
+        let dw = with_f32(dy, |g| with_f32(x, |xs| matmul_tn(g, rows, out_f, xs, in_f)))???;
+        Some(Tensor::from_vec(dw, (out_f, in_f), w.device())?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
+}
+
+/// The frozen weight an op holds when its weight is not one of its inputs.
+fn frozen_weight<'a>(w: &'a Option<Tensor>, op: &str) -> Result<&'a Tensor> {
+    w.as_ref().ok_or_else(|| candle_core::Error::Msg(format!("{op}: no frozen weight")))
 }
 
 /// C[m, n] = A[m, k] · B[n, k]^T on row-major slices.
@@ -1012,9 +1022,8 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// backward hands `res` the output's gradient as it is. `w` trains when it tracks a graph, else
 /// it is frozen (no gradient, no backward work for it).
 pub fn residual_linear(res: &Tensor, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     let graph = res.track_op() || x.track_op() || w.track_op();
-    if fused(x) && cpu_f32(res) && cpu_f32(x) && cpu_f32(w) && graph {
+    if fused(x) && cpu_f32(res) && cpu_f32(w) && graph {
         let (res, x) = (res.contiguous()?, x.contiguous()?);
         return if w.track_op() {
             res.apply_op3(&x, &w.contiguous()?, ResidualLinear { w: None })
@@ -1060,16 +1069,8 @@ impl ResidualLinear {
 
     /// (d res, dx when x tracks a graph, dW when the weight trains).
     fn bwd(&self, x: &Tensor, w: &Tensor, grad: &Tensor, trains: bool) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
-        let (out_f, in_f) = w.dims2()?;
-        let g2 = grad.reshape(((), out_f))?.contiguous()?;
-        let rows = g2.dim(0)?;
-        let dx = if x.track_op() { Some(matmul_nn(&g2, w)?.reshape(x.shape())?) } else { None };
-        let dw = if trains {
-            let dw = with_f32(&g2, |g| with_f32(x, |xs| matmul_tn(g, rows, out_f, xs, in_f)))???;
-            Some(Tensor::from_vec(dw, (out_f, in_f), w.device())?)
-        } else {
-            None
-        };
+        let (out_f, _) = w.dims2()?;
+        let (dx, dw) = linear_grads(x, w, &grad.reshape(((), out_f))?.contiguous()?, x.track_op(), trains)?;
         Ok((grad.clone(), dx, dw))
     }
 }
@@ -1080,12 +1081,12 @@ impl CustomOp2 for ResidualLinear {
     }
 
     fn cpu_fwd(&self, rs: &CpuStorage, rl: &Layout, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let w = self.w.as_ref().ok_or_else(|| candle_core::Error::Msg("residual_linear: no frozen weight".into()))?;
+        let w = frozen_weight(&self.w, "residual_linear")?;
         with_f32(w, |ws| self.fwd(slice(rs, rl)?, rl, slice(xs, xl)?, xl, ws, w.dims2()?))?
     }
 
     fn bwd(&self, _res: &Tensor, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let w = self.w.as_ref().ok_or_else(|| candle_core::Error::Msg("residual_linear: no frozen weight".into()))?;
+        let w = frozen_weight(&self.w, "residual_linear")?;
         let (dres, dx, _) = self.bwd(x, w, grad, false)?;
         Ok((Some(dres), dx))
     }
@@ -1142,12 +1143,8 @@ impl CustomOp2 for Linear {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (out_f, in_f) = w.dims2()?;
-        let g2 = grad.reshape(((), out_f))?.contiguous()?;
-        let rows = g2.dim(0)?;
-        let dx = matmul_nn(&g2, w)?.reshape(x.shape())?;
-        let dw = with_f32(&g2, |g| with_f32(x, |xs| matmul_tn(g, rows, out_f, xs, in_f)))???;
-        Ok((Some(dx), Some(Tensor::from_vec(dw, (out_f, in_f), w.device())?)))
+        let (out_f, _) = w.dims2()?;
+        linear_grads(x, w, &grad.reshape(((), out_f))?.contiguous()?, true, true)
     }
 }
 
@@ -1248,7 +1245,6 @@ impl CustomOp3 for LoraLinear {
 /// y = x Wᵀ + scale · (x Aᵀ) Bᵀ: a projection whose base weight W is frozen (no gradient, no
 /// backward work for it) with a LoRA adapter A [rank, in], B [out, rank] that trains.
 pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     let graph = x.track_op() || a.track_op() || b.track_op();
     // Sampling a few rows streams the weights through linear_nt's small path instead.
     let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);

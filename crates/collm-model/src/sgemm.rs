@@ -312,8 +312,7 @@ mod avx512 {
                     for j in (0..nc).step_by(NR) {
                         let cols = NR.min(nc - j);
                         let bp = pb.as_ptr().add(j * kc);
-                        let (m0, m1) =
-                            if cols >= 16 { (u16::MAX, ((1u32 << (cols - 16)) - 1) as u16) } else { (((1u32 << cols) - 1) as u16, 0) };
+                        let (m0, m1) = if cols >= 16 { (lanes(16), lanes(cols - 16)) } else { (lanes(cols), 0) };
                         for i in (0..mc).step_by(MR) {
                             let ap = pa_block.add(i * kc);
                             kernel(kc, ap, bp, c.add((ic + i) * c_rs + jc + j), c_rs, MR.min(mc - i), m0, m1, acc, alpha);
