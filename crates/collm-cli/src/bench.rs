@@ -555,6 +555,10 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, de
     };
     cfg.task.name = "summary".into();
     cfg.task.turns = turns;
+    // The workload's later turns are a fresh user message (its `turn_2_prompt`: the instruction,
+    // the paragraph and the previous answer), as CoMLRL's transition writes them: the agents and
+    // the critic read that turn's input alone, not the episode so far.
+    cfg.agent_input = collm_rl::config::AgentInput::Observation;
     cfg.buffer = num("rollout_buffer_size")? as usize;
     cfg.steps = paragraphs.len().div_ceil(cfg.buffer) * num("epochs").unwrap_or(1.0) as usize;
     cfg.gamma = num("discount")?;

@@ -52,6 +52,19 @@ pub enum HistoryCache {
     Text,
 }
 
+/// What an agent reads at a turn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentInput {
+    /// Its whole history h_i,t: every observation and response so far, one conversation.
+    #[default]
+    History,
+    /// The turn's observation alone, formatted as a first message (CoMLRL 1.3.6: the task's
+    /// transition writes what the agent should know of earlier turns into the observation). The
+    /// critics read the turn's observations too, not the episode so far.
+    Observation,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PromptFormat {
@@ -293,6 +306,9 @@ pub struct Config {
     /// (`text`). (Old configs' key `history` still reads.)
     #[serde(alias = "history")]
     pub history_cache: HistoryCache,
+    /// What an agent reads at a turn: its whole `history` (default) or the turn's `observation`
+    /// alone, as CoMLRL 1.3.6 does (see [`AgentInput`]).
+    pub agent_input: AgentInput,
     /// Episodes per rollout buffer (per update).
     pub buffer: usize,
     pub gamma: f64,
@@ -352,6 +368,7 @@ impl Default for Config {
             algo: Algo::Cc,
             steps: 10,
             history_cache: HistoryCache::Kv,
+            agent_input: AgentInput::History,
             buffer: 4,
             gamma: 0.9,
             k: 4,

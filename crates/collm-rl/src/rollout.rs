@@ -9,7 +9,7 @@
 //! K responses); a joint action at a node has a reward and, unless the episode ends, a child node.
 //! Actor-critic methods use K = 1 (a chain per episode).
 
-use crate::config::{HistoryCache, JointMode};
+use crate::config::{AgentInput, HistoryCache, JointMode};
 use crate::returns::terminates;
 use crate::team::{Agent, Team};
 use anyhow::{Context, Result};
@@ -103,6 +103,7 @@ pub struct RolloutSpec<'a> {
     pub k: usize,
     pub joint_mode: JointMode,
     pub history_cache: HistoryCache,
+    pub agent_input: AgentInput,
     pub sampling: SamplingParams,
     pub early_termination: Option<f64>,
     pub seed: u64,
@@ -276,16 +277,29 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
                     let mut chunk_texts = Vec::with_capacity(n);
                     let mut chunk_lens = Vec::with_capacity(n);
                     for (i, p) in team.agents.iter().enumerate() {
-                        let r = &nodes[x].responses[i][ch[i]];
-                        let text = p.continuation_text(&o.next_observations[i], r.tokens.last().copied(), r.stopped);
-                        let chunk = p
-                            .tokenizer
-                            .encode(&text, false)
-                            .with_context(|| format!("agent {i}: encoding its observation at turn {}", turn + 1))?;
-                        let mut h = nodes[x].histories[i].clone();
-                        h.extend_from_slice(&r.tokens);
-                        chunk_lens.push(chunk.len());
-                        h.extend(chunk);
+                        let obs = &o.next_observations[i];
+                        let context = || format!("agent {i}: encoding its observation at turn {}", turn + 1);
+                        let (text, h, new_tokens) = match spec.agent_input {
+                            // The history so far, the response, then the new observation.
+                            AgentInput::History => {
+                                let r = &nodes[x].responses[i][ch[i]];
+                                let text = p.continuation_text(obs, r.tokens.last().copied(), r.stopped);
+                                let chunk = p.tokenizer.encode(&text, false).with_context(context)?;
+                                let n = chunk.len();
+                                let mut h = nodes[x].histories[i].clone();
+                                h.extend_from_slice(&r.tokens);
+                                h.extend(chunk);
+                                (text, h, n)
+                            }
+                            // The observation alone, as a first message: the whole input is new.
+                            AgentInput::Observation => {
+                                let text = p.first_text(obs).with_context(context)?;
+                                let h = p.encode_first(&text).with_context(context)?;
+                                let n = h.len();
+                                (text, h, n)
+                            }
+                        };
+                        chunk_lens.push(new_tokens);
                         histories.push(h);
                         chunk_texts.push(text);
                     }
@@ -313,7 +327,8 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
             }
         }
         // Carry the caches of the continuing rows into the next turn: they hold each history and
-        // response, so the next turn brings only the new observation's tokens.
+        // response, so the next turn brings only the new observation's tokens. An agent that reads
+        // the observation alone starts each turn from an empty cache.
         chunks = (0..n)
             .map(|i| {
                 next_frontier
@@ -328,15 +343,13 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
         caches = expanded
             .into_iter()
             .zip(&keep_rows)
-            .map(
-                |(c, rows)| {
-                    if spec.history_cache == HistoryCache::Kv && !rows.is_empty() {
-                        c.select_rows(rows).map(Some)
-                    } else {
-                        Ok(None)
-                    }
-                },
-            )
+            .map(|(c, rows)| {
+                if spec.history_cache == HistoryCache::Kv && spec.agent_input == AgentInput::History && !rows.is_empty() {
+                    c.select_rows(rows).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
             .collect::<Result<_>>()?;
         frontier = next_frontier;
     }
@@ -397,7 +410,8 @@ impl Rollout {
 
     /// For agent `i`: sequences to score in one teacher-forced pass each, with the response spans
     /// they cover. Every response is covered exactly once: a response's span rides along its
-    /// first descendant path, so a chain is one sequence.
+    /// first descendant path, so a chain is one sequence (when each turn's input extends the
+    /// last; with `agent_input = "observation"` every response is its own sequence).
     pub fn agent_sequences(&self, i: usize) -> Vec<AgentSeq> {
         let mut out = Vec::new();
         for &r in &self.roots {
@@ -415,11 +429,21 @@ impl Rollout {
             // Every child that continues this response (one when aligned, K^(n−1) when cross):
             // the first carries the pending spans, the others start their own sequences.
             let children: Vec<usize> = nd.joints.iter().filter(|j| j.choice[i] == kk).filter_map(|j| j.child).collect();
-            if children.is_empty() {
+            // A child's history continues this one's (the agent reads its whole history), or
+            // starts anew (it reads the turn's observation alone): then this response ends its
+            // own sequence.
+            let continued = |c: usize| {
+                let ch = &self.nodes[c].histories[i];
+                ch.len() >= h + resp.tokens.len() && ch[..h] == nd.histories[i][..] && ch[h..h + resp.tokens.len()] == resp.tokens[..]
+            };
+            if children.is_empty() || !children.iter().all(|&c| continued(c)) {
                 let mut tokens = nd.histories[i].clone();
                 tokens.extend_from_slice(&resp.tokens);
                 let kept: Vec<_> = p.into_iter().filter(|(_, s)| s.1 > s.0).collect();
                 out.push(AgentSeq { tokens, spans: kept.iter().map(|p| p.1).collect(), ids: kept.iter().map(|p| p.0).collect() });
+                for c in children {
+                    self.collect(i, c, vec![], out);
+                }
                 continue;
             }
             let mut p = Some(p);

@@ -311,6 +311,7 @@ pub fn eval_rollouts(
             k: 1,
             joint_mode: JointMode::Aligned,
             history_cache: cfg.history_cache,
+            agent_input: cfg.agent_input,
             sampling: sampling_params(cfg, greedy),
             early_termination: cfg.early_termination,
             // A stream follows an episode's place in its chunk, so each chunk needs its own.
@@ -483,6 +484,7 @@ impl Trainer {
             k: self.cfg.samples_per_node(),
             joint_mode: self.cfg.joint_mode,
             history_cache: self.cfg.history_cache,
+            agent_input: self.cfg.agent_input,
             sampling: self.sampling(false),
             early_termination: self.cfg.early_termination,
             seed: mix(self.cfg.seed, 1 + step as u64),

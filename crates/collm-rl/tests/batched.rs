@@ -7,7 +7,7 @@
 use candle_core::{Tensor, Var};
 use collm_envs::Split;
 use collm_model::generate::{decode, prefill};
-use collm_rl::config::{HistoryCache, JointMode};
+use collm_rl::config::{AgentInput, HistoryCache, JointMode};
 use collm_rl::rollout::{rollout, RolloutSpec};
 use collm_rl::team::Team;
 use collm_rl::{Config, Trainer};
@@ -53,8 +53,8 @@ fn trainer_with(algo: &str, k: usize, micro_batch: usize, name: &str, extra: &[&
 
 #[test]
 fn batched_concurrent_sampling_equals_sampling_one_response_at_a_time() {
-    for (algo, k) in [("cc", 1), ("magrpo", 2)] {
-        let t = trainer(algo, k, 0, &format!("sample-{algo}"));
+    for (algo, k, input) in [("cc", 1, AgentInput::History), ("magrpo", 2, AgentInput::History), ("cc", 1, AgentInput::Observation)] {
+        let t = trainer(algo, k, 0, &format!("sample-{algo}-{input:?}"));
         let items = [0usize, 5, 9, 14];
         let spec = RolloutSpec {
             split: Split::Train,
@@ -63,6 +63,7 @@ fn batched_concurrent_sampling_equals_sampling_one_response_at_a_time() {
             k,
             joint_mode: JointMode::Aligned,
             history_cache: HistoryCache::Kv,
+            agent_input: input,
             sampling: collm_model::SamplingParams { max_new_tokens: 3, temperature: 1.0, top_p: 0.9, top_k: 0, greedy: false },
             early_termination: None,
             seed: 17,
@@ -74,6 +75,11 @@ fn batched_concurrent_sampling_equals_sampling_one_response_at_a_time() {
             rows_per_turn[node.turn] += 1;
             for (i, p) in t.team.agents.iter().enumerate() {
                 let pad = p.tokenizer.pad_id();
+                if input == AgentInput::Observation {
+                    // The input is the turn's observation alone, formatted as a first message.
+                    let own = p.encode_first(&p.first_text(&node.observations[i]).unwrap()).unwrap();
+                    assert_eq!(node.histories[i], own, "{algo}: agent {i}, turn {}: not the observation alone", node.turn);
+                }
                 for resp in &node.responses[i] {
                     // The straightforward path: this response alone, its whole history re-encoded.
                     let (mut cache, logits) = prefill(&p.model, std::slice::from_ref(&node.histories[i]), pad).unwrap();

@@ -5,7 +5,7 @@
 use collm_envs::{Env, Outcome, Split};
 use collm_model::score_spans;
 use collm_rl::algos::cc::joint_sequence;
-use collm_rl::config::{CriticKind, HistoryCache};
+use collm_rl::config::{AgentInput, CriticKind, HistoryCache, Schedule};
 use collm_rl::rollout::{rollout, RolloutSpec};
 use collm_rl::trainer::{latest_checkpoint, load_checkpoint, save_checkpoint};
 use collm_rl::{Config, Trainer};
@@ -237,6 +237,7 @@ fn spec<'a>(items: &'a [usize], history_cache: HistoryCache, k: usize) -> Rollou
         k,
         joint_mode: collm_rl::config::JointMode::Aligned,
         history_cache,
+        agent_input: AgentInput::History,
         sampling: collm_model::SamplingParams { max_new_tokens: 3, temperature: 1.0, top_p: 1.0, top_k: 0, greedy: false },
         early_termination: None,
         seed: 11,
@@ -299,6 +300,76 @@ fn kv_and_text_histories_give_the_same_log_probs_and_values() {
                     let v = critic.head.forward(&prefix.hidden.unwrap(), false).unwrap().to_vec1::<f32>().unwrap()[0];
                     assert!((v - v_whole[j]).abs() <= 1e-4, "V(h_{j}): {v} vs {}", v_whole[j]);
                 }
+            }
+        }
+    }
+}
+
+#[test]
+fn an_agent_that_reads_the_observation_alone_is_scored_and_valued_on_that_turn_alone() {
+    let c = cfg(&["algo=\"cc\"", "task.turns=3", "agent_input=\"observation\""]);
+    let t = Trainer::new(c.clone(), &tmp("obs-input")).unwrap();
+    let items = [0usize, 5, 9, 14];
+    let mut sp = spec(&items, HistoryCache::Kv, 1);
+    sp.agent_input = AgentInput::Observation;
+    let r = rollout(&t.team, t.env.as_ref(), &sp).unwrap();
+    assert!(r.nodes.iter().any(|n| n.turn == 2), "the episodes reach a third turn");
+    for i in 0..2 {
+        let p = &t.team.agents[i];
+        // Every response is its own sequence: its turn's input, then the response.
+        let seqs = r.agent_sequences(i);
+        assert_eq!(seqs.len(), r.nodes.len());
+        for s in &seqs {
+            let nd = &r.nodes[s.ids[0].node];
+            assert_eq!(s.ids.len(), 1);
+            assert_eq!(s.tokens[..s.spans[0].0], nd.histories[i][..]);
+        }
+        // The teacher-forced pass over those inputs reproduces the sampling pass's log-probs.
+        let (toks, spans) = collm_rl::rollout::AgentSeq::batch(&seqs);
+        let s = score_spans(&p.model, &toks, &spans, &vec![vec![]; toks.len()], p.tokenizer.pad_id(), false).unwrap();
+        let got = s.token_logprobs.to_vec1::<f32>().unwrap();
+        let want: Vec<f32> =
+            seqs.iter().flat_map(|s| s.ids.iter().flat_map(|id| r.nodes[id.node].responses[i][id.k].logprobs.clone())).collect();
+        assert_eq!(got.len(), want.len());
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(worst <= 1e-4, "teacher-forced vs sampling log-probs: {worst}");
+    }
+    // The centralized critic reads each turn's joint observation alone, under either schedule.
+    let critic = &t.team.critics[0];
+    let seqs: Vec<_> =
+        collm_rl::algos::critic_units(&r, &c).iter().map(|u| joint_sequence(&critic.tokenizer, &r, u, CriticKind::V).unwrap()).collect();
+    let all: Vec<usize> = (0..r.nodes.len()).collect();
+    let by_turn = collm_rl::algos::critic_batch(&r, &all, Schedule::Turn, &seqs);
+    assert_eq!(by_turn.len(), r.nodes.len());
+    for (x, s) in all.iter().zip(&by_turn) {
+        assert_eq!(s.nodes, vec![*x]);
+        let own = joint_sequence(&critic.tokenizer, &r, &[*x], CriticKind::V).unwrap();
+        assert_eq!(s.tokens, own.tokens[..=own.positions[0]], "node {x}: the turn's joint observation alone");
+    }
+    let episodes: Vec<usize> = (0..items.len()).collect();
+    let by_episode = collm_rl::algos::critic_batch(&r, &episodes, Schedule::Buffer, &seqs);
+    assert_eq!(by_episode.len(), r.nodes.len(), "every node's sequence, once");
+    // Under the default the critic reads the chain so far: a later turn's input is longer.
+    let mut hist = c.clone();
+    hist.agent_input = AgentInput::History;
+    let chains: Vec<_> =
+        collm_rl::algos::critic_units(&r, &hist).iter().map(|u| joint_sequence(&critic.tokenizer, &r, u, CriticKind::V).unwrap()).collect();
+    assert_eq!(chains.len(), items.len());
+    let whole = collm_rl::algos::critic_batch(&r, &all, Schedule::Turn, &chains);
+    for (x, (a, b)) in all.iter().zip(whole.iter().zip(&by_turn)) {
+        if r.nodes[*x].turn > 0 {
+            assert!(a.tokens.len() > b.tokens.len() && a.tokens.ends_with(&b.tokens[b.tokens.len() - 3..]), "node {x}");
+        }
+    }
+    // Each algorithm trains on such rollouts.
+    for algo in ["cc", "dc", "magrpo"] {
+        let c = cfg(&[&format!("algo=\"{algo}\""), "steps=2", "buffer=4", "agent_input=\"observation\""]);
+        let lines = Trainer::new(c, &tmp(&format!("obs-{algo}"))).unwrap().run(false).unwrap();
+        assert_eq!(lines.len(), 2, "{algo}");
+        for l in &lines {
+            assert!(l["reward_mean"].as_f64().is_some_and(f64::is_finite), "{algo}: {l}");
+            for a in l["policy_loss"].as_array().unwrap() {
+                assert!(a.as_f64().is_some_and(f64::is_finite), "{algo}: {l}");
             }
         }
     }

@@ -15,10 +15,12 @@
 //!
 //! The critic reads the joint history as `[Agent i] …` blocks, turn by turn: every agent's
 //! observation, then (for Q) every agent's response. One pass over an episode's whole joint
-//! history gives V at every turn, since attention is causal.
+//! history gives V at every turn, since attention is causal. With `agent_input = "observation"`
+//! the critic reads each turn's joint observation alone (CoMLRL's `_build_critic_input` over the
+//! turn's prompts).
 
 use super::{
-    agent_batch, agent_step, buffer_sequences, critic_batch, critic_step, critic_values, mean, mini_batches, node_advantages,
+    agent_batch, agent_step, buffer_sequences, critic_batch, critic_step, critic_units, critic_values, mean, mini_batches, node_advantages,
     schedule_groups, td_by_node, Algorithm, CriticSeq, Tally, UpdateCtx, UpdateStats,
 };
 use crate::config::{AdvantageNorm, Config, CriticKind, Schedule};
@@ -69,8 +71,10 @@ impl Algorithm for CoLlmCc {
         }
         let chains = rollout.chains();
         let critic = &mut team.critics[0];
-        let seqs: Vec<CriticSeq> =
-            chains.iter().map(|c| joint_sequence(&critic.tokenizer, rollout, c, cfg.critic.kind)).collect::<Result<_>>()?;
+        let seqs: Vec<CriticSeq> = critic_units(rollout, cfg)
+            .iter()
+            .map(|c| joint_sequence(&critic.tokenizer, rollout, c, cfg.critic.kind))
+            .collect::<Result<_>>()?;
         let v_old = critic_values(critic, &seqs, cfg.micro_batch, rollout.nodes.len())?;
         let nodes: Vec<usize> = chains.iter().flatten().copied().collect();
         let n = team.agents.len();

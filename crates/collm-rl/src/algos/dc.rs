@@ -14,9 +14,9 @@
 //! of an update, and on later `epochs`.
 
 use super::{
-    agent_batch, agent_lens, agent_step, buffer_sequences, clipped_value_loss, critic_batch, critic_step, critic_values, fitted_batches,
-    mean, mini_batches, node_advantages, policy_loss, schedule_groups, td_by_node, tensor, Algorithm, CriticSeq, Tally, UpdateCtx,
-    UpdateStats,
+    agent_batch, agent_lens, agent_step, buffer_sequences, clipped_value_loss, critic_batch, critic_step, critic_units, critic_values,
+    fitted_batches, mean, mini_batches, node_advantages, policy_loss, schedule_groups, td_by_node, tensor, Algorithm, CriticSeq, Tally,
+    UpdateCtx, UpdateStats,
 };
 use crate::config::{AdvantageNorm, Config, CriticKind, DcCritic, PromptFormat, Schedule};
 use crate::rollout::{AgentSeq, ResponseId, Rollout};
@@ -123,7 +123,7 @@ fn update_separate(team: &mut Team, rollout: &Rollout, cfg: &Config, ctx: Update
     let mut tally = Tally::new(team.agents.len());
     let mut values = Values::default();
     for (i, (p, critic)) in team.agents.iter_mut().zip(team.critics.iter_mut()).enumerate() {
-        let seqs: Vec<CriticSeq> = chains
+        let seqs: Vec<CriticSeq> = critic_units(rollout, cfg)
             .iter()
             .map(|c| local_sequence(&critic.tokenizer, &p.tokenizer, rollout, c, i, cfg.critic.kind, p.format == PromptFormat::Raw))
             .collect::<Result<_>>()?;

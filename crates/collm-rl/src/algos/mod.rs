@@ -6,7 +6,7 @@ pub mod cc;
 pub mod dc;
 pub mod magrpo;
 
-use crate::config::{AdvantageNorm, Algo, Config, Schedule};
+use crate::config::{AdvantageNorm, AgentInput, Algo, Config, Schedule};
 use crate::returns::normalize_by;
 use crate::rollout::{AgentSeq, ResponseId, Rollout};
 use crate::team::{Agent, Critic, Team};
@@ -413,18 +413,29 @@ impl CriticSeq {
     }
 }
 
+/// The nodes each critic sequence covers: an episode's chain (one pass over its joint history
+/// gives V at every turn, since attention is causal), or each node alone when the agents read
+/// the turn's observation alone (`agent_input = "observation"`: the critic reads that turn's
+/// input too, as CoMLRL 1.3.6's).
+pub fn critic_units(rollout: &Rollout, cfg: &Config) -> Vec<Vec<usize>> {
+    let chains = rollout.chains();
+    match cfg.agent_input {
+        AgentInput::History => chains,
+        AgentInput::Observation => chains.into_iter().flatten().map(|x| vec![x]).collect(),
+    }
+}
+
 /// The critic's sequences for one mini-batch: `turn` schedule, each node's own prefix; `buffer`,
-/// the whole chains of the batch's episodes.
-pub fn critic_batch(rollout: &Rollout, units: &[usize], schedule: Schedule, chains: &[CriticSeq]) -> Vec<CriticSeq> {
+/// the sequences of the batch's episodes.
+pub fn critic_batch(rollout: &Rollout, units: &[usize], schedule: Schedule, seqs: &[CriticSeq]) -> Vec<CriticSeq> {
     match schedule {
-        Schedule::Turn => units
+        Schedule::Turn => {
+            units.iter().filter_map(|&x| seqs.iter().find_map(|c| c.nodes.iter().position(|&n| n == x).map(|j| c.prefix(j)))).collect()
+        }
+        Schedule::Buffer => units
             .iter()
-            .filter_map(|&x| {
-                let c = &chains[rollout.nodes[x].episode];
-                c.nodes.iter().position(|&n| n == x).map(|j| c.prefix(j))
-            })
+            .flat_map(|&e| seqs.iter().filter(move |c| c.nodes.first().is_some_and(|&x| rollout.nodes[x].episode == e)).cloned())
             .collect(),
-        Schedule::Buffer => units.iter().map(|&e| chains[e].clone()).collect(),
     }
 }
 
