@@ -153,6 +153,17 @@ fn kernels(c: &mut Criterion) {
     g.bench_function("packed_512x576x8", |bench| bench.iter(|| ops::matmul_nt(&xs, 512, 576, &av, 8)));
     g.finish();
 
+    // Sampling's small-row products at 16 rows (MAGRPO's K = 4 samples of 4 episodes): rows of
+    // A dotted with the weight rows, and weights broadcast against Aᵀ (AVX-512F; on other CPUs
+    // both rows run the dot products).
+    let mut g = c.benchmark_group("small_rows");
+    g.sample_size(20).measurement_time(Duration::from_secs(8));
+    let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+    for (name, broadcast) in [("dot_16x576x1536", false), ("broadcast_16x576x1536", true)] {
+        g.bench_function(name, |bench| bench.iter(|| ops::matmul_nt_small_with(broadcast, &xs[..16 * 576], 16, 576, &wv, 1536).unwrap()));
+    }
+    g.finish();
+
     // The GEMM kernels side by side on SmolLM2's projection and lm_head shapes (on a CPU without
     // AVX-512 both rows run the gemm crate).
     let mut g = c.benchmark_group("gemm");
