@@ -162,6 +162,11 @@ fn kernels(c: &mut Criterion) {
     for (name, broadcast) in [("dot_16x576x1536", false), ("broadcast_16x576x1536", true)] {
         g.bench_function(name, |bench| bench.iter(|| ops::matmul_nt_small_with(broadcast, &xs[..16 * 576], 16, 576, &wv, 1536).unwrap()));
     }
+    // A rank-16 LoRA adapter's thin product X Aᵀ over 512 rows takes the same kernels (A as the rows).
+    let a16: Vec<f32> = (0..16 * 576).map(|i| ((i * 37) % 97) as f32 / 970.0 - 0.05).collect();
+    for (name, broadcast) in [("thin_dot_16x576x512", false), ("thin_broadcast_16x576x512", true)] {
+        g.bench_function(name, |bench| bench.iter(|| ops::matmul_nt_small_with(broadcast, &a16, 16, 576, &xs, 512).unwrap()));
+    }
     g.finish();
 
     // The GEMM kernels side by side on SmolLM2's projection and lm_head shapes (on a CPU without

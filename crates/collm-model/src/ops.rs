@@ -1378,7 +1378,7 @@ pub fn matmul_nt_small_with(broadcast: bool, a: &[f32], m: usize, k: usize, b: &
 /// Aᵀ with its rows padded to 16 lanes ([k, 16]), the operand of [`bcast_8_avx512`], where the
 /// CPU has AVX-512F and A has from [`BROADCAST_ROWS`] to 16 rows.
 fn broadcast_operand(a: &[f32], m: usize, k: usize) -> Option<Vec<f32>> {
-    if !(BROADCAST_ROWS..=16).contains(&m) || !broadcast_kernel() {
+    if !(BROADCAST_ROWS..=16).contains(&m) || k == 0 || !broadcast_kernel() {
         return None;
     }
     let mut at = vec![0f32; k * 16];
@@ -1959,10 +1959,13 @@ mod tests {
         let val = |i: usize, s: usize| ((i * 37 + s * 101) % 97) as f32 / 48.0 - 1.0;
         // Rows of A: one (batch-1 decoding), the two-row kernel's pairs and remainder, and the
         // broadcast kernel's range (12 to 16 rows on a CPU with AVX-512F).
+        // Depths: ragged vector tails, and the broadcast kernel's blocks of 64 (whole and ragged).
         for m in [1, 2, 3, 5, 12, 13, 16] {
-            for k in [1, 7, 8, 15, 16, 17, 33, 576] {
+            for k in [1, 7, 8, 15, 16, 17, 33, 100, 576] {
                 let a: Vec<f32> = (0..m * k).map(|i| val(i, 1)).collect();
-                let ns = [1usize, 3, 4, 5, 64, 65, 130];
+                // 70 and 134: rows past the broadcast kernel's groups of 8 that the 4-row dot
+                // kernel takes, then single rows.
+                let ns = [1usize, 3, 4, 5, 64, 65, 70, 130, 134];
                 let ws: Vec<Vec<f32>> = ns.iter().enumerate().map(|(w, &n)| (0..n * k).map(|i| val(i, w + 2)).collect()).collect();
                 let pairs: Vec<(&[f32], usize)> = ws.iter().zip(ns).map(|(w, n)| (&w[..], n)).collect();
                 let got = matmul_nt_small_many(&a, m, k, &pairs).unwrap();
@@ -1982,14 +1985,18 @@ mod tests {
                 }
                 assert_eq!(matmul_nt_small(&a, m, k, &ws[4], 64).unwrap(), got[4]);
                 // The dot-product kernel alone, where the broadcast one takes these rows.
-                let dots = matmul_nt_small_with(false, &a, m, k, &ws[6], 130).unwrap();
-                for (x, y) in dots.iter().zip(&got[6]) {
+                let dots = matmul_nt_small_with(false, &a, m, k, &ws[7], 130).unwrap();
+                for (x, y) in dots.iter().zip(&got[7]) {
                     assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()) * (k as f32).sqrt(), "m {m} k {k}: dot {x} vs {y}");
                 }
                 // The thin product X Aᵀ is the transpose of A Xᵀ.
-                let thin = matmul_nt_thin(&ws[6], 130, k, &a, m).unwrap();
-                assert_eq!(thin, transpose(&got[6], m, 130), "thin product, m {m} k {k}");
+                let thin = matmul_nt_thin(&ws[7], 130, k, &a, m).unwrap();
+                assert_eq!(thin, transpose(&got[7], m, 130), "thin product, m {m} k {k}");
             }
+        }
+        // No depth: zeros, whichever kernel the rows would take.
+        for m in [1, 12, 16] {
+            assert_eq!(matmul_nt_small(&[], m, 0, &[], 5).unwrap(), vec![0.0; m * 5]);
         }
         assert!(matmul_nt_small_many(&[1.0; 6], 2, 3, &[(&[1.0; 5], 2)]).is_err());
         assert!(matmul_nt_thin(&[1.0; 6], 2, 3, &[1.0; 5], 2).is_err());

@@ -4,6 +4,8 @@
 //! the node's KV cache), and the agents run concurrently, each on its own observations
 //! (decentralized execution). With `history_cache = "kv"` an agent keeps its batch's KV cache across
 //! turns, so a turn encodes only its new tokens; with `"text"` it re-encodes the whole history.
+//! With `agent_input = "observation"` an agent's input at a turn is that turn's observation alone
+//! (formatted as a first message), encoded afresh.
 //!
 //! The result is a tree: a node is one turn of one episode (every agent's history h_i,t and its
 //! K responses); a joint action at a node has a reward and, unless the episode ends, a child node.
@@ -52,7 +54,8 @@ pub struct Node {
     pub turn: usize,
     /// Each agent's observation at this turn, as the env gave it.
     pub observations: Vec<String>,
-    /// Each agent's history h_i,t: every token before this turn's response.
+    /// Each agent's input at this turn: its history h_i,t, every token before this turn's
+    /// response (`agent_input = "observation"`: the turn's formatted observation alone).
     pub histories: Vec<Vec<u32>>,
     /// The text each agent's history gained at this turn (formatted observation), and its token
     /// count (the tail of `histories[i]`).
@@ -410,8 +413,9 @@ impl Rollout {
 
     /// For agent `i`: sequences to score in one teacher-forced pass each, with the response spans
     /// they cover. Every response is covered exactly once: a response's span rides along its
-    /// first descendant path, so a chain is one sequence (when each turn's input extends the
-    /// last; with `agent_input = "observation"` every response is its own sequence).
+    /// first descendant path, so a chain is one sequence wherever each turn's input extends the
+    /// last (`agent_input = "history"`); where it does not (`"observation"`), a response ends its
+    /// own sequence.
     pub fn agent_sequences(&self, i: usize) -> Vec<AgentSeq> {
         let mut out = Vec::new();
         for &r in &self.roots {

@@ -53,7 +53,14 @@ fn trainer_with(algo: &str, k: usize, micro_batch: usize, name: &str, extra: &[&
 
 #[test]
 fn batched_concurrent_sampling_equals_sampling_one_response_at_a_time() {
-    for (algo, k, input) in [("cc", 1, AgentInput::History), ("magrpo", 2, AgentInput::History), ("cc", 1, AgentInput::Observation)] {
+    // MAGRPO with K = 4 samples 16 rows per agent at the first turn (the broadcast kernel's
+    // range on a CPU with AVX-512F) and 64 after.
+    for (algo, k, input) in [
+        ("cc", 1, AgentInput::History),
+        ("magrpo", 2, AgentInput::History),
+        ("magrpo", 4, AgentInput::History),
+        ("cc", 1, AgentInput::Observation),
+    ] {
         let t = trainer(algo, k, 0, &format!("sample-{algo}-{input:?}"));
         let items = [0usize, 5, 9, 14];
         let spec = RolloutSpec {

@@ -348,7 +348,9 @@ fn an_agent_that_reads_the_observation_alone_is_scored_and_valued_on_that_turn_a
     }
     let episodes: Vec<usize> = (0..items.len()).collect();
     let by_episode = collm_rl::algos::critic_batch(&r, &episodes, Schedule::Buffer, &seqs);
-    assert_eq!(by_episode.len(), r.nodes.len(), "every node's sequence, once");
+    let mut covered: Vec<usize> = by_episode.iter().flat_map(|s| s.nodes.clone()).collect();
+    covered.sort();
+    assert_eq!(covered, all, "every node's sequence, once");
     // Under the default the critic reads the chain so far: a later turn's input is longer.
     let mut hist = c.clone();
     hist.agent_input = AgentInput::History;
