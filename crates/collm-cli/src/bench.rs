@@ -616,11 +616,11 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, de
     let bar = collm_rl::progress::Progress::new(t.cfg.steps as u64, 0, "step");
     while t.step < t.cfg.steps {
         let line = t.train_step()?;
-        gen_s += line["gen_s"].as_f64().unwrap_or(0.0);
-        update_s += line["update_s"].as_f64().unwrap_or(0.0);
-        gen_gflop += line["gen_gflop"].as_f64().unwrap_or(0.0);
-        update_gflop += line["update_gflop"].as_f64().unwrap_or(0.0);
         let (us, ug) = (line["update_s"].as_f64().unwrap_or(0.0), line["update_gflop"].as_f64().unwrap_or(0.0));
+        gen_s += line["gen_s"].as_f64().unwrap_or(0.0);
+        update_s += us;
+        gen_gflop += line["gen_gflop"].as_f64().unwrap_or(0.0);
+        update_gflop += ug;
         update_steps.push(serde_json::json!({"s": us, "gflop": ug, "peak_fraction": ug / us.max(1e-9) / best_gflops}));
         tokens += line["generated_tokens"].as_u64().unwrap_or(0) as usize;
         rewards.push(line["reward_mean"].as_f64().unwrap_or(f64::NAN));

@@ -1317,6 +1317,17 @@ pub fn matmul_nt_small(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Re
 /// decode step's q, k and v projections, or gate and up): one dispatch to the threads instead of
 /// one per weight. Returns each C_i [m, n_i].
 pub fn matmul_nt_small_many(a: &[f32], m: usize, k: usize, ws: &[(&[f32], usize)]) -> Result<Vec<Vec<f32>>> {
+    small_products(a, m, k, ws, true)
+}
+
+/// [`matmul_nt_small`] with the broadcast kernel allowed (where it applies) or not: the
+/// benchmarks compare the two.
+pub fn matmul_nt_small_with(broadcast: bool, a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Result<Vec<f32>> {
+    Ok(small_products(a, m, k, &[(b, n)], broadcast)?.pop().expect("one weight, one product"))
+}
+
+/// [`matmul_nt_small_many`], the broadcast kernel allowed or not.
+fn small_products(a: &[f32], m: usize, k: usize, ws: &[(&[f32], usize)], broadcast: bool) -> Result<Vec<Vec<f32>>> {
     if a.len() != m * k {
         bail!("matmul_nt_small: A holds {} values, not {m}x{k}", a.len());
     }
@@ -1326,7 +1337,7 @@ pub fn matmul_nt_small_many(a: &[f32], m: usize, k: usize, ws: &[(&[f32], usize)
     if m == 0 {
         return Ok(vec![vec![]; ws.len()]);
     }
-    Ok(small_products_t(a, m, k, ws, true)
+    Ok(small_products_t(a, m, k, ws, broadcast)
         .into_iter()
         .zip(ws)
         .map(|(ct, &(_, n))| {
@@ -1362,23 +1373,10 @@ fn small_products_t(a: &[f32], m: usize, k: usize, ws: &[(&[f32], usize)], broad
 /// dot products were about 10% faster.
 const BROADCAST_ROWS: usize = 12;
 
-/// [`matmul_nt_small`] with the broadcast kernel allowed (where it applies) or not: the
-/// benchmarks compare the two.
-pub fn matmul_nt_small_with(broadcast: bool, a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Result<Vec<f32>> {
-    if a.len() != m * k || b.len() != n * k {
-        bail!("matmul_nt_small: A holds {} values and B {}, not {m}x{k} and {n}x{k}", a.len(), b.len());
-    }
-    if m == 0 {
-        return Ok(vec![]);
-    }
-    let ct = small_products_t(a, m, k, &[(b, n)], broadcast).pop().expect("one weight, one product");
-    Ok(if m == 1 { ct } else { transpose(&ct, n, m) })
-}
-
 /// Aᵀ with its rows padded to 16 lanes ([k, 16]), the operand of [`bcast_8_avx512`], where the
 /// CPU has AVX-512F and A has from [`BROADCAST_ROWS`] to 16 rows.
 fn broadcast_operand(a: &[f32], m: usize, k: usize) -> Option<Vec<f32>> {
-    if !(BROADCAST_ROWS..=16).contains(&m) || k == 0 || !broadcast_kernel() {
+    if !(BROADCAST_ROWS..=16).contains(&m) || k == 0 || !crate::sgemm::has_avx512() {
         return None;
     }
     let mut at = vec![0f32; k * 16];
@@ -1388,15 +1386,6 @@ fn broadcast_operand(a: &[f32], m: usize, k: usize) -> Option<Vec<f32>> {
         }
     }
     Some(at)
-}
-
-fn broadcast_kernel() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// X[rows, k] · Aᵀ for a thin A [r, k] (a LoRA adapter's down-projection, or Bᵀ in its backward):

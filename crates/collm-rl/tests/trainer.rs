@@ -6,7 +6,7 @@ use collm_envs::{Env, Outcome, Split};
 use collm_model::score_spans;
 use collm_rl::algos::cc::joint_sequence;
 use collm_rl::config::{AgentInput, CriticKind, HistoryCache, Schedule};
-use collm_rl::rollout::{rollout, RolloutSpec};
+use collm_rl::rollout::{rollout, AgentSeq, RolloutSpec};
 use collm_rl::trainer::{latest_checkpoint, load_checkpoint, save_checkpoint};
 use collm_rl::{Config, Trainer};
 use serde_json::Value;
@@ -229,6 +229,19 @@ fn early_termination_ends_episodes_inside_a_rollout_and_every_method_updates() {
     }
 }
 
+/// One teacher-forced pass over agent i's sequences `seqs` of rollout `r` gives the log-probs its
+/// sampling pass recorded for every response they cover (within 1e-4).
+fn assert_scoring_reproduces_sampling(p: &collm_rl::team::Agent, r: &collm_rl::rollout::Rollout, i: usize, seqs: &[AgentSeq]) {
+    let (toks, spans) = AgentSeq::batch(seqs);
+    let s = score_spans(&p.model, &toks, &spans, &vec![vec![]; toks.len()], p.tokenizer.pad_id(), false).unwrap();
+    let got = s.token_logprobs.to_vec1::<f32>().unwrap();
+    let want: Vec<f32> =
+        seqs.iter().flat_map(|s| s.ids.iter().flat_map(|id| r.nodes[id.node].responses[i][id.k].logprobs.clone())).collect();
+    assert_eq!(got.len(), want.len());
+    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst <= 1e-4, "teacher-forced vs sampling log-probs: {worst}");
+}
+
 fn spec<'a>(items: &'a [usize], history_cache: HistoryCache, k: usize) -> RolloutSpec<'a> {
     RolloutSpec {
         split: Split::Train,
@@ -270,16 +283,8 @@ fn kv_and_text_histories_give_the_same_log_probs_and_values() {
         assert!(compared > 20);
         // The teacher-forced pass over whole histories reproduces the sampling pass's log-probs.
         for i in 0..2 {
-            let p = &t.team.agents[i];
             let seqs = kv.agent_sequences(i);
-            let (toks, spans) = collm_rl::rollout::AgentSeq::batch(&seqs);
-            let s = score_spans(&p.model, &toks, &spans, &vec![vec![]; toks.len()], p.tokenizer.pad_id(), false).unwrap();
-            let got = s.token_logprobs.to_vec1::<f32>().unwrap();
-            let want: Vec<f32> =
-                seqs.iter().flat_map(|s| s.ids.iter().flat_map(|id| kv.nodes[id.node].responses[i][id.k].logprobs.clone())).collect();
-            assert_eq!(got.len(), want.len());
-            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-            assert!(worst <= 1e-4, "teacher-forced vs sampling log-probs: {worst}");
+            assert_scoring_reproduces_sampling(&t.team.agents[i], &kv, i, &seqs);
             // Every response of the tree is scored exactly once.
             let n_resp: usize = kv.nodes.iter().map(|n| n.responses[i].len()).sum();
             assert_eq!(seqs.iter().map(|s| s.ids.len()).sum::<usize>(), n_resp);
@@ -325,14 +330,7 @@ fn an_agent_that_reads_the_observation_alone_is_scored_and_valued_on_that_turn_a
             assert_eq!(s.tokens[..s.spans[0].0], nd.histories[i][..]);
         }
         // The teacher-forced pass over those inputs reproduces the sampling pass's log-probs.
-        let (toks, spans) = collm_rl::rollout::AgentSeq::batch(&seqs);
-        let s = score_spans(&p.model, &toks, &spans, &vec![vec![]; toks.len()], p.tokenizer.pad_id(), false).unwrap();
-        let got = s.token_logprobs.to_vec1::<f32>().unwrap();
-        let want: Vec<f32> =
-            seqs.iter().flat_map(|s| s.ids.iter().flat_map(|id| r.nodes[id.node].responses[i][id.k].logprobs.clone())).collect();
-        assert_eq!(got.len(), want.len());
-        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-        assert!(worst <= 1e-4, "teacher-forced vs sampling log-probs: {worst}");
+        assert_scoring_reproduces_sampling(p, &r, i, &seqs);
     }
     // The centralized critic reads each turn's joint observation alone, under either schedule.
     let critic = &t.team.critics[0];
