@@ -163,9 +163,8 @@ fn train_step_s(model: &collm_model::Transformer, b: usize, t: usize, repeats: u
         let (t0, f0) = (Instant::now(), model.flops.total());
         let s = score(model, &pairs, pad, true)?;
         let loss = s.token_logprobs.mean_all()?.neg()?;
-        let store = loss.backward()?;
         let mut grads = Grads::new();
-        grads.accumulate(&store, model.trainable())?;
+        grads.backward(&loss, model.trainable())?;
         grads.clip_norm(1.0)?;
         opt.step(model.trainable(), &grads)?;
         if r > 0 {

@@ -254,7 +254,7 @@ fn attention_memory(dev: &Device, passed: KernelSet) -> Result<Value> {
 fn step(m: &Transformer, pairs: &[(Vec<u32>, Vec<u32>)], opt: &mut AdamW) -> Result<()> {
     let loss = score(m, pairs, 0, true)?.token_logprobs.mean_all()?.neg()?;
     let mut g = Grads::new();
-    g.accumulate(&loss.backward()?, m.trainable())?;
+    g.backward(&loss, m.trainable())?;
     g.clip_norm(1.0)?;
     opt.step(m.trainable(), &g)?;
     Ok(())

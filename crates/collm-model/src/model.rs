@@ -445,7 +445,7 @@ impl Transformer {
         }
         let mask = AttnMask::causal(&cache.valid, past, t);
         let ids = Tensor::from_vec(flat, b * t, &self.device)?;
-        let mut x = self.w("model.embed_tokens.weight", grad)?.index_select(&ids, 0)?.reshape((b, t, cfg.hidden_size))?;
+        let mut x = ops::embedding(&self.w("model.embed_tokens.weight", grad)?, &ids)?.reshape((b, t, cfg.hidden_size))?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let scale = 1.0 / (hd as f32).sqrt();
         for l in 0..cfg.num_layers {

@@ -14,11 +14,14 @@ pub struct Grads {
     /// Multiplier applied when the optimizer reads the gradients (set by clipping).
     pub scale: f32,
     pub micro_batches: usize,
+    /// Contributions that [`Grads::backward`] took through the gradient sink (added in place,
+    /// never through candle's store), over every micro-batch.
+    pub sunk: usize,
 }
 
 impl Grads {
     pub fn new() -> Self {
-        Self { map: BTreeMap::new(), scale: 1.0, micro_batches: 0 }
+        Self { map: BTreeMap::new(), scale: 1.0, micro_batches: 0, sunk: 0 }
     }
 
     /// Adds the gradients of `params` found in `store` (from one `loss.backward()`).
@@ -31,6 +34,44 @@ impl Grads {
                     Some(prev) => (prev + g)?,
                     None => g,
                 };
+                self.map.insert(name.clone(), sum);
+            }
+        }
+        self.micro_batches += 1;
+        Ok(())
+    }
+
+    /// Runs `loss.backward()` and adds the gradients of `params` to the sums, as
+    /// [`Grads::accumulate`] does with the store it returns. On the CPU in f32 the weights'
+    /// gradients skip candle's gradient store: collm's projections and embedding add their
+    /// contribution straight into the sum kept here ([`add_to_sink`]), the first contribution of a
+    /// step becoming the sum itself. candle would zero-fill a buffer the size of each weight, add
+    /// the contribution into a second, and [`Grads::accumulate`] add that into a third: about 2 GB
+    /// of memory traffic per SmolLM2-135M backward pass, and the store's copy of every weight
+    /// gradient held at once beside the sums.
+    pub fn backward<'a>(&mut self, loss: &Tensor, params: impl IntoIterator<Item = (&'a String, &'a Var)>) -> Result<()> {
+        let params: Vec<(&String, &Var)> = params.into_iter().collect();
+        let mut slots = HashMap::new();
+        for (name, var) in &params {
+            if crate::ops::fused(var.as_tensor()) && var.is_contiguous() {
+                let prev = self.map.remove(*name).map(|g| g.contiguous()).transpose()?;
+                slots.insert(var.id(), prev);
+            }
+        }
+        let (store, mut slots, sunk) = with_sink(slots, || loss.backward());
+        self.sunk += sunk;
+        let store = store?;
+        for (name, var) in params {
+            let prev = match slots.remove(&var.id()) {
+                Some(sunk) => sunk,
+                None => self.map.remove(name),
+            };
+            let g = store.get(var.as_tensor()).map(|g| g.detach().to_dtype(DType::F32)).transpose()?;
+            let sum = match (prev, g) {
+                (Some(p), Some(g)) => Some((p + g)?),
+                (p, g) => p.or(g),
+            };
+            if let Some(sum) = sum {
                 self.map.insert(name.clone(), sum);
             }
         }
@@ -62,6 +103,84 @@ impl Grads {
             self.scale *= max_norm / (norm + 1e-6);
         }
         Ok(norm)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gradient sink: during a [`Grads::backward`], the sums of the weights' gradients by tensor
+// id (None until a weight's first contribution of the step).
+
+type Slots = HashMap<candle_core::TensorId, Option<Tensor>>;
+
+/// An op's contribution to a weight's gradient (see [`add_to_sink`]).
+pub(crate) type Contribution<'a> = &'a dyn Fn(Option<&mut [f32]>) -> candle_core::Result<Option<Vec<f32>>>;
+
+thread_local! {
+    /// The slots and the number of contributions added through them.
+    static SINK: RefCell<Option<(Slots, usize)>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `slots` as this thread's sink; returns f's result, the slots after it (also
+/// when f fails, so no sum is lost) and the number of contributions they took.
+fn with_sink<R>(slots: Slots, f: impl FnOnce() -> R) -> (R, Slots, usize) {
+    struct Uninstall;
+    impl Drop for Uninstall {
+        fn drop(&mut self) {
+            SINK.with(|s| s.borrow_mut().take());
+        }
+    }
+    SINK.with(|s| *s.borrow_mut() = Some((slots, 0)));
+    let guard = Uninstall;
+    let r = f();
+    let (slots, n) = SINK.with(|s| s.borrow_mut().take()).unwrap_or_default();
+    drop(guard);
+    (r, slots, n)
+}
+
+/// One op's contribution to the gradient of the weight `w`, added where [`Grads::backward`] keeps
+/// w's sum when it collects w's gradient on this thread: `add(None)` returns the contribution as
+/// a new [w's shape] buffer (w's first of the step: it becomes the sum), `add(Some(sum))` adds it
+/// into the sum and returns None. Returns false, having called nothing, when w's gradient is not
+/// collected that way: the op hands it to candle's backward as usual.
+pub(crate) fn add_to_sink(w: &Tensor, add: Contribution) -> candle_core::Result<bool> {
+    let Some(slot) = SINK.with(|s| s.borrow_mut().as_mut().and_then(|(m, _)| m.get_mut(&w.id()).map(Option::take))) else {
+        return Ok(false);
+    };
+    // The slot is empty while `add` runs; what it holds after is put back whatever happens.
+    let (done, sum) = match slot {
+        None => match add(None) {
+            Ok(Some(v)) if v.len() == w.elem_count() => match Tensor::from_vec(v, w.shape(), &Device::Cpu) {
+                Ok(t) => (Ok(()), Some(t)),
+                Err(e) => (Err(e), None),
+            },
+            Ok(_) => {
+                (Err(candle_core::Error::Msg(format!("gradient sink: a contribution of the wrong size to a {:?} weight", w.dims()))), None)
+            }
+            Err(e) => (Err(e), None),
+        },
+        Some(sum) => (sum.inplace_op1(&SinkAdd(add)), Some(sum)),
+    };
+    SINK.with(|s| {
+        if let Some((m, n)) = s.borrow_mut().as_mut() {
+            m.insert(w.id(), sum);
+            *n += 1;
+        }
+    });
+    done.map(|_| true)
+}
+
+/// Adds a contribution into a gradient sum in place.
+struct SinkAdd<'a>(Contribution<'a>);
+
+impl candle_core::InplaceOp1 for SinkAdd<'_> {
+    fn name(&self) -> &'static str {
+        "collm-gradient-sink"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(v) = s else { candle_core::bail!("gradient sink: the sum is not f32") };
+        let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("gradient sink: the sum is not contiguous") };
+        (self.0)(Some(&mut v[a..b])).map(|_| ())
     }
 }
 

@@ -239,11 +239,10 @@ fn head_step(
         let loss = if actors { (&pl + &vl)? } else { vl.clone() };
         pl_sum += pl.to_scalar::<f32>()? as f64;
         vl_sum += vl.to_scalar::<f32>()? as f64;
-        let store = loss.backward()?;
         if actors {
-            grads.accumulate(&store, p.trainable())?;
+            grads.backward(&loss, p.trainable())?;
         } else {
-            grads.accumulate(&store, head_params.iter().copied())?;
+            grads.backward(&loss, head_params.iter().copied())?;
         }
     }
     let norm = grads.clip_norm(cfg.max_grad_norm as f32).map_err(|e| e.context(format!("agent {i}: policy and value loss")))?;

@@ -388,7 +388,7 @@ pub(crate) fn agent_step(
         let dev = p.model.device.clone();
         let loss = policy_loss(&s.sums()?, &tensor(&a, &dev)?, &tensor(&old, &dev)?, cfg.clip_ratio, total)?;
         loss_sum += loss.to_scalar::<f32>()? as f64;
-        grads.accumulate(&loss.backward()?, p.model.trainable())?;
+        grads.backward(&loss, p.model.trainable())?;
     }
     let norm = grads.clip_norm(cfg.max_grad_norm as f32).map_err(|e| e.context(format!("agent {i}: policy loss")))?;
     p.opt.step(p.model.trainable(), &grads)?;
@@ -477,7 +477,7 @@ pub(crate) fn critic_step(c: &mut Critic, seqs: &[CriticSeq], y: &[f64], cfg: &C
         let ys: Vec<f64> = part.iter().flat_map(|s| s.nodes.iter().map(|&x| y[x])).collect();
         let loss = value_loss(&v, &tensor(&ys, &c.model.device)?, cfg.critic.value_coef, total)?;
         loss_sum += loss.to_scalar::<f32>()? as f64;
-        grads.accumulate(&loss.backward()?, c.trainable())?;
+        grads.backward(&loss, c.trainable())?;
     }
     grads.clip_norm(cfg.max_grad_norm as f32).map_err(|e| e.context("value loss"))?;
     let mut params: Vec<_> = c.model.trainable().collect();
