@@ -161,12 +161,15 @@ fn train_step_s(model: &collm_model::Transformer, b: usize, t: usize, repeats: u
     let mut flops = 0;
     for r in 0..=repeats {
         let (t0, f0) = (Instant::now(), model.flops.total());
-        let s = score(model, &pairs, pad, true)?;
-        let loss = s.token_logprobs.mean_all()?.neg()?;
-        let mut grads = Grads::new();
-        grads.backward(&loss, model.trainable())?;
-        grads.clip_norm(1.0)?;
-        opt.step(model.trainable(), &grads)?;
+        // On a pool thread, as the trainer's update runs.
+        collm_model::on_pool(|| -> Result<()> {
+            let s = score(model, &pairs, pad, true)?;
+            let loss = s.token_logprobs.mean_all()?.neg()?;
+            let mut grads = Grads::new();
+            grads.backward(&loss, model.trainable())?;
+            grads.clip_norm(1.0)?;
+            opt.step(model.trainable(), &grads)
+        })?;
         if r > 0 {
             times.push(t0.elapsed().as_secs_f64());
             flops = model.flops.total() - f0;

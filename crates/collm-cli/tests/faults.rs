@@ -103,7 +103,7 @@ fn signal(child: &Child, sig: i32) {
 #[test]
 fn kill_9_at_random_moments_loses_nothing() {
     let dir = tmp("kill9");
-    const STEPS: u64 = 40;
+    const STEPS: u64 = 100;
     let config = write_config(&dir, STEPS as usize);
     let reference = dir.join("reference");
     let out = collm().args(["train", "--quiet", "--config"]).arg(&config).arg("--out").arg(&reference).output().unwrap();

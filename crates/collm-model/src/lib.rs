@@ -26,7 +26,7 @@ pub use config::{Arch, ModelConfig};
 pub use device::{DeviceSpec, Precision};
 pub use generate::{generate, Generation, SamplingParams};
 pub use loader::{load, LoadedModel};
-pub use model::{KvCache, LoraConfig, Transformer};
+pub use model::{on_pool, KvCache, LoraConfig, Transformer};
 pub use optim::{AdamW, AdamWConfig, Grads};
 pub use score::{score, score_spans, Scores, SpanScores};
 pub use tokenizer::{Message, Tokenizer};

@@ -116,24 +116,31 @@ type Slots = HashMap<candle_core::TensorId, Option<Tensor>>;
 pub(crate) type Contribution<'a> = &'a dyn Fn(Option<&mut [f32]>) -> candle_core::Result<Option<Vec<f32>>>;
 
 thread_local! {
-    /// The slots and the number of contributions added through them.
-    static SINK: RefCell<Option<(Slots, usize)>> = const { RefCell::new(None) };
+    /// The sinks of the backward passes running on this thread, innermost last, each with the
+    /// number of contributions it took. A stack: a thread of rayon's pool that waits inside one
+    /// backward pass (for the other half of a parallel product) may run another job meanwhile,
+    /// another trainer's backward pass included, which must find its own sink and leave the
+    /// first one as it was.
+    static SINK: RefCell<Vec<(Slots, usize)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with `slots` as this thread's sink; returns f's result, the slots after it (also
-/// when f fails, so no sum is lost) and the number of contributions they took.
+/// Runs `f` with `slots` as this thread's innermost sink; returns f's result, the slots after it
+/// (also when f fails, so no sum is lost) and the number of contributions they took.
 fn with_sink<R>(slots: Slots, f: impl FnOnce() -> R) -> (R, Slots, usize) {
-    struct Uninstall;
-    impl Drop for Uninstall {
+    /// Pops the sink when `f` panics.
+    struct Pop(bool);
+    impl Drop for Pop {
         fn drop(&mut self) {
-            SINK.with(|s| s.borrow_mut().take());
+            if self.0 {
+                SINK.with(|s| s.borrow_mut().pop());
+            }
         }
     }
-    SINK.with(|s| *s.borrow_mut() = Some((slots, 0)));
-    let guard = Uninstall;
+    SINK.with(|s| s.borrow_mut().push((slots, 0)));
+    let mut guard = Pop(true);
     let r = f();
-    let (slots, n) = SINK.with(|s| s.borrow_mut().take()).unwrap_or_default();
-    drop(guard);
+    guard.0 = false;
+    let (slots, n) = SINK.with(|s| s.borrow_mut().pop()).unwrap_or_default();
     (r, slots, n)
 }
 
@@ -143,7 +150,7 @@ fn with_sink<R>(slots: Slots, f: impl FnOnce() -> R) -> (R, Slots, usize) {
 /// into the sum and returns None. Returns false, having called nothing, when w's gradient is not
 /// collected that way: the op hands it to candle's backward as usual.
 pub(crate) fn add_to_sink(w: &Tensor, add: Contribution) -> candle_core::Result<bool> {
-    let Some(slot) = SINK.with(|s| s.borrow_mut().as_mut().and_then(|(m, _)| m.get_mut(&w.id()).map(Option::take))) else {
+    let Some(slot) = SINK.with(|s| s.borrow_mut().last_mut().and_then(|(m, _)| m.get_mut(&w.id()).map(Option::take))) else {
         return Ok(false);
     };
     // The slot is empty while `add` runs; what it holds after is put back whatever happens.
@@ -161,7 +168,7 @@ pub(crate) fn add_to_sink(w: &Tensor, add: Contribution) -> candle_core::Result<
         Some(sum) => (sum.inplace_op1(&SinkAdd(add)), Some(sum)),
     };
     SINK.with(|s| {
-        if let Some((m, n)) = s.borrow_mut().as_mut() {
+        if let Some((m, n)) = s.borrow_mut().last_mut() {
             m.insert(w.id(), sum);
             *n += 1;
         }
@@ -486,5 +493,64 @@ mod tests {
             assert!((got - want).abs() <= 1e-12 * want.max(1.0), "n = {n}: {got} vs {want}");
             assert_eq!(got.to_bits(), sum_squares(&xs).to_bits(), "n = {n}: the sum changed between calls");
         }
+    }
+
+    /// Passes its input through; its backward first runs a whole other backward pass on this
+    /// thread (another trainer's, as a rayon thread waiting inside one pass may run meanwhile).
+    struct Nest(std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>);
+
+    impl candle_core::CustomOp1 for Nest {
+        fn name(&self) -> &'static str {
+            "test-nest"
+        }
+
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+            Ok((s.clone(), l.shape().clone()))
+        }
+
+        fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+            if let Some(f) = self.0.lock().unwrap().take() {
+                f();
+            }
+            Ok(Some(grad.clone()))
+        }
+    }
+
+    #[test]
+    fn a_backward_pass_nested_inside_another_keeps_each_ones_sums() {
+        let dev = Device::Cpu;
+        let var = |dims: &[usize], seed: u64| {
+            let v: Vec<f32> =
+                (0..dims.iter().product::<usize>()).map(|i| ((i as u64 * 7919 + seed * 104_729) % 997) as f32 / 997.0 - 0.5).collect();
+            Var::from_tensor(&Tensor::from_vec(v, dims, &dev).unwrap()).unwrap()
+        };
+        let (w, x1, x2) = (var(&[6, 5], 1), var(&[3, 5], 2), var(&[4, 5], 3));
+        let (w_inner, x_inner) = (var(&[6, 5], 4), var(&[2, 5], 5));
+        let name = "w".to_string();
+        let loss = |x: &Var, w: &Var| crate::ops::linear_nt(x.as_tensor(), w.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap();
+        // What candle's store gives, for both passes.
+        let expect = |x: &Var, w: &Var| loss(x, w).backward().unwrap().get(w.as_tensor()).unwrap().clone();
+        let want = (expect(&x1, &w) + expect(&x2, &w)).unwrap();
+        let want_inner = expect(&x_inner, &w_inner);
+
+        let mut grads = Grads::new();
+        grads.backward(&loss(&x1, &w), [(&name, &w)]).unwrap();
+        // The second micro-batch's backward runs the inner pass before W's contribution.
+        let inner = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let (inner_out, wi, xi) = (inner.clone(), w_inner.clone(), x_inner.clone());
+        let nest = Nest(std::sync::Mutex::new(Some(Box::new(move || {
+            let mut g = Grads::new();
+            g.backward(&loss(&xi, &wi), [(&"w".to_string(), &wi)]).unwrap();
+            *inner_out.lock().unwrap() = Some(g);
+        }))));
+        let y = crate::ops::linear_nt(x2.as_tensor(), w.as_tensor()).unwrap().apply_op1(nest).unwrap();
+        grads.backward(&y.sqr().unwrap().sum_all().unwrap(), [(&name, &w)]).unwrap();
+
+        let inner = inner.lock().unwrap().take().expect("the inner pass ran");
+        let diff =
+            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!((grads.sunk, inner.sunk), (2, 1), "contributions through the sinks (outer, inner)");
+        assert!(diff(&grads.map["w"], &want) < 1e-5, "the outer sum lost a micro-batch: {}", diff(&grads.map["w"], &want));
+        assert!(diff(&inner.map["w"], &want_inner) < 1e-5, "the inner sum differs by {}", diff(&inner.map["w"], &want_inner));
     }
 }

@@ -235,7 +235,7 @@ pub fn rollout(team: &Team, env: &dyn Env, spec: &RolloutSpec) -> Result<Rollout
                         let r = if own_thread {
                             rayon::ThreadPoolBuilder::new().num_threads(1).build().context("a thread for the agent")?.install(run)
                         } else {
-                            run()
+                            collm_model::on_pool(run)
                         };
                         r.with_context(|| format!("agent {i}: sampling at turn {turn}"))
                     })

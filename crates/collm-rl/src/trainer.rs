@@ -545,7 +545,7 @@ impl Trainer {
             Some(kl_to_reference(&self.team, &self.references, &r, self.cfg.sampling.temperature, self.cfg.micro_batch)?)
         };
         let (t1, f1) = (Instant::now(), self.model_flops());
-        let stats = self.update(&r).with_context(|| format!("update at step {}", step + 1))?;
+        let stats = collm_model::on_pool(|| self.update(&r)).with_context(|| format!("update at step {}", step + 1))?;
         let update_s = t1.elapsed().as_secs_f64();
         let update_flops = self.model_flops() - f1;
         self.step += 1;
