@@ -950,7 +950,8 @@ impl CustomOp1 for Embedding {
                         None
                     }
                     None => {
-                        let mut dw = vec![0f32; vocab * hidden];
+                        // Written, not calloc'ed: the GEMMs that add into this sum read it first.
+                        let mut dw = crate::optim::written_zeros(vocab * hidden);
                         add_rows(&mut dw, g);
                         Some(dw)
                     }
