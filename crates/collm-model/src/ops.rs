@@ -950,7 +950,8 @@ impl CustomOp1 for Embedding {
                         None
                     }
                     None => {
-                        // Written, not calloc'ed: the GEMMs that add into this sum read it first.
+                        // Written, not calloc'ed: this sum is read before it is written (by the
+                        // rows added below, the output head's GEMM when tied, AdamW).
                         let mut dw = crate::optim::written_zeros(vocab * hidden);
                         add_rows(&mut dw, g);
                         Some(dw)

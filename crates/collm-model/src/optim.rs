@@ -10,6 +10,8 @@ use std::collections::{BTreeMap, HashMap};
 /// Named gradients, summed over the micro-batches added so far.
 #[derive(Default)]
 pub struct Grads {
+    /// The sums by parameter name. [`Grads::backward`] adds into them in place: a clone taken
+    /// between micro-batches changes with the next one.
     pub map: BTreeMap<String, Tensor>,
     /// Multiplier applied when the optimizer reads the gradients (set by clipping).
     pub scale: f32,
@@ -49,18 +51,31 @@ impl Grads {
     /// the contribution into a second, and [`Grads::accumulate`] add that into a third: about 2 GB
     /// of memory traffic per SmolLM2-135M backward pass, and the store's copy of every weight
     /// gradient held at once beside the sums.
+    ///
+    /// A backward that fails leaves sums it had added into half done: the sums are then cleared
+    /// (no parameter has a gradient) and the error returned. Any other backward run on this
+    /// thread while this one runs (a nested `loss.backward()`) would feed its weight gradients
+    /// into these sums: every training backward goes through here.
     pub fn backward<'a>(&mut self, loss: &Tensor, params: impl IntoIterator<Item = (&'a String, &'a Var)>) -> Result<()> {
         let params: Vec<(&String, &Var)> = params.into_iter().collect();
         let mut slots = HashMap::new();
         for (name, var) in &params {
             if crate::ops::fused(var.as_tensor()) && var.is_contiguous() {
                 let prev = self.map.remove(*name).map(|g| g.contiguous()).transpose()?;
-                slots.insert(var.id(), prev);
+                if slots.insert(var.id(), prev).is_some() {
+                    bail!("Grads::backward: parameter '{name}' is listed twice (or shares its tensor with another name)");
+                }
             }
         }
         let (store, mut slots, sunk) = with_sink(slots, || loss.backward());
         self.sunk += sunk;
-        let store = store?;
+        let store = match store {
+            Ok(store) => store,
+            Err(e) => {
+                self.map.clear();
+                return Err(e.into());
+            }
+        };
         for (name, var) in params {
             let prev = match slots.remove(&var.id()) {
                 Some(sunk) => sunk,
@@ -125,7 +140,7 @@ thread_local! {
 }
 
 /// Runs `f` with `slots` as this thread's innermost sink; returns f's result, the slots after it
-/// (also when f fails, so no sum is lost) and the number of contributions they took.
+/// and the number of contributions they took.
 fn with_sink<R>(slots: Slots, f: impl FnOnce() -> R) -> (R, Slots, usize) {
     /// Pops the sink when `f` panics.
     struct Pop(bool);
@@ -140,7 +155,7 @@ fn with_sink<R>(slots: Slots, f: impl FnOnce() -> R) -> (R, Slots, usize) {
     let mut guard = Pop(true);
     let r = f();
     guard.0 = false;
-    let (slots, n) = SINK.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+    let (slots, n) = SINK.with(|s| s.borrow_mut().pop()).expect("the gradient sink pushed above is on the stack");
     (r, slots, n)
 }
 
@@ -530,14 +545,55 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn written_zeros_are_written_where_calloc_leaves_pages_untouched() {
-        let n = 16 << 20; // 64 MB: fresh pages from the kernel either way
-        let lazy = vec![0f32; n];
-        assert!(!resident(&lazy), "calloc'ed zeros were already in memory: the check cannot tell the two apart");
+    fn written_zeros_are_written_where_fresh_pages_stay_untouched() {
+        let n = 16 << 20; // 64 MB
+                          // The control: fresh anonymous pages, which is what calloc hands over from the kernel.
+                          // SAFETY: a private anonymous mapping of n floats, only read through the slice, unmapped
+                          // before the test ends.
+        let lazy = unsafe {
+            let p =
+                libc::mmap(std::ptr::null_mut(), n * 4, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+            assert_ne!(p, libc::MAP_FAILED);
+            std::slice::from_raw_parts(p as *const f32, n)
+        };
+        let untouched = !resident(lazy);
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(lazy.as_ptr() as *mut libc::c_void, n * 4) };
+        assert!(untouched, "fresh pages were already in memory: the check cannot tell the two apart");
         let written = written_zeros(n);
         // Checked before anything reads it (a read maps untouched pages to the zero page).
         assert!(resident(&written), "written_zeros left pages untouched");
         assert!(written.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn a_weight_with_a_sunk_and_a_stored_gradient_gets_their_sum() {
+        // W reaches the loss through a projection (its gradient sunk) and through a product
+        // with a constant (candle's store): Grads::backward adds the two, over two micro-batches.
+        let dev = Device::Cpu;
+        let t = |dims: &[usize], seed: u64| {
+            let v: Vec<f32> =
+                (0..dims.iter().product::<usize>()).map(|i| ((i as u64 * 7919 + seed * 104_729) % 997) as f32 / 997.0 - 0.5).collect();
+            Tensor::from_vec(v, dims, &dev).unwrap()
+        };
+        let w = Var::from_tensor(&t(&[6, 5], 1)).unwrap();
+        let c = t(&[6, 5], 2);
+        let loss = |x: &Tensor| {
+            let proj = crate::ops::linear_nt(x, w.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap();
+            (proj + (w.as_tensor() * &c).unwrap().sum_all().unwrap()).unwrap()
+        };
+        let (x1, x2) = (t(&[3, 5], 3), t(&[4, 5], 4));
+        let store = |x: &Tensor| loss(x).backward().unwrap().get(w.as_tensor()).unwrap().clone();
+        let want = (store(&x1) + store(&x2)).unwrap();
+        let name = "w".to_string();
+        let mut grads = Grads::new();
+        grads.backward(&loss(&x1), [(&name, &w)]).unwrap();
+        grads.backward(&loss(&x2), [(&name, &w)]).unwrap();
+        assert_eq!(grads.sunk, 2, "the projection's contributions went through the sink");
+        let d = (&grads.map["w"] - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-5, "the sum differs from candle's by {d}");
+        // Listing W twice is an error, not a lost sum.
+        assert!(Grads::new().backward(&loss(&x1), [(&name, &w), (&"w2".to_string(), &w)]).is_err());
     }
 
     /// Passes its input through; its backward first runs a whole other backward pass on this
