@@ -959,11 +959,7 @@ impl CustomOp1 for Embedding {
                 })
             })?
         };
-        if crate::optim::add_to_sink(w, &contribution)? {
-            return Ok(None);
-        }
-        let dw = contribution(None)?.unwrap_or_default();
-        Ok(Some(Tensor::from_vec(dw, (vocab, hidden), w.device())?))
+        crate::optim::weight_grad(w, &contribution)
     }
 }
 
@@ -1033,11 +1029,7 @@ fn linear_grads(x: &Tensor, w: &Tensor, dy: &Tensor, want_dx: bool, want_dw: boo
             })
         })??
     };
-    if crate::optim::add_to_sink(w, &contribution)? {
-        return Ok((dx, None));
-    }
-    let dw = contribution(None)?.unwrap_or_default();
-    Ok((dx, Some(Tensor::from_vec(dw, (out_f, in_f), w.device())?)))
+    Ok((dx, crate::optim::weight_grad(w, &contribution)?))
 }
 
 /// The frozen weight an op holds when its weight is not one of its inputs.

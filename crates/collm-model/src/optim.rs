@@ -46,7 +46,7 @@ impl Grads {
     /// Runs `loss.backward()` and adds the gradients of `params` to the sums, as
     /// [`Grads::accumulate`] does with the store it returns. On the CPU in f32 the weights'
     /// gradients skip candle's gradient store: collm's projections and embedding add their
-    /// contribution straight into the sum kept here ([`add_to_sink`]), the first contribution of a
+    /// contribution straight into the sum kept here ([`weight_grad`]), the first contribution of a
     /// step becoming the sum itself. candle would zero-fill a buffer the size of each weight, add
     /// the contribution into a second, and [`Grads::accumulate`] add that into a third: about 2 GB
     /// of memory traffic per SmolLM2-135M backward pass, and the store's copy of every weight
@@ -127,7 +127,7 @@ impl Grads {
 
 type Slots = HashMap<candle_core::TensorId, Option<Tensor>>;
 
-/// An op's contribution to a weight's gradient (see [`add_to_sink`]).
+/// An op's contribution to a weight's gradient (see [`weight_grad`]).
 pub(crate) type Contribution<'a> = &'a dyn Fn(Option<&mut [f32]>) -> candle_core::Result<Option<Vec<f32>>>;
 
 thread_local! {
@@ -159,25 +159,36 @@ fn with_sink<R>(slots: Slots, f: impl FnOnce() -> R) -> (R, Slots, usize) {
     (r, slots, n)
 }
 
-/// One op's contribution to the gradient of the weight `w`, added where [`Grads::backward`] keeps
-/// w's sum when it collects w's gradient on this thread: `add(None)` returns the contribution as
-/// a new [w's shape] buffer (w's first of the step: it becomes the sum), `add(Some(sum))` adds it
-/// into the sum and returns None. Returns false, having called nothing, when w's gradient is not
-/// collected that way: the op hands it to candle's backward as usual.
-pub(crate) fn add_to_sink(w: &Tensor, add: Contribution) -> candle_core::Result<bool> {
+/// One op's contribution to the gradient of the weight `w`: `add(None)` returns it as a new
+/// [w's shape] buffer, `add(Some(sum))` adds it into `sum` and returns None. Where
+/// [`Grads::backward`] collects w's gradient on this thread it goes into w's sum there (the
+/// first contribution of the step becoming the sum) and None is returned; elsewhere it is a new
+/// tensor, which the op hands to candle's backward as usual.
+pub(crate) fn weight_grad(w: &Tensor, add: Contribution) -> candle_core::Result<Option<Tensor>> {
+    if add_to_sink(w, add)? {
+        return Ok(None);
+    }
+    new_grad(w, add).map(Some)
+}
+
+/// The contribution `add` as a new tensor of w's shape.
+fn new_grad(w: &Tensor, add: Contribution) -> candle_core::Result<Tensor> {
+    match add(None)? {
+        Some(v) if v.len() == w.elem_count() => Tensor::from_vec(v, w.shape(), w.device()),
+        _ => Err(candle_core::Error::Msg(format!("gradient sink: a contribution of the wrong size to a {:?} weight", w.dims()))),
+    }
+}
+
+/// [`weight_grad`] into w's sum in the sink; false, having called nothing, where no sink on this
+/// thread collects w's gradient.
+fn add_to_sink(w: &Tensor, add: Contribution) -> candle_core::Result<bool> {
     let Some(slot) = SINK.with(|s| s.borrow_mut().last_mut().and_then(|(m, _)| m.get_mut(&w.id()).map(Option::take))) else {
         return Ok(false);
     };
     // The slot is empty while `add` runs; what it holds after is put back whatever happens.
     let (done, sum) = match slot {
-        None => match add(None) {
-            Ok(Some(v)) if v.len() == w.elem_count() => match Tensor::from_vec(v, w.shape(), &Device::Cpu) {
-                Ok(t) => (Ok(()), Some(t)),
-                Err(e) => (Err(e), None),
-            },
-            Ok(_) => {
-                (Err(candle_core::Error::Msg(format!("gradient sink: a contribution of the wrong size to a {:?} weight", w.dims()))), None)
-            }
+        None => match new_grad(w, add) {
+            Ok(t) => (Ok(()), Some(t)),
             Err(e) => (Err(e), None),
         },
         Some(sum) => (sum.inplace_op1(&SinkAdd(add)), Some(sum)),
@@ -546,10 +557,11 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn written_zeros_are_written_where_fresh_pages_stay_untouched() {
-        let n = 16 << 20; // 64 MB
-                          // The control: fresh anonymous pages, which is what calloc hands over from the kernel.
-                          // SAFETY: a private anonymous mapping of n floats, only read through the slice, unmapped
-                          // before the test ends.
+        // 64 MB. The control: fresh anonymous pages, which is what calloc hands over from the
+        // kernel.
+        let n = 16 << 20;
+        // SAFETY: a private anonymous mapping of n floats, only read through the slice, unmapped
+        // before the test ends.
         let lazy = unsafe {
             let p =
                 libc::mmap(std::ptr::null_mut(), n * 4, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
@@ -566,23 +578,28 @@ mod tests {
         assert!(written.iter().all(|&x| x == 0.0));
     }
 
+    /// A [dims] tensor of fixed values in [-0.5, 0.5), different for each seed.
+    fn seeded(dims: &[usize], seed: u64) -> Tensor {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n as u64).map(|i| ((i * 7919 + seed * 104_729) % 997) as f32 / 997.0 - 0.5).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
     #[test]
     fn a_weight_with_a_sunk_and_a_stored_gradient_gets_their_sum() {
         // W reaches the loss through a projection (its gradient sunk) and through a product
         // with a constant (candle's store): Grads::backward adds the two, over two micro-batches.
-        let dev = Device::Cpu;
-        let t = |dims: &[usize], seed: u64| {
-            let v: Vec<f32> =
-                (0..dims.iter().product::<usize>()).map(|i| ((i as u64 * 7919 + seed * 104_729) % 997) as f32 / 997.0 - 0.5).collect();
-            Tensor::from_vec(v, dims, &dev).unwrap()
-        };
-        let w = Var::from_tensor(&t(&[6, 5], 1)).unwrap();
-        let c = t(&[6, 5], 2);
+        let w = Var::from_tensor(&seeded(&[6, 5], 1)).unwrap();
+        let c = seeded(&[6, 5], 2);
         let loss = |x: &Tensor| {
             let proj = crate::ops::linear_nt(x, w.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap();
             (proj + (w.as_tensor() * &c).unwrap().sum_all().unwrap()).unwrap()
         };
-        let (x1, x2) = (t(&[3, 5], 3), t(&[4, 5], 4));
+        let (x1, x2) = (seeded(&[3, 5], 3), seeded(&[4, 5], 4));
         let store = |x: &Tensor| loss(x).backward().unwrap().get(w.as_tensor()).unwrap().clone();
         let want = (store(&x1) + store(&x2)).unwrap();
         let name = "w".to_string();
@@ -590,7 +607,7 @@ mod tests {
         grads.backward(&loss(&x1), [(&name, &w)]).unwrap();
         grads.backward(&loss(&x2), [(&name, &w)]).unwrap();
         assert_eq!(grads.sunk, 2, "the projection's contributions went through the sink");
-        let d = (&grads.map["w"] - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let d = max_diff(&grads.map["w"], &want);
         assert!(d < 1e-5, "the sum differs from candle's by {d}");
         // Listing W twice is an error, not a lost sum.
         assert!(Grads::new().backward(&loss(&x1), [(&name, &w), (&"w2".to_string(), &w)]).is_err());
@@ -619,12 +636,7 @@ mod tests {
 
     #[test]
     fn a_backward_pass_nested_inside_another_keeps_each_ones_sums() {
-        let dev = Device::Cpu;
-        let var = |dims: &[usize], seed: u64| {
-            let v: Vec<f32> =
-                (0..dims.iter().product::<usize>()).map(|i| ((i as u64 * 7919 + seed * 104_729) % 997) as f32 / 997.0 - 0.5).collect();
-            Var::from_tensor(&Tensor::from_vec(v, dims, &dev).unwrap()).unwrap()
-        };
+        let var = |dims: &[usize], seed: u64| Var::from_tensor(&seeded(dims, seed)).unwrap();
         let (w, x1, x2) = (var(&[6, 5], 1), var(&[3, 5], 2), var(&[4, 5], 3));
         let (w_inner, x_inner) = (var(&[6, 5], 4), var(&[2, 5], 5));
         let name = "w".to_string();
@@ -648,10 +660,9 @@ mod tests {
         grads.backward(&y.sqr().unwrap().sum_all().unwrap(), [(&name, &w)]).unwrap();
 
         let inner = inner.lock().unwrap().take().expect("the inner pass ran");
-        let diff =
-            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert_eq!((grads.sunk, inner.sunk), (2, 1), "contributions through the sinks (outer, inner)");
-        assert!(diff(&grads.map["w"], &want) < 1e-5, "the outer sum lost a micro-batch: {}", diff(&grads.map["w"], &want));
-        assert!(diff(&inner.map["w"], &want_inner) < 1e-5, "the inner sum differs by {}", diff(&inner.map["w"], &want_inner));
+        let (outer_d, inner_d) = (max_diff(&grads.map["w"], &want), max_diff(&inner.map["w"], &want_inner));
+        assert!(outer_d < 1e-5, "the outer sum lost a micro-batch: {outer_d}");
+        assert!(inner_d < 1e-5, "the inner sum differs by {inner_d}");
     }
 }

@@ -239,11 +239,7 @@ fn head_step(
         let loss = if actors { (&pl + &vl)? } else { vl.clone() };
         pl_sum += pl.to_scalar::<f32>()? as f64;
         vl_sum += vl.to_scalar::<f32>()? as f64;
-        if actors {
-            grads.backward(&loss, p.trainable())?;
-        } else {
-            grads.backward(&loss, head_params.iter().copied())?;
-        }
+        grads.backward(&loss, if actors { p.trainable() } else { head_params.clone() })?;
     }
     let norm = grads.clip_norm(cfg.max_grad_norm as f32).map_err(|e| e.context(format!("agent {i}: policy and value loss")))?;
     let mut params: Vec<_> = if actors { p.model.trainable().collect() } else { vec![] };
