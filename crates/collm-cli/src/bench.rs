@@ -688,6 +688,64 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, de
     Ok(())
 }
 
+/// The settings of one decode measurement in `bench model`.
+struct DecodeRun<'a> {
+    prompt_tokens: usize,
+    params: &'a SamplingParams,
+    pad: u32,
+    /// The machine's memory bandwidth (GB/s) and best GEMM rate (GFLOPS), measured in this run.
+    copy_gb_s: f64,
+    best_gflops: f64,
+}
+
+impl DecodeRun<'_> {
+    /// Prefill and decode of `batch` random prompts through `m`, against the bandwidth limit.
+    fn measure(&self, m: &collm_model::Transformer, batch: usize, vocab: usize) -> Result<serde_json::Value> {
+        let cfg = &m.cfg;
+        // What one decode step must read at least: every weight a projection or the output head
+        // multiplies, as held (a LoRA model's adapters included, a frozen base in bf16 at 2 bytes),
+        // and the keys and values cached so far (at the mean context).
+        let weight_bytes: u64 = m
+            .params
+            .iter()
+            .filter(|(n, p)| {
+                p.var.rank() == 2
+                    && (n.starts_with("model.layers.")
+                        || n.as_str() == "lm_head.weight"
+                        || (cfg.tie_word_embeddings && n.as_str() == "model.embed_tokens.weight"))
+            })
+            .map(|(_, p)| (p.var.dtype().size_in_bytes() * p.var.elem_count()) as u64)
+            .sum();
+        let kv_bytes_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4) as u64;
+        let prompts: Vec<Vec<u32>> = (0..batch).map(|i| tokens(self.prompt_tokens, i as u64, vocab)).collect();
+        let (t0, f0) = (Instant::now(), m.flops.total());
+        let (mut cache, logits) = collm_model::generate::prefill(m, &prompts, self.pad)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let prefill_gflops = (m.flops.total() - f0) as f64 / prefill_s / 1e9;
+        let mut rngs = collm_model::generate::row_rngs(7, batch);
+        // No stop tokens: every row decodes exactly max_new_tokens tokens.
+        let t1 = Instant::now();
+        let g = collm_model::generate::decode(m, &mut cache, logits, self.params, &[], &mut rngs, self.pad)?;
+        let decode_s = t1.elapsed().as_secs_f64();
+        let n: usize = g.iter().map(|g| g.tokens.len()).sum();
+        // The bandwidth limit: each step reads the weights once and every row's cache.
+        let steps = n.div_ceil(batch) as f64;
+        let mean_ctx = self.prompt_tokens as f64 + steps / 2.0;
+        let step_bytes = weight_bytes as f64 + batch as f64 * mean_ctx * kv_bytes_per_token as f64;
+        let limit_tokens_per_s = batch as f64 * self.copy_gb_s * 1e9 / step_bytes;
+        Ok(serde_json::json!({
+            "batch": batch, "prefill_s": prefill_s, "decode_s": decode_s, "tokens": n,
+            "tokens_per_s": n as f64 / decode_s,
+            "bandwidth_limit_tokens_per_s": limit_tokens_per_s,
+            "bandwidth_fraction": n as f64 / decode_s / limit_tokens_per_s,
+            "prefill_gflops": prefill_gflops,
+            "prefill_peak_fraction": prefill_gflops / self.best_gflops,
+            // Prompt included, as transformers' generate() is timed.
+            "generate_tokens_per_s": n as f64 / (prefill_s + decode_s),
+        }))
+    }
+}
+
 fn bench_model(cmd: BenchCmd) -> Result<()> {
     let BenchCmd::Model { model, prompt_tokens, new_tokens, train_batch, train_tokens, repeats, json, reference_python } = cmd else {
         unreachable!("bench_model takes BenchCmd::Model")
@@ -700,53 +758,10 @@ fn bench_model(cmd: BenchCmd) -> Result<()> {
     let lm = loader::load(&model)?;
     let load_s = t0.elapsed().as_secs_f64();
     let pad = lm.tokenizer.pad_id();
-    let cfg = &lm.model.cfg;
-    // What one decode step must read at least: every weight a projection or the output head
-    // multiplies (f32), and the keys and values cached so far (at the mean context).
-    let weight_bytes: u64 = lm
-        .model
-        .params
-        .iter()
-        .filter(|(n, p)| {
-            p.var.rank() == 2
-                && (n.starts_with("model.layers.")
-                    || n.as_str() == "lm_head.weight"
-                    || (cfg.tie_word_embeddings && n.as_str() == "model.embed_tokens.weight"))
-        })
-        .map(|(_, p)| 4 * p.var.elem_count() as u64)
-        .sum();
-    let kv_bytes_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4) as u64;
     let vocab = lm.model.cfg.vocab_size;
     let params = SamplingParams { max_new_tokens: new_tokens, temperature: 0.7, top_p: 0.9, ..Default::default() };
-    let mut decode = vec![];
-    for batch in [1usize, 8] {
-        let prompts: Vec<Vec<u32>> = (0..batch).map(|i| tokens(prompt_tokens, i as u64, vocab)).collect();
-        let (t0, f0) = (Instant::now(), lm.model.flops.total());
-        let (mut cache, logits) = collm_model::generate::prefill(&lm.model, &prompts, pad)?;
-        let prefill_s = t0.elapsed().as_secs_f64();
-        let prefill_gflops = (lm.model.flops.total() - f0) as f64 / prefill_s / 1e9;
-        let mut rngs = collm_model::generate::row_rngs(7, batch);
-        // No stop tokens: every row decodes exactly new_tokens tokens.
-        let t1 = Instant::now();
-        let g = collm_model::generate::decode(&lm.model, &mut cache, logits, &params, &[], &mut rngs, pad)?;
-        let decode_s = t1.elapsed().as_secs_f64();
-        let n: usize = g.iter().map(|g| g.tokens.len()).sum();
-        // The bandwidth limit: each step reads the weights once and every row's cache.
-        let steps = n.div_ceil(batch) as f64;
-        let mean_ctx = prompt_tokens as f64 + steps / 2.0;
-        let step_bytes = weight_bytes as f64 + batch as f64 * mean_ctx * kv_bytes_per_token as f64;
-        let limit_tokens_per_s = batch as f64 * copy_gb_s * 1e9 / step_bytes;
-        decode.push(serde_json::json!({
-            "batch": batch, "prefill_s": prefill_s, "decode_s": decode_s, "tokens": n,
-            "tokens_per_s": n as f64 / decode_s,
-            "bandwidth_limit_tokens_per_s": limit_tokens_per_s,
-            "bandwidth_fraction": n as f64 / decode_s / limit_tokens_per_s,
-            "prefill_gflops": prefill_gflops,
-            "prefill_peak_fraction": prefill_gflops / best_gflops,
-            // Prompt included, as transformers' generate() is timed.
-            "generate_tokens_per_s": n as f64 / (prefill_s + decode_s),
-        }));
-    }
+    let run = DecodeRun { prompt_tokens, params: &params, pad, copy_gb_s, best_gflops };
+    let decode = [1usize, 8].iter().map(|&batch| run.measure(&lm.model, batch, vocab)).collect::<Result<Vec<_>>>()?;
     let (full_s, full_flops) = train_step_s(&lm.model, train_batch, train_tokens, repeats, pad)?;
     let mut lora_model = lm.model.deep_clone()?;
     drop(lm.model);
@@ -759,6 +774,16 @@ fn bench_model(cmd: BenchCmd) -> Result<()> {
         0,
     )?;
     let (lora_s, lora_flops) = train_step_s(&lora_model, train_batch, train_tokens, repeats, pad)?;
+    let lora_decode = run.measure(&lora_model, 1, vocab)?;
+    // The same LoRA model with its frozen base held in bf16 (`frozen_dtype = "bf16"`).
+    let frozen_mb = |m: &collm_model::Transformer| {
+        m.params.values().filter(|p| !p.trainable).map(|p| p.var.elem_count() * p.var.dtype().size_in_bytes()).sum::<usize>() as f64 / 1e6
+    };
+    let f32_base_mb = frozen_mb(&lora_model);
+    lora_model.hold_frozen_in(candle_core::DType::BF16)?;
+    let bf16_base_mb = frozen_mb(&lora_model);
+    let (bf16_s, _) = train_step_s(&lora_model, train_batch, train_tokens, repeats, pad)?;
+    let bf16_decode = run.measure(&lora_model, 1, vocab)?;
     let rate = |flops: u64, s: f64| flops as f64 / s / 1e9;
     let reference = match &reference_python {
         None => None,
@@ -782,6 +807,11 @@ fn bench_model(cmd: BenchCmd) -> Result<()> {
             "full_gflop": full_flops as f64 / 1e9, "lora_r8_gflop": lora_flops as f64 / 1e9,
             "full_gflops": rate(full_flops, full_s), "lora_r8_gflops": rate(lora_flops, lora_s),
             "full_peak_fraction": rate(full_flops, full_s) / best_gflops, "lora_r8_peak_fraction": rate(lora_flops, lora_s) / best_gflops,
+            "lora_r8_bf16_base_s": bf16_s, "lora_bf16_base_to_full": bf16_s / full_s,
+        },
+        "lora_base": {
+            "f32_mb": f32_base_mb, "bf16_mb": bf16_base_mb,
+            "decode_batch_1_f32_base": lora_decode, "decode_batch_1_bf16_base": bf16_decode,
         },
         "peak": peak,
         "peak_rss_mb": peak_rss_mb(),
@@ -818,6 +848,14 @@ fn bench_model(cmd: BenchCmd) -> Result<()> {
             lora_s / full_s,
             rate(lora_flops, lora_s),
             100.0 * rate(lora_flops, lora_s) / best_gflops
+        );
+        let tps = |d: &serde_json::Value| d["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "LoRA r=8, frozen base in bf16 ({bf16_base_mb:.0} MB against {f32_base_mb:.0} in f32): train step {bf16_s:.2} s ({:.2}x full); decode batch 1 {:.1} tokens/s against {:.1} with the f32 base ({:.0}% of its bandwidth limit)",
+            bf16_s / full_s,
+            tps(&bf16_decode),
+            tps(&lora_decode),
+            100.0 * bf16_decode["bandwidth_fraction"].as_f64().unwrap_or(f64::NAN)
         );
         println!("peak RSS {:.0} MB", peak_rss_mb());
         if let (Some(r), Some(q)) = (&reference, &ratios) {

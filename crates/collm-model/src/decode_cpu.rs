@@ -8,9 +8,9 @@
 //! Checked against the general pass in `tests/tiny.rs`.
 
 use crate::model::{KvCache, Transformer};
-use crate::ops::{self, RopeTable};
+use crate::ops::{self, RopeTable, Weight};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;
 use std::cell::Cell;
 use std::ops::Deref;
@@ -74,6 +74,16 @@ impl Held<'_> {
     fn data(&self) -> Result<&[f32]> {
         Ok(&cpu_f32(&self.guard, "a weight")?[self.range.0..self.range.1])
     }
+
+    /// A weight matrix as held: f32, or bf16 (a LoRA run's frozen base), which the products
+    /// widen a block at a time.
+    fn weight(&self) -> Result<Weight<'_>> {
+        let r = self.range.0..self.range.1;
+        Ok(match &**self.guard {
+            Storage::Cpu(CpuStorage::BF16(w)) => Weight::Bf16(&w[r]),
+            _ => Weight::F32(&cpu_f32(&self.guard, "a weight")?[r]),
+        })
+    }
 }
 
 fn hold<'a>(m: &'a Transformer, name: &str) -> Result<Held<'a>> {
@@ -104,11 +114,11 @@ fn proj<'a>(m: &'a Transformer, prefix: &str, out: usize) -> Result<Proj<'a>> {
 /// the base products and the adapters' x A_iᵀ in one parallel dispatch, the thin (x A_iᵀ) B_iᵀ
 /// (rank-wide rows) on the calling thread.
 fn project(x: &[f32], m: usize, k: usize, ps: &[&Proj]) -> Result<Vec<Vec<f32>>> {
-    let mut ws: Vec<(&[f32], usize)> = ps.iter().map(|p| Ok((p.w.data()?, p.out))).collect::<Result<_>>()?;
+    let mut ws: Vec<(Weight, usize)> = ps.iter().map(|p| Ok((p.w.weight()?, p.out))).collect::<Result<_>>()?;
     for p in ps {
         if let Some((a, _, _)) = &p.lora {
             let a = a.data()?;
-            ws.push((a, a.len() / k));
+            ws.push((Weight::F32(a), a.len() / k));
         }
     }
     let mut ys = ops::matmul_nt_small_many(x, m, k, &ws)?;
@@ -189,9 +199,12 @@ pub(crate) fn step(m: &Transformer, ids: &[u32], cache: &mut KvCache, rope_t: &R
     let mut x = vec![0f32; b * hs];
     {
         let emb = hold(m, "model.embed_tokens.weight")?;
-        let e = emb.data()?;
+        let e = emb.weight()?;
         for (row, &id) in x.chunks_mut(hs).zip(ids) {
-            row.copy_from_slice(&e[id as usize * hs..(id as usize + 1) * hs]);
+            match e {
+                Weight::F32(e) => row.copy_from_slice(&e[id as usize * hs..(id as usize + 1) * hs]),
+                Weight::Bf16(e) => row.iter_mut().zip(&e[id as usize * hs..(id as usize + 1) * hs]).for_each(|(x, v)| *x = v.to_f32()),
+            }
         }
     }
     for l in 0..cfg.num_layers {

@@ -287,6 +287,12 @@ impl Transformer {
 
     /// Folds the LoRA adapters into the base weights (W += scale · B A) and removes them.
     pub fn merge_lora(&mut self) -> Result<()> {
+        if self.lora.is_none() {
+            return Ok(());
+        }
+        // Every weight trains after the merge: a frozen base held in bf16 comes back to the
+        // model's dtype first, so the sums below and the optimizer see it as the rest.
+        self.hold_frozen_in(self.dtype())?;
         let Some(lora) = self.lora.take() else { return Ok(()) };
         let names: Vec<String> = self.params.keys().filter(|k| k.ends_with(".lora_A.weight")).cloned().collect();
         for a_name in names {
@@ -316,9 +322,38 @@ impl Transformer {
     }
 
     /// The dtype the weights are held and computed in: F32, or BF16 (whose f32 master weights
-    /// the optimizer keeps).
+    /// the optimizer keeps). A frozen base held apart ([`Self::hold_frozen_in`]) does not
+    /// change it: this is the final norm's dtype.
     pub fn dtype(&self) -> DType {
-        self.params.values().next().map_or(DType::F32, |p| p.var.dtype())
+        self.params.get("model.norm.weight").or_else(|| self.params.values().next()).map_or(DType::F32, |p| p.var.dtype())
+    }
+
+    /// Holds the frozen weight matrices (a LoRA run's base: the projections, the embedding and
+    /// the output head) in `dtype`. BF16 on an f32 CPU model halves their memory and the bytes
+    /// a decode step streams; the CPU kernels widen each block of rows to f32 inside the
+    /// product (exact), so a pass computes in f32 on the bf16-rounded values. The model's own
+    /// dtype brings them back. Trainable weights, norms and biases stay as they are.
+    pub fn hold_frozen_in(&mut self, dtype: DType) -> Result<()> {
+        let own = self.dtype();
+        if dtype != own {
+            if dtype != DType::BF16 || own != DType::F32 || !self.device.is_cpu() {
+                bail!("a frozen base is held in bf16 only under an f32 model on the CPU (this one is {own:?} on {:?})", self.device);
+            }
+            if !self.params.values().any(|p| !p.trainable && p.var.rank() == 2) {
+                bail!("this model has no frozen weight matrix to hold in bf16 (add LoRA adapters first)");
+            }
+        }
+        for (name, p) in self.params.iter_mut().filter(|(_, p)| !p.trainable && p.var.rank() == 2 && p.var.dtype() != dtype) {
+            let t = p.var.as_detached_tensor().to_dtype(dtype).with_context(|| format!("holding '{name}' in {dtype:?}"))?;
+            p.var = Var::from_tensor(&t)?;
+        }
+        Ok(())
+    }
+
+    /// The dtype the frozen weight matrices are held in ([`Self::hold_frozen_in`]), when the
+    /// model has any.
+    pub fn frozen_dtype(&self) -> Option<DType> {
+        self.params.values().find(|p| !p.trainable && p.var.rank() == 2).map(|p| p.var.dtype())
     }
 
     /// Puts every weight (LoRA adapters included) on `device` in `dtype` (F32 or BF16). Done
@@ -446,6 +481,10 @@ impl Transformer {
         let mask = AttnMask::causal(&cache.valid, past, t);
         let ids = Tensor::from_vec(flat, b * t, &self.device)?;
         let mut x = ops::embedding(&self.w("model.embed_tokens.weight", grad)?, &ids)?.reshape((b, t, cfg.hidden_size))?;
+        if x.dtype() != self.dtype() {
+            // Rows of a table held in bf16 under an f32 model.
+            x = x.to_dtype(self.dtype())?;
+        }
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let scale = 1.0 / (hd as f32).sqrt();
         for l in 0..cfg.num_layers {

@@ -74,6 +74,163 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// A weight matrix as the CPU kernels read it. A LoRA run's frozen base may be held in bf16
+// (`Transformer::hold_frozen_in`): half the memory and half the bytes a decode step streams.
+// Its rows are widened to f32 a block at a time inside each product (bf16 → f32 is exact), so
+// the arithmetic is the f32 kernels' on the same values, and no f32 copy of the whole weight is
+// ever made.
+
+/// Rows of a weight [rows, k], f32 or bf16.
+#[derive(Clone, Copy)]
+pub enum Weight<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl<'a> From<&'a [f32]> for Weight<'a> {
+    fn from(w: &'a [f32]) -> Self {
+        Weight::F32(w)
+    }
+}
+
+impl<'a> Weight<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Weight::F32(w) => w.len(),
+            Weight::Bf16(w) => w.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Elements `r` of the weight.
+    fn slice(&self, r: std::ops::Range<usize>) -> Weight<'a> {
+        match *self {
+            Weight::F32(w) => Weight::F32(&w[r]),
+            Weight::Bf16(w) => Weight::Bf16(&w[r]),
+        }
+    }
+
+    /// The weight's values as f32: borrowed when it is f32, else widened into `scratch`.
+    fn as_f32<'s>(&'s self, scratch: &'s mut Vec<f32>) -> &'s [f32]
+    where
+        'a: 's,
+    {
+        match *self {
+            Weight::F32(w) => w,
+            Weight::Bf16(w) => {
+                scratch.clear();
+                scratch.extend(w.iter().map(|&v| widen(v)));
+                scratch
+            }
+        }
+    }
+}
+
+/// A bf16 value as f32: its bits are the f32's top half (exact; a NaN stays a NaN). half's own
+/// conversion quiets signalling NaNs with a branch that keeps the loops here from vectorizing.
+#[inline(always)]
+fn widen(v: half::bf16) -> f32 {
+    f32::from_bits((v.to_bits() as u32) << 16)
+}
+
+/// Widens bf16 into f32 on all threads.
+fn widen_par(src: &[half::bf16], dst: &mut Vec<f32>) {
+    dst.clear();
+    dst.reserve(src.len());
+    let spare = &mut dst.spare_capacity_mut()[..src.len()];
+    spare.par_chunks_mut(1 << 14).zip(src.par_chunks(1 << 14)).for_each(|(d, s)| {
+        for (d, s) in d.iter_mut().zip(s) {
+            d.write(widen(*s));
+        }
+    });
+    // SAFETY: the loop above wrote each of the first src.len() elements of the spare capacity.
+    unsafe { dst.set_len(src.len()) };
+}
+
+/// Whether `t` is a weight the CPU kernels read: f32 or bf16, on the CPU.
+fn cpu_weight(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16)
+}
+
+/// Runs `f` over a CPU weight's contiguous values, f32 or bf16 as held; other dtypes and
+/// devices are brought to the host in f32 first.
+pub fn with_weight<R>(t: &Tensor, f: impl FnOnce(Weight) -> R) -> Result<R> {
+    if !(cpu_weight(t) && t.dtype() == DType::BF16) {
+        return with_f32(t, |w| f(Weight::F32(w)));
+    }
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => {
+            let data = c.as_slice::<half::bf16>()?;
+            match l.contiguous_offsets() {
+                Some((a, b)) => Ok(f(Weight::Bf16(&data[a..b]))),
+                None => bail!("collm op: expected a contiguous bf16 weight"),
+            }
+        }
+        _ => bail!("collm op: expected a CPU tensor"),
+    }
+}
+
+/// Rows of a bf16 weight widened per block of the products below: 512 rows (of at most a few
+/// thousand values each) stay a few MiB, and a block is a GEMM of its own, large enough to keep
+/// the kernel at its rate.
+const WIDEN_ROWS: usize = 512;
+
+/// C[m, n] = x[m, k] · Wᵀ for W [n, k] (+ C when `accumulate`), C row-major [m, n].
+fn xwt_into(c: &mut [f32], x: &[f32], m: usize, k: usize, w: Weight, n: usize, accumulate: bool) {
+    assert!(c.len() >= m * n && x.len() >= m * k && w.len() == n * k, "xwt: C, x or W does not fit {m}x{k} · ({n}x{k})ᵀ");
+    match w {
+        Weight::F32(w) => gemm_into(c, m, n, k, x, (1, k), w, (k, 1), 1.0, accumulate),
+        Weight::Bf16(wb) => {
+            let mut block = Vec::new();
+            for n0 in (0..n).step_by(WIDEN_ROWS) {
+                let rows = WIDEN_ROWS.min(n - n0);
+                widen_par(&wb[n0 * k..(n0 + rows) * k], &mut block);
+                let view = |x: &[f32], rs, cs| crate::sgemm::View { ptr: x.as_ptr(), rs, cs };
+                // SAFETY: C holds m rows of n values, of which this writes columns n0..n0+rows;
+                // x holds m rows of k, the block `rows` rows of k (read as its transpose).
+                unsafe {
+                    crate::sgemm::gemm(m, rows, k, c.as_mut_ptr().add(n0), n, accumulate, view(x, k, 1), view(&block, 1, k), 1.0, true)
+                }
+            }
+        }
+    }
+}
+
+/// x[m, k] · Wᵀ for W [n, k]: [m, n].
+pub fn matmul_nt_w(x: &[f32], m: usize, k: usize, w: Weight, n: usize) -> Vec<f32> {
+    if let Weight::F32(w) = w {
+        return matmul_nt(x, m, k, w, n);
+    }
+    let mut c = vec![0f32; m * n];
+    xwt_into(&mut c, x, m, k, w, n, false);
+    c
+}
+
+/// dy[m, n] · W for W [n, k]: [m, k] (a frozen projection's input gradient).
+fn matmul_nn_w(dy: &[f32], m: usize, n: usize, w: Weight, k: usize) -> Vec<f32> {
+    assert!(dy.len() == m * n && w.len() == n * k, "matmul_nn: dy or W does not fit {m}x{n} · {n}x{k}");
+    match w {
+        Weight::F32(w) => gemm_f32(m, k, n, dy, (1, n), w, (1, k)),
+        Weight::Bf16(wb) => {
+            let mut c = vec![0f32; m * k];
+            let mut block = Vec::new();
+            for n0 in (0..n).step_by(WIDEN_ROWS) {
+                let rows = WIDEN_ROWS.min(n - n0);
+                widen_par(&wb[n0 * k..(n0 + rows) * k], &mut block);
+                // The block's rows n0.. of W meet columns n0.. of dy; the blocks' products add.
+                gemm_into(&mut c, m, k, rows, &dy[n0..], (1, n), &block, (1, k), 1.0, n0 > 0);
+            }
+            c
+        }
+    }
+}
+
 fn last_dim(l: &Layout) -> usize {
     *l.dims().last().unwrap_or(&1)
 }
@@ -694,7 +851,7 @@ pub fn linear_heads(x: &Tensor, w: &Tensor, rope: Option<&RopeTable>, heads: usi
     if groups == 0 || !heads.is_multiple_of(groups) {
         bail!("linear_heads: {heads} heads do not split into {groups} groups");
     }
-    if fused(x) && cpu_f32(w) && (x.track_op() || w.track_op()) {
+    if fused(x) && cpu_weight(w) && (x.track_op() || w.track_op()) {
         let op = |w: Option<Tensor>| LinearHeads { w, table: rope.cloned(), heads, groups };
         let x = x.contiguous()?;
         return if w.track_op() { x.apply_op2(&w.contiguous()?, op(None)) } else { x.apply_op1(op(Some(w.detach().contiguous()?))) };
@@ -713,7 +870,7 @@ struct LinearHeads {
 }
 
 impl LinearHeads {
-    fn fwd(&self, x: &[f32], xl: &Layout, w: &[f32], (out_f, in_f): (usize, usize)) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, x: &[f32], xl: &Layout, w: Weight, (out_f, in_f): (usize, usize)) -> Result<(CpuStorage, Shape)> {
         let d = xl.dims();
         if d.len() != 3
             || d[2] != in_f
@@ -731,7 +888,7 @@ impl LinearHeads {
                 bail!("linear_heads: the RoPE table does not fit {b}x{t} tokens of head size {hd}");
             }
         }
-        let y = matmul_nt(x, b * t, in_f, w, out_f);
+        let y = matmul_nt_w(x, b * t, in_f, w, out_f);
         let out = permute_heads(&y, t, self.heads, hd, self.table.as_ref(), false);
         Ok((CpuStorage::F32(out), Shape::from((b, self.groups, self.heads / self.groups * t, hd))))
     }
@@ -752,7 +909,7 @@ impl CustomOp1 for LinearHeads {
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let w = frozen_weight(&self.w, "linear_heads")?;
-        with_f32(w, |ws| self.fwd(slice(xs, xl)?, xl, ws, w.dims2()?))?
+        with_weight(w, |ws| self.fwd(slice(xs, xl)?, xl, ws, w.dims2()?))?
     }
 
     fn bwd(&self, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -767,7 +924,7 @@ impl CustomOp2 for LinearHeads {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.fwd(slice(xs, xl)?, xl, slice(ws, wl)?, wl.shape().dims2()?)
+        self.fwd(slice(xs, xl)?, xl, Weight::F32(slice(ws, wl)?), wl.shape().dims2()?)
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -988,7 +1145,7 @@ impl CustomOp1 for FrozenLinear {
         let x = slice(s, l)?;
         let (out_f, in_f) = self.w.dims2()?;
         let n = x.len() / in_f;
-        let y = with_f32(&self.w, |w| matmul_nt(x, n, in_f, w, out_f))?;
+        let y = with_weight(&self.w, |w| matmul_nt_w(x, n, in_f, w, out_f))?;
         let mut dims = l.dims().to_vec();
         *dims.last_mut().unwrap() = out_f;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -1104,7 +1261,7 @@ unsafe fn gemm_checked(
 
 /// y = x W^T where W receives no gradient (and costs no backward work); x keeps its gradient.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if fused(x) && w.dtype() == DType::F32 && x.track_op() {
+    if fused(x) && cpu_weight(w) && x.track_op() {
         return x.contiguous()?.apply_op1(FrozenLinear { w: w.detach().contiguous()? });
     }
     linear_nt(x, &w.detach())
@@ -1118,7 +1275,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// it is frozen (no gradient, no backward work for it).
 pub fn residual_linear(res: &Tensor, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let graph = res.track_op() || x.track_op() || w.track_op();
-    if fused(x) && cpu_f32(res) && cpu_f32(w) && graph {
+    if fused(x) && cpu_f32(res) && cpu_weight(w) && graph {
         let (res, x) = (res.contiguous()?, x.contiguous()?);
         return if w.track_op() {
             res.apply_op3(&x, &w.contiguous()?, ResidualLinear { w: None })
@@ -1143,7 +1300,7 @@ impl ResidualLinear {
         rl: &Layout,
         x: &[f32],
         xl: &Layout,
-        w: &[f32],
+        w: Weight,
         (out_f, in_f): (usize, usize),
     ) -> Result<(CpuStorage, Shape)> {
         let rows = x.len() / in_f.max(1);
@@ -1158,7 +1315,7 @@ impl ResidualLinear {
             bail!("residual_linear: res {:?}, x {:?} and W {out_f}x{in_f} do not fit together", rl.dims(), xl.dims());
         }
         let mut y = res.to_vec();
-        gemm_into(&mut y, rows, out_f, in_f, x, (1, in_f), w, (in_f, 1), 1.0, true);
+        xwt_into(&mut y, x, rows, in_f, w, out_f, true);
         Ok((CpuStorage::F32(y), rl.shape().clone()))
     }
 
@@ -1177,7 +1334,7 @@ impl CustomOp2 for ResidualLinear {
 
     fn cpu_fwd(&self, rs: &CpuStorage, rl: &Layout, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let w = frozen_weight(&self.w, "residual_linear")?;
-        with_f32(w, |ws| self.fwd(slice(rs, rl)?, rl, slice(xs, xl)?, xl, ws, w.dims2()?))?
+        with_weight(w, |ws| self.fwd(slice(rs, rl)?, rl, slice(xs, xl)?, xl, ws, w.dims2()?))?
     }
 
     fn bwd(&self, _res: &Tensor, x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -1201,7 +1358,7 @@ impl CustomOp3 for ResidualLinear {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.fwd(slice(rs, rl)?, rl, slice(xs, xl)?, xl, slice(ws, wl)?, wl.shape().dims2()?)
+        self.fwd(slice(rs, rl)?, rl, slice(xs, xl)?, xl, Weight::F32(slice(ws, wl)?), wl.shape().dims2()?)
     }
 
     fn bwd(
@@ -1281,7 +1438,7 @@ impl CustomOp3 for LoraLinear {
         let (out_f, in_f, r) = self.dims(al, bl)?;
         let (x, a, b) = (slice(xs, xl)?, slice(as_, al)?, slice(bs, bl)?);
         let rows = x.len() / in_f;
-        let mut y = with_f32(&self.w, |w| matmul_nt(x, rows, in_f, w, out_f))?;
+        let mut y = with_weight(&self.w, |w| matmul_nt_w(x, rows, in_f, w, out_f))?;
         let xa = matmul_nt_thin(x, rows, in_f, a, r)?;
         // y += s · (x Aᵀ) Bᵀ: B [out, r] read as Bᵀ [r, out].
         gemm_into(&mut y, rows, out_f, r, &xa, (1, r), b, (r, 1), self.scale, true);
@@ -1320,7 +1477,7 @@ impl CustomOp3 for LoraLinear {
                         let da = matmul_tn(&dxa, rows, r, x, in_f)?;
                         // dx = dy W + d(x Aᵀ) A, the second accumulated into the first.
                         let dx = if want_dx {
-                            let mut dx = with_f32(&self.w, |w| gemm_f32(rows, in_f, out_f, dy, (1, out_f), w, (1, in_f)))?;
+                            let mut dx = with_weight(&self.w, |w| matmul_nn_w(dy, rows, out_f, w, in_f))?;
                             gemm_into(&mut dx, rows, in_f, r, &dxa, (1, r), a, (1, in_f), 1.0, true);
                             Some(dx)
                         } else {
@@ -1343,7 +1500,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -
     let graph = x.track_op() || a.track_op() || b.track_op();
     // Sampling a few rows streams the weights through linear_nt's small path instead.
     let rows = x.elem_count() / x.dim(D::Minus1)?.max(1);
-    if fused(x) && cpu_f32(w) && cpu_f32(a) && cpu_f32(b) && (graph || rows > SMALL_ROWS) {
+    if fused(x) && cpu_weight(w) && cpu_f32(a) && cpu_f32(b) && (graph || rows > SMALL_ROWS) {
         let op = LoraLinear { w: w.detach().contiguous()?, scale: scale as f32 };
         let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);
         return if graph { x.apply_op3(&a, &b, op) } else { x.apply_op3_no_bwd(&a, &b, &op) };
@@ -1359,11 +1516,11 @@ fn matmul_nn(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if k != k2 {
         bail!("matmul_nn: {m}x{k} · {k2}x{n} do not match");
     }
-    if a.device().is_cpu() && b.device().is_cpu() && a.dtype() == DType::F32 && b.dtype() == DType::F32 {
-        let c = with_f32(a, |xa| with_f32(b, |xb| gemm_f32(m, n, k, xa, (1, k), xb, (1, n))))??;
+    if cpu_f32(a) && cpu_weight(b) {
+        let c = with_f32(a, |xa| with_weight(b, |wb| matmul_nn_w(xa, m, k, wb, n)))??;
         return Tensor::from_vec(c, (m, n), a.device());
     }
-    a.matmul(b)
+    a.matmul(&b.to_dtype(a.dtype())?)
 }
 
 /// C[m, n] = A[k, m]^T · B[k, n] on row-major slices (a weight's gradient from the output
@@ -1387,15 +1544,16 @@ pub fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     *dims.last_mut().unwrap() = out_f;
     // Few rows and no graph (sampling): stream each weight row once through dot products, which
     // is what decoding is bound by; a general GEMM would pack the whole weight matrix per call.
-    if rows <= SMALL_ROWS && fused(x) && w.dtype() == DType::F32 && !x.track_op() && !w.track_op() {
-        let y = with_f32(&x2, |xs| with_f32(w, |ws| matmul_nt_small(xs, rows, in_f, ws, out_f)))???;
+    if rows <= SMALL_ROWS && fused(x) && cpu_weight(w) && !x.track_op() && !w.track_op() {
+        let y = with_f32(&x2, |xs| with_weight(w, |ws| matmul_nt_small_many(xs, rows, in_f, &[(ws, out_f)])))???.pop();
+        return Tensor::from_vec(y.expect("one weight, one product"), dims, x.device());
+    }
+    if fused(x) && cpu_weight(w) && (w.dtype() == DType::F32 || !x.track_op()) {
+        let y = with_f32(&x2, |xs| with_weight(w, |ws| matmul_nt_w(xs, rows, in_f, ws, out_f)))??;
         return Tensor::from_vec(y, dims, x.device());
     }
-    if fused(x) && w.dtype() == DType::F32 && w.device().is_cpu() {
-        let y = with_f32(&x2, |xs| with_f32(w, |ws| matmul_nt(xs, rows, in_f, ws, out_f)))??;
-        return Tensor::from_vec(y, dims, x.device());
-    }
-    let y = x2.matmul(&w.t()?)?;
+    // A weight held in another dtype than the activations (a frozen bf16 base) is widened.
+    let y = x2.matmul(&w.to_dtype(x2.dtype())?.t()?)?;
     y.reshape(dims)
 }
 
@@ -1405,24 +1563,24 @@ pub const SMALL_ROWS: usize = 16;
 /// C[m, n] = A[m, k] · B[n, k]^T for small m: parallel over blocks of B's rows, each row read
 /// once and dotted with every row of A (A stays in cache).
 pub fn matmul_nt_small(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Result<Vec<f32>> {
-    Ok(matmul_nt_small_many(a, m, k, &[(b, n)])?.pop().expect("one weight, one product"))
+    Ok(matmul_nt_small_many(a, m, k, &[(Weight::F32(b), n)])?.pop().expect("one weight, one product"))
 }
 
 /// [`matmul_nt_small`] of one A against several weights B_i [n_i, k] in one parallel region (a
 /// decode step's q, k and v projections, or gate and up): one dispatch to the threads instead of
 /// one per weight. Returns each C_i [m, n_i].
-pub fn matmul_nt_small_many(a: &[f32], m: usize, k: usize, ws: &[(&[f32], usize)]) -> Result<Vec<Vec<f32>>> {
+pub fn matmul_nt_small_many(a: &[f32], m: usize, k: usize, ws: &[(Weight, usize)]) -> Result<Vec<Vec<f32>>> {
     small_products(a, m, k, ws, true)
 }
 
 /// [`matmul_nt_small`] with the broadcast kernel allowed (where it applies) or not: the
 /// benchmarks compare the two.
 pub fn matmul_nt_small_with(broadcast: bool, a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Result<Vec<f32>> {
-    Ok(small_products(a, m, k, &[(b, n)], broadcast)?.pop().expect("one weight, one product"))
+    Ok(small_products(a, m, k, &[(Weight::F32(b), n)], broadcast)?.pop().expect("one weight, one product"))
 }
 
 /// [`matmul_nt_small_many`], the broadcast kernel allowed or not.
-fn small_products(a: &[f32], m: usize, k: usize, ws: &[(&[f32], usize)], broadcast: bool) -> Result<Vec<Vec<f32>>> {
+fn small_products(a: &[f32], m: usize, k: usize, ws: &[(Weight, usize)], broadcast: bool) -> Result<Vec<Vec<f32>>> {
     if a.len() != m * k {
         bail!("matmul_nt_small: A holds {} values, not {m}x{k}", a.len());
     }
@@ -1446,19 +1604,23 @@ fn small_products(a: &[f32], m: usize, k: usize, ws: &[(&[f32], usize)], broadca
 
 /// The products of [`matmul_nt_small_many`] transposed: C_iᵀ = B_i · Aᵀ [n_i, m], each block of
 /// 64 rows of B_i a task that streams those rows once against all of A (unchecked shapes).
-fn small_products_t(a: &[f32], m: usize, k: usize, ws: &[(&[f32], usize)], broadcast: bool) -> Vec<Vec<f32>> {
+fn small_products_t(a: &[f32], m: usize, k: usize, ws: &[(Weight, usize)], broadcast: bool) -> Vec<Vec<f32>> {
     const BLOCK: usize = 64;
     // Each block writes one contiguous run of the transposed product.
     let mut cts: Vec<Vec<f32>> = ws.iter().map(|&(_, n)| vec![0f32; n * m]).collect();
-    let mut tasks: Vec<(&[f32], &mut [f32])> = vec![];
+    let mut tasks: Vec<(Weight, &mut [f32])> = vec![];
     for (ct, &(b, _)) in cts.iter_mut().zip(ws) {
         for (blk, out) in ct.chunks_mut(BLOCK * m).enumerate() {
             let rows = out.len() / m;
-            tasks.push((&b[blk * BLOCK * k..(blk * BLOCK + rows) * k], out));
+            tasks.push((b.slice(blk * BLOCK * k..(blk * BLOCK + rows) * k), out));
         }
     }
     let at = if broadcast { broadcast_operand(a, m, k) } else { None };
-    tasks.into_par_iter().for_each(|(w, out)| small_block(a, m, k, w, out, at.as_deref()));
+    // A bf16 block is widened where it is used, into the task's own buffer (in cache).
+    tasks.into_par_iter().for_each_init(Vec::new, |scratch, (w, out)| match w {
+        Weight::F32(w) => small_block(a, m, k, w, out, at.as_deref()),
+        Weight::Bf16(w) => small_block_bf16(a, m, k, w, out, scratch),
+    });
     cts
 }
 
@@ -1493,7 +1655,7 @@ pub fn matmul_nt_thin(x: &[f32], rows: usize, k: usize, a: &[f32], r: usize) -> 
     if r == 0 || r > SMALL_ROWS {
         return Ok(matmul_nt(x, rows, k, a, r));
     }
-    Ok(small_products_t(a, r, k, &[(x, rows)], true).pop().expect("one operand, one product"))
+    Ok(small_products_t(a, r, k, &[(Weight::F32(x), rows)], true).pop().expect("one operand, one product"))
 }
 
 /// The transpose [cols, rows] of a row-major [rows, cols] matrix.
@@ -1525,6 +1687,32 @@ fn small_block(a: &[f32], m: usize, k: usize, w: &[f32], out: &mut [f32], at: Op
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = at;
+    jj = dot_rows(a, m, k, w, out, jj);
+    for (jr, o) in out.chunks_mut(m).enumerate().skip(jj) {
+        let row = &w[jr * k..(jr + 1) * k];
+        for (i, oi) in o.iter_mut().enumerate() {
+            *oi = dot(&a[i * k..(i + 1) * k], row);
+        }
+    }
+}
+
+/// [`small_block`] for a bf16 block: the dot kernels widen it in registers; the last rows (fewer
+/// than four) are widened into `scratch`.
+fn small_block_bf16(a: &[f32], m: usize, k: usize, w: &[half::bf16], out: &mut [f32], scratch: &mut Vec<f32>) {
+    let jj = dot_rows(a, m, k, w, out, 0);
+    for (jr, o) in out.chunks_mut(m).enumerate().skip(jj) {
+        let row = Weight::Bf16(&w[jr * k..(jr + 1) * k]);
+        let row = row.as_f32(scratch);
+        for (i, oi) in o.iter_mut().enumerate() {
+            *oi = dot(&a[i * k..(i + 1) * k], row);
+        }
+    }
+}
+
+/// out[j, i] = A[i] · W[j] for the rows of W from `jj` on, four at a time with the AVX2 dot
+/// kernels (where the CPU has them); returns the first row left undone.
+fn dot_rows<T: WElem>(a: &[f32], m: usize, k: usize, w: &[T], out: &mut [f32], mut jj: usize) -> usize {
+    let rows = out.len() / m;
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         while jj + 4 <= rows {
@@ -1549,12 +1737,7 @@ fn small_block(a: &[f32], m: usize, k: usize, w: &[f32], out: &mut [f32], at: Op
             jj += 4;
         }
     }
-    for (jr, o) in out.chunks_mut(m).enumerate().skip(jj) {
-        let row = &w[jr * k..(jr + 1) * k];
-        for (i, oi) in o.iter_mut().enumerate() {
-            *oi = dot(&a[i * k..(i + 1) * k], row);
-        }
-    }
+    jj
 }
 
 /// Σ a_i b_i, with AVX2/FMA when the CPU has them.
@@ -1582,11 +1765,44 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
 }
 
+/// A weight element the dot kernels read: f32, or bf16 widened in registers (a frozen base held
+/// in bf16 streams half the bytes per decode step).
+trait WElem: Copy + Send + Sync {
+    const BF16: bool;
+    fn f32(self) -> f32;
+}
+
+impl WElem for f32 {
+    const BF16: bool = false;
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl WElem for half::bf16 {
+    const BF16: bool = true;
+    fn f32(self) -> f32 {
+        widen(self)
+    }
+}
+
+/// Eight weight elements from `p` as eight f32 lanes (inside an AVX2 kernel).
+#[cfg(target_arch = "x86_64")]
+macro_rules! load8 {
+    ($t:ty, $p:expr) => {
+        if <$t as WElem>::BF16 {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128($p as *const __m128i))))
+        } else {
+            _mm256_loadu_ps($p as *const f32)
+        }
+    };
+}
+
 /// Dots of 2 rows of `a` with 4 rows of `w` (each k long), sharing every load: returns
 /// [a0·w0, a0·w1, a0·w2, a0·w3, a1·w0, …].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_2x4_avx2(a: &[f32], w: &[f32], k: usize, prefetch: bool) -> [f32; 8] {
+unsafe fn dot_2x4_avx2<T: WElem>(a: &[f32], w: &[T], k: usize, prefetch: bool) -> [f32; 8] {
     use std::arch::x86_64::*;
     let (a0, a1) = (a.as_ptr(), a.as_ptr().add(k));
     let wp = [w.as_ptr(), w.as_ptr().add(k), w.as_ptr().add(2 * k), w.as_ptr().add(3 * k)];
@@ -1600,7 +1816,7 @@ unsafe fn dot_2x4_avx2(a: &[f32], w: &[f32], k: usize, prefetch: bool) -> [f32; 
                 // The same place eight rows on (the next blocks of rows): a hint, never dereferenced.
                 _mm_prefetch::<_MM_HINT_T0>(wp[q].wrapping_add(8 * k + i) as *const i8);
             }
-            let y = _mm256_loadu_ps(wp[q].add(i));
+            let y = load8!(T, wp[q].add(i));
             acc[q] = _mm256_fmadd_ps(x0, y, acc[q]);
             acc[4 + q] = _mm256_fmadd_ps(x1, y, acc[4 + q]);
         }
@@ -1616,8 +1832,8 @@ unsafe fn dot_2x4_avx2(a: &[f32], w: &[f32], k: usize, prefetch: bool) -> [f32; 
     }
     while i < k {
         for q in 0..4 {
-            out[q] += *a0.add(i) * *wp[q].add(i);
-            out[4 + q] += *a1.add(i) * *wp[q].add(i);
+            out[q] += *a0.add(i) * (*wp[q].add(i)).f32();
+            out[4 + q] += *a1.add(i) * (*wp[q].add(i)).f32();
         }
         i += 1;
     }
@@ -1668,7 +1884,7 @@ unsafe fn bcast_8_avx512(at: &[f32], k: usize, w: &[f32], out: &mut [f32], m: us
 /// flight) and the rows eight on are prefetched.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_1x4_avx2(a: &[f32], w: &[f32], k: usize) -> [f32; 4] {
+unsafe fn dot_1x4_avx2<T: WElem>(a: &[f32], w: &[T], k: usize) -> [f32; 4] {
     use std::arch::x86_64::*;
     let a0 = a.as_ptr();
     let wp = [w.as_ptr(), w.as_ptr().add(k), w.as_ptr().add(2 * k), w.as_ptr().add(3 * k)];
@@ -1680,15 +1896,15 @@ unsafe fn dot_1x4_avx2(a: &[f32], w: &[f32], k: usize) -> [f32; 4] {
         for q in 0..4 {
             // The same place eight rows on: a read hint, never dereferenced.
             _mm_prefetch::<_MM_HINT_T0>(wp[q].wrapping_add(8 * k + i) as *const i8);
-            acc[q] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wp[q].add(i)), acc[q]);
-            acc[4 + q] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(wp[q].add(i + 8)), acc[4 + q]);
+            acc[q] = _mm256_fmadd_ps(x0, load8!(T, wp[q].add(i)), acc[q]);
+            acc[4 + q] = _mm256_fmadd_ps(x1, load8!(T, wp[q].add(i + 8)), acc[4 + q]);
         }
         i += 16;
     }
     while i + 8 <= k {
         let x0 = _mm256_loadu_ps(a0.add(i));
         for q in 0..4 {
-            acc[q] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wp[q].add(i)), acc[q]);
+            acc[q] = _mm256_fmadd_ps(x0, load8!(T, wp[q].add(i)), acc[q]);
         }
         i += 8;
     }
@@ -1703,7 +1919,7 @@ unsafe fn dot_1x4_avx2(a: &[f32], w: &[f32], k: usize) -> [f32; 4] {
     }
     while i < k {
         for q in 0..4 {
-            out[q] += *a0.add(i) * *wp[q].add(i);
+            out[q] += *a0.add(i) * (*wp[q].add(i)).f32();
         }
         i += 1;
     }
@@ -2035,6 +2251,33 @@ pub fn attention_unfused(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, sc
 mod tests {
     use super::*;
 
+    /// A bf16 weight's products, widened a block of rows at a time, against the f32 products on
+    /// the widened weight: the forward x·Wᵀ (written and accumulated) and the backward dy·W over
+    /// several blocks and a ragged last one, and the small-row products' blocks.
+    #[test]
+    fn bf16_weight_products_equal_the_f32_ones_on_its_values() {
+        let val = |i: usize, s: usize| ((i * 37 + s * 101) % 97) as f32 / 48.0 - 1.0;
+        for (m, k, n) in [(3, 40, 2 * WIDEN_ROWS + 77), (9, 17, WIDEN_ROWS), (2, 5, 3)] {
+            let wb: Vec<half::bf16> = (0..n * k).map(|i| half::bf16::from_f32(val(i, 1))).collect();
+            let wf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            let x: Vec<f32> = (0..m * k).map(|i| val(i, 2)).collect();
+            let dy: Vec<f32> = (0..m * n).map(|i| val(i, 3)).collect();
+            let close = |a: &[f32], b: &[f32], what: &str| {
+                assert_eq!(a.len(), b.len(), "{what}");
+                let d = a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(d < 1e-5, "{what} ({m}x{k}, {n} rows): differs by {d}");
+            };
+            close(&matmul_nt_w(&x, m, k, Weight::Bf16(&wb), n), &matmul_nt(&x, m, k, &wf, n), "x·Wᵀ");
+            let mut acc = dy.clone();
+            xwt_into(&mut acc, &x, m, k, Weight::Bf16(&wb), n, true);
+            let want: Vec<f32> = matmul_nt(&x, m, k, &wf, n).iter().zip(&dy).map(|(a, b)| a + b).collect();
+            close(&acc, &want, "C + x·Wᵀ");
+            close(&matmul_nn_w(&dy, m, n, Weight::Bf16(&wb), k), &matmul_nn_w(&dy, m, n, Weight::F32(&wf), k), "dy·W");
+            let small = matmul_nt_small_many(&x, m, k, &[(Weight::Bf16(&wb), n), (Weight::F32(&wf), n)]).unwrap();
+            close(&small[0], &small[1], "small-row x·Wᵀ");
+        }
+    }
+
     /// The small-row products (decoding's projections) against f64 sums: every path of the
     /// kernels (pairs of rows, the odd row's four-row dots, the leftover weight rows, k around
     /// the 8- and 16-wide steps) and several weights in one dispatch.
@@ -2051,7 +2294,7 @@ mod tests {
                 // kernel takes, then single rows.
                 let ns = [1usize, 3, 4, 5, 64, 65, 70, 130, 134];
                 let ws: Vec<Vec<f32>> = ns.iter().enumerate().map(|(w, &n)| (0..n * k).map(|i| val(i, w + 2)).collect()).collect();
-                let pairs: Vec<(&[f32], usize)> = ws.iter().zip(ns).map(|(w, n)| (&w[..], n)).collect();
+                let pairs: Vec<(Weight, usize)> = ws.iter().zip(ns).map(|(w, n)| (Weight::F32(&w[..]), n)).collect();
                 let got = matmul_nt_small_many(&a, m, k, &pairs).unwrap();
                 for ((c, w), n) in got.iter().zip(&ws).zip(ns) {
                     assert_eq!(c.len(), m * n);
@@ -2082,7 +2325,7 @@ mod tests {
         for m in [1, 12, 16] {
             assert_eq!(matmul_nt_small(&[], m, 0, &[], 5).unwrap(), vec![0.0; m * 5]);
         }
-        assert!(matmul_nt_small_many(&[1.0; 6], 2, 3, &[(&[1.0; 5], 2)]).is_err());
+        assert!(matmul_nt_small_many(&[1.0; 6], 2, 3, &[(Weight::F32(&[1.0; 5]), 2)]).is_err());
         assert!(matmul_nt_thin(&[1.0; 6], 2, 3, &[1.0; 5], 2).is_err());
     }
 

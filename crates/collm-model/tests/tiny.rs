@@ -333,6 +333,94 @@ fn weight_gradients_summed_in_place_equal_candles_store() {
     }
 }
 
+/// A LoRA model's frozen base held in bf16 (`hold_frozen_in`) computes exactly what the f32 model
+/// computes on the same bf16-rounded weights: log-probs and adapter gradients with a graph (the
+/// frozen projections, the LoRA op, the projection-into-heads and residual ops, the embedding and
+/// the tied or untied head), the generic ops, prefill and token-by-token decoding (the fast decode
+/// step), and the merged weights an export writes. Every architecture, with the attention adapted
+/// and with only the MLP adapted (plain frozen q/k/v), B not zero.
+#[test]
+fn a_frozen_base_in_bf16_computes_as_f32_on_its_rounded_values() {
+    use collm_model::decode_cpu::steps_on_this_thread;
+    let p = pairs();
+    for targets in [vec!["q_proj", "v_proj", "gate_proj", "down_proj"], vec!["gate_proj", "up_proj"]] {
+        for mut m in all_archs() {
+            let targets: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+            m.add_lora(LoraConfig { rank: 4, alpha: 8.0, targets: targets.clone() }, 1).unwrap();
+            for (name, p) in &m.params {
+                if name.contains("lora_B") {
+                    p.var.set(&Tensor::randn(0f32, 0.5, p.var.shape(), &Device::Cpu).unwrap()).unwrap();
+                }
+            }
+            let what = format!("{:?} {targets:?}", m.cfg.arch);
+            // The reference: the same values rounded to bf16, held in f32.
+            let mut reference = m.deep_clone().unwrap();
+            reference.hold_frozen_in(candle_core::DType::BF16).unwrap();
+            reference.hold_frozen_in(candle_core::DType::F32).unwrap();
+            assert_eq!(reference.frozen_dtype(), Some(candle_core::DType::F32));
+            let bytes = |m: &Transformer| m.params.values().map(|p| p.var.elem_count() * p.var.dtype().size_in_bytes()).sum::<usize>();
+            let frozen_f32 = bytes(&m);
+            m.hold_frozen_in(candle_core::DType::BF16).unwrap();
+            assert_eq!(m.frozen_dtype(), Some(candle_core::DType::BF16), "{what}");
+            assert_eq!(m.dtype(), candle_core::DType::F32, "{what}: the model still computes in f32");
+            let frozen_elems: usize = m.params.values().filter(|p| !p.trainable && p.var.rank() == 2).map(|p| p.var.elem_count()).sum();
+            assert_eq!(bytes(&m), frozen_f32 - 2 * frozen_elems, "{what}: the frozen matrices take half the bytes");
+            assert!(m.params.iter().all(|(n, p)| p.var.dtype() == candle_core::DType::F32 || (!p.trainable && !n.contains("norm"))));
+
+            // With a graph: log-probs and the adapters' gradients, over two micro-batches.
+            let run = |m: &Transformer| {
+                let mut g = Grads::new();
+                let mut lps = vec![];
+                for ps in [&p[..1], &p[1..]] {
+                    let s = score(m, ps, 0, true).unwrap();
+                    lps.push(s.token_logprobs.flatten_all().unwrap());
+                    g.backward(&s.sums().unwrap().sum_all().unwrap().neg().unwrap(), m.trainable()).unwrap();
+                }
+                (Tensor::cat(&lps, 0).unwrap(), g)
+            };
+            let ((lp, g), (want_lp, want_g)) = (run(&m), run(&reference));
+            assert!(max_diff(&lp, &want_lp) < 1e-5, "{what}: log-probs differ by {}", max_diff(&lp, &want_lp));
+            assert_eq!(g.map.len(), want_g.map.len(), "{what}");
+            for (name, w) in &want_g.map {
+                let scale = w.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+                let d = max_diff(&g.map[name], w) / scale;
+                assert!(d < 1e-5, "{what} {name}: gradient differs by {d} (relative)");
+            }
+            // The generic ops widen the base where they meet it.
+            let generic = ops::with_generic_ops(|| score(&m, &p, 0, false).unwrap().token_logprobs);
+            let d = max_diff(&generic, &score(&reference, &p, 0, false).unwrap().token_logprobs);
+            assert!(d < 1e-4, "{what}: generic ops differ by {d}");
+
+            // Sampling: a prefill of 2 × 24 rows (the large-row products), then decode steps of
+            // two rows (the fast decode step's block-widened dot products).
+            let prompts: Vec<Vec<u32>> = (0..2).map(|r| (0..24).map(|i| ((i * 7 + r * 5 + 1) % 64) as u32).collect()).collect();
+            let (mut c, mut l) = prefill(&m, &prompts, 0).unwrap();
+            let (mut rc, mut rl) = prefill(&reference, &prompts, 0).unwrap();
+            for step in 0..4 {
+                let d = max_diff(&l, &rl);
+                assert!(d < 1e-4, "{what}: step {step}: logits differ by {d}");
+                let next: Vec<Vec<u32>> = (0..2).map(|r| vec![((step * 3 + r) % 64) as u32]).collect();
+                let before = steps_on_this_thread();
+                l = extend(&m, &mut c, &next, 0).unwrap();
+                assert_eq!(steps_on_this_thread(), before + 1, "{what}: the bf16 base did not take the fast decode step");
+                rl = extend(&reference, &mut rc, &next, 0).unwrap();
+            }
+
+            // Merging (what the exports write) brings the base back to f32.
+            let (merged, want) = (m.lora_merged().unwrap().unwrap(), reference.lora_merged().unwrap().unwrap());
+            for (name, w) in want.tensors().unwrap() {
+                assert_eq!(merged.params[&name].var.dtype(), candle_core::DType::F32, "{what} {name}");
+                let d = max_diff(&merged.params[&name].var.as_tensor().clone(), &w);
+                assert!(d < 1e-6, "{what} {name}: merged weight differs by {d}");
+            }
+        }
+    }
+    // Refused where it has no meaning.
+    let mut full = tiny(Arch::Llama, 64, 1);
+    let err = full.hold_frozen_in(candle_core::DType::BF16).unwrap_err().to_string();
+    assert!(err.contains("no frozen weight"), "{err}");
+}
+
 #[test]
 fn padding_does_not_change_scores() {
     for m in all_archs() {

@@ -219,6 +219,34 @@ pub struct ModelSpec {
     pub device: Placement,
     /// `f32`, or `bf16` (bf16 weights and activations, f32 master weights and moments).
     pub dtype: collm_model::Precision,
+    /// The dtype a LoRA model's frozen base (its projections, embedding and output head) is
+    /// held in: `f32`, or `bf16` (half the memory and half the bytes each decode step reads;
+    /// the CPU kernels widen each block of rows to f32 inside the product). Needs `lora_rank`,
+    /// `dtype = "f32"` and the CPU.
+    pub frozen_dtype: collm_model::Precision,
+}
+
+impl ModelSpec {
+    /// `frozen_dtype = "bf16"` needs a frozen base under LoRA, in an f32 model on the CPU.
+    fn check_frozen_dtype(&self, key: &str) -> Result<()> {
+        if self.frozen_dtype == collm_model::Precision::F32 {
+            return Ok(());
+        }
+        if self.lora_rank == 0 {
+            bail!("'{key}.frozen_dtype' = \"bf16\" holds a LoRA model's frozen base, but '{key}.lora_rank' is 0 (full fine-tuning freezes nothing): set a LoRA rank or drop the key");
+        }
+        if self.dtype != collm_model::Precision::F32 {
+            bail!("'{key}.frozen_dtype' = \"bf16\" is for an f32 model; with '{key}.dtype' = \"bf16\" every weight is bf16 already: drop the key");
+        }
+        let cpu_only = match &self.device {
+            Placement::One(d) => d == "cpu",
+            Placement::Each(ds) => ds.iter().all(|d| d == "cpu"),
+        };
+        if !cpu_only {
+            bail!("'{key}.frozen_dtype' = \"bf16\" is read by the CPU kernels; on a GPU use '{key}.dtype' = \"bf16\" instead");
+        }
+        Ok(())
+    }
 }
 
 impl Default for ModelSpec {
@@ -234,6 +262,7 @@ impl Default for ModelSpec {
             lora_targets: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
             device: Placement::One("cpu".into()),
             dtype: collm_model::Precision::F32,
+            frozen_dtype: collm_model::Precision::F32,
         }
     }
 }
@@ -518,6 +547,10 @@ impl Config {
         if let Some(d) = self.critic.dtype {
             s.dtype = d;
         }
+        // A critic placed or held apart from the agents' bf16 base keeps its own in f32.
+        if s.check_frozen_dtype("critic").is_err() {
+            s.frozen_dtype = collm_model::Precision::F32;
+        }
         s
     }
 
@@ -588,6 +621,12 @@ impl Config {
             if !(spec.lr > 0.0 && spec.lr.is_finite()) {
                 bail!("'{k}.lr' must be positive, got {}", spec.lr);
             }
+        }
+        for (k, spec) in std::iter::once(("agents".to_string(), &self.agents))
+            .chain(self.agent.iter().enumerate().map(|(i, s)| (format!("agent[{i}]"), s)))
+            .chain(self.critic.model.iter().map(|s| ("critic.model".to_string(), s)))
+        {
+            spec.check_frozen_dtype(&k)?;
         }
         if self.algo.is_actor_critic() && !(self.critic.lr > 0.0 && self.critic.lr.is_finite()) {
             bail!("'critic.lr' must be positive, got {}", self.critic.lr);

@@ -171,7 +171,10 @@ pub fn load_model(spec: &ModelSpec, seed: u64) -> Result<(Transformer, Tokenizer
 pub fn place(model: &mut Transformer, spec: &ModelSpec, i: usize, key: &str) -> Result<()> {
     let device: DeviceSpec = spec.device.get(i, key)?;
     let d = device.open().with_context(|| format!("'{key}'"))?;
-    model.place(&d, spec.dtype.dtype()).with_context(|| format!("placing model '{}' on {device} in {:?}", spec.model, spec.dtype))
+    model.place(&d, spec.dtype.dtype()).with_context(|| format!("placing model '{}' on {device} in {:?}", spec.model, spec.dtype))?;
+    model
+        .hold_frozen_in(spec.frozen_dtype.dtype())
+        .with_context(|| format!("holding model '{}''s frozen base in {:?}", spec.model, spec.frozen_dtype))
 }
 
 fn adamw(spec: &ModelSpec) -> AdamW {

@@ -98,6 +98,41 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
+/// `agents.frozen_dtype = "bf16"` holds a LoRA team's frozen base in bf16 and the team trains:
+/// over two updates the adapters move and the base stays as it was loaded.
+#[test]
+fn a_lora_team_holds_its_frozen_base_in_bf16_and_trains() {
+    let o = ["algo=\"cc\"", "agents.lora_rank=4", "agents.frozen_dtype=\"bf16\"", "steps=2"];
+    let mut t = Trainer::new(cfg(&o), &tmp("bf16-base")).unwrap();
+    let snapshot = |t: &Trainer| -> Vec<(String, bool, Vec<f32>)> {
+        let m = &t.team.agents[0].model;
+        m.tensors()
+            .unwrap()
+            .into_iter()
+            .map(|(n, w)| (n.clone(), m.params[&n].trainable, w.flatten_all().unwrap().to_vec1().unwrap()))
+            .collect()
+    };
+    for a in &t.team.agents {
+        assert_eq!(a.model.frozen_dtype(), Some(candle_core::DType::BF16));
+        assert_eq!(a.model.dtype(), candle_core::DType::F32);
+    }
+    let before = snapshot(&t);
+    for _ in 0..2 {
+        let line = t.train_step().unwrap();
+        assert!(line["reward_mean"].as_f64().unwrap().is_finite(), "{line}");
+    }
+    let after = snapshot(&t);
+    let mut moved = 0;
+    for ((name, trains, w0), (_, _, w1)) in before.iter().zip(&after) {
+        if *trains {
+            moved += (w0 != w1) as usize;
+        } else {
+            assert_eq!(w0, w1, "the frozen {name} changed");
+        }
+    }
+    assert!(moved > 0, "no adapter moved");
+}
+
 #[test]
 fn rloo_differs_from_magrpo_only_without_group_normalization() {
     // As written, RLOO's advantage is K/(K−1) times MAGRPO's: a different first update.
@@ -480,6 +515,12 @@ fn bad_configs_name_the_key() {
         ("[critic]\ndtype = \"int8\"", "dtype"),
         ("[agents]\ndevice = []", "'agents.device' is an empty list"),
         ("[critic]\ndevice = [\"cpu\", \"gpu:1\"]", "'critic.device': unknown device \"gpu:1\""),
+        (
+            "[agents]\nfrozen_dtype = \"bf16\"",
+            "'agents.frozen_dtype' = \"bf16\" holds a LoRA model's frozen base, but 'agents.lora_rank' is 0",
+        ),
+        ("[[agent]]\nlora_rank = 4\ndtype = \"bf16\"\nfrozen_dtype = \"bf16\"", "'agent[0].frozen_dtype' = \"bf16\" is for an f32 model"),
+        ("[agents]\nfrozen_dtype = \"f16\"", "frozen_dtype"),
     ] {
         let r = Config::from_toml(text, "bad.toml", &[]).map(|c| collm_rl::trainer::make_env(&c).map(|_| ()));
         let err = match r {
