@@ -147,6 +147,21 @@ fn kernels(c: &mut Criterion) {
             ops::lora_linear(x.as_tensor(), &frozen, a.as_tensor(), b.as_tensor(), 2.0).unwrap().sum_all().unwrap().backward().unwrap()
         })
     });
+    // The same with the frozen weight held in bf16 (widened 512 rows at a time inside the GEMMs).
+    let frozen_bf16 = frozen.to_dtype(candle_core::DType::BF16).unwrap();
+    g.bench_function("frozen_bf16_fwd_bwd_512x576x1536", |bench| {
+        bench.iter(|| ops::frozen_linear(x.as_tensor(), &frozen_bf16).unwrap().sum_all().unwrap().backward().unwrap())
+    });
+    g.bench_function("lora_r8_bf16_base_fwd_bwd_512x576x1536", |bench| {
+        bench.iter(|| {
+            ops::lora_linear(x.as_tensor(), &frozen_bf16, a.as_tensor(), b.as_tensor(), 2.0)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        })
+    });
     // The adapter's thin product X Aᵀ: streamed against A, and through the packed GEMM.
     let (xs, av): (Vec<f32>, Vec<f32>) = (x.flatten_all().unwrap().to_vec1().unwrap(), a.flatten_all().unwrap().to_vec1().unwrap());
     g.bench_function("thin_512x576x8", |bench| bench.iter(|| ops::matmul_nt_thin(&xs, 512, 576, &av, 8).unwrap()));
@@ -162,6 +177,14 @@ fn kernels(c: &mut Criterion) {
     for (name, broadcast) in [("dot_16x576x1536", false), ("broadcast_16x576x1536", true)] {
         g.bench_function(name, |bench| bench.iter(|| ops::matmul_nt_small_with(broadcast, &xs[..16 * 576], 16, 576, &wv, 1536).unwrap()));
     }
+    // Batch-1 decoding's product against a weight in f32 and in bf16 (widened in registers).
+    let wb: Vec<half::bf16> = wv.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    g.bench_function("dot_1x576x1536", |bench| {
+        bench.iter(|| ops::matmul_nt_small_many(&xs[..576], 1, 576, &[(ops::Weight::F32(&wv), 1536)]).unwrap())
+    });
+    g.bench_function("dot_bf16_1x576x1536", |bench| {
+        bench.iter(|| ops::matmul_nt_small_many(&xs[..576], 1, 576, &[(ops::Weight::Bf16(&wb), 1536)]).unwrap())
+    });
     // A rank-16 LoRA adapter's thin product X Aᵀ over 512 rows takes the same kernels (A as the rows).
     let a16: Vec<f32> = (0..16 * 576).map(|i| ((i * 37) % 97) as f32 / 970.0 - 0.05).collect();
     for (name, broadcast) in [("thin_dot_16x576x512", false), ("thin_broadcast_16x576x512", true)] {
