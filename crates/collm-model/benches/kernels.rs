@@ -154,12 +154,7 @@ fn kernels(c: &mut Criterion) {
     });
     g.bench_function("lora_r8_bf16_base_fwd_bwd_512x576x1536", |bench| {
         bench.iter(|| {
-            ops::lora_linear(x.as_tensor(), &frozen_bf16, a.as_tensor(), b.as_tensor(), 2.0)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
+            ops::lora_linear(x.as_tensor(), &frozen_bf16, a.as_tensor(), b.as_tensor(), 2.0).unwrap().sum_all().unwrap().backward().unwrap()
         })
     });
     // The adapter's thin product X Aᵀ: streamed against A, and through the packed GEMM.

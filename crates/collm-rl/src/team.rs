@@ -172,9 +172,13 @@ pub fn place(model: &mut Transformer, spec: &ModelSpec, i: usize, key: &str) -> 
     let device: DeviceSpec = spec.device.get(i, key)?;
     let d = device.open().with_context(|| format!("'{key}'"))?;
     model.place(&d, spec.dtype.dtype()).with_context(|| format!("placing model '{}' on {device} in {:?}", spec.model, spec.dtype))?;
-    model
-        .hold_frozen_in(spec.frozen_dtype.dtype())
-        .with_context(|| format!("holding model '{}''s frozen base in {:?}", spec.model, spec.frozen_dtype))
+    // A frozen base in bf16 under an f32 model (the config refuses it elsewhere).
+    if spec.frozen_dtype == collm_model::Precision::Bf16 {
+        model
+            .hold_frozen_in(spec.frozen_dtype.dtype())
+            .with_context(|| format!("holding model '{}''s frozen base in {:?}", spec.model, spec.frozen_dtype))?;
+    }
+    Ok(())
 }
 
 fn adamw(spec: &ModelSpec) -> AdamW {
