@@ -30,12 +30,19 @@ fi
 echo "scripts/pyenv.sh: installing $PINS into $ENV (once)" >&2
 rm -rf "$ENV"
 python3 -m venv "$ENV"
+# pip unpacks the wheels (torch and its CUDA libraries: several GB) and builds llama.cpp in its
+# temporary folder: keep that beside the environment, on the checkout's disk, not in /tmp, which
+# may be a small tmpfs (a CI run failed with "No space left on device" here).
+export TMPDIR="$PWD/target/pyenv-tmp"
+rm -rf "$TMPDIR" && mkdir -p "$TMPDIR"
+trap 'rm -rf "$TMPDIR"' EXIT
 for try in 1 2 3; do
   if "$ENV/bin/pip" install --quiet --retries 10 --timeout 120 --no-cache-dir $PINS; then
     echo "$WANT" > "$STAMP"
     exit 0
   fi
-  echo "scripts/pyenv.sh: pip failed (try $try of 3)" >&2
+  echo "scripts/pyenv.sh: pip failed (try $try of 3); free space: $(df -h --output=avail "$ENV" "$TMPDIR" 2>/dev/null | tail -n +2 | tr -s ' \n' ' ')" >&2
+  rm -rf "${TMPDIR:?}"/* 2>/dev/null || true
   sleep 10
 done
 echo "scripts/pyenv.sh: could not install $PINS from PyPI" >&2

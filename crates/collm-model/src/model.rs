@@ -333,6 +333,9 @@ impl Transformer {
     /// a decode step streams; the CPU kernels widen each block of rows to f32 inside the
     /// product (exact), so a pass computes in f32 on the bf16-rounded values. The model's own
     /// dtype brings them back. Trainable weights, norms and biases stay as they are.
+    /// [`Self::place`] on the model's own device and dtype leaves a bf16 base as it is; placing
+    /// it elsewhere, or merging the adapters, widens the base to the model's dtype again (its
+    /// bf16-rounded values, not the ones loaded).
     pub fn hold_frozen_in(&mut self, dtype: DType) -> Result<()> {
         let own = self.dtype();
         if dtype != own {

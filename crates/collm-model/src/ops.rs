@@ -78,8 +78,9 @@ pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 // A weight matrix as the CPU kernels read it. A LoRA run's frozen base may be held in bf16
 // (`Transformer::hold_frozen_in`): half the memory and half the bytes a decode step streams.
 // Its rows are widened to f32 a block at a time inside each product (bf16 → f32 is exact), so
-// the arithmetic is the f32 kernels' on the same values, and no f32 copy of the whole weight is
-// ever made.
+// the arithmetic is the f32 kernels' on the same values; a product holds one f32 block of at most
+// [`WIDEN_ELEMS`] values beside the bf16 weight. (The generic ops, off these kernels' paths, widen
+// the whole weight where they meet it.)
 
 /// Rows of a weight [rows, k], f32 or bf16.
 #[derive(Clone, Copy)]
@@ -156,6 +157,13 @@ fn cpu_weight(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::BF16)
 }
 
+/// Whether the ops that take a weight as a trained input (f32 only) or a frozen one (f32 or bf16)
+/// read `w` on the CPU kernels: a bf16 weight that tracks a graph (a bf16 model trained in full)
+/// takes the generic path.
+fn trainable_or_frozen(w: &Tensor) -> bool {
+    cpu_weight(w) && (w.dtype() == DType::F32 || !w.track_op())
+}
+
 /// Runs `f` over a CPU weight's contiguous values, f32 or bf16 as held; other dtypes and
 /// devices are brought to the host in f32 first.
 pub fn with_weight<R>(t: &Tensor, f: impl FnOnce(Weight) -> R) -> Result<R> {
@@ -176,22 +184,31 @@ pub fn with_weight<R>(t: &Tensor, f: impl FnOnce(Weight) -> R) -> Result<R> {
     }
 }
 
-/// Rows of a bf16 weight widened per block of the products below: a block is a GEMM of its own,
-/// so a projection of SmolLM2's size is one block and the output head's 49,152 rows 24 blocks of
-/// 4.5 MiB. `cargo bench -p collm-model --bench kernels -- linear/frozen` on the Xeon: a frozen
-/// 1536×576 projection's forward + backward over 512 rows 8.9 ms with blocks of 512 rows, 8.4 ms
-/// with 2048, against 7.6 ms in f32 (the difference is the widening's writes).
-const WIDEN_ROWS: usize = 2048;
+/// Values of a bf16 weight widened per block of the products below (4 MiB of f32): a block is a
+/// GEMM of its own, so a projection of SmolLM2's size is one block and the output head's 49,152
+/// rows of 576 are 28 blocks. `cargo bench -p collm-model --bench kernels -- linear/frozen` on
+/// the Xeon: a frozen 1536×576 projection's forward + backward over 512 rows 8.9 ms with blocks
+/// of 512 rows, 8.4 ms with 2048 (one block), against 7.6 ms in f32 (the difference is the
+/// widening's writes).
+const WIDEN_ELEMS: usize = 1 << 20;
+
+/// Rows of a weight with rows of `k` values per widened block: at least 16, however long a row.
+fn widen_rows(k: usize) -> usize {
+    (WIDEN_ELEMS / k.max(1)).max(16)
+}
 
 /// C[m, n] = x[m, k] · Wᵀ for W [n, k] (+ C when `accumulate`), C row-major [m, n].
 fn xwt_into(c: &mut [f32], x: &[f32], m: usize, k: usize, w: Weight, n: usize, accumulate: bool) {
     assert!(c.len() >= m * n && x.len() >= m * k && w.len() == n * k, "xwt: C, x or W does not fit {m}x{k} · ({n}x{k})ᵀ");
+    if m == 0 || n == 0 {
+        return;
+    }
     match w {
         Weight::F32(w) => gemm_into(c, m, n, k, x, (1, k), w, (k, 1), 1.0, accumulate),
         Weight::Bf16(wb) => {
             let mut block = Vec::new();
-            for n0 in (0..n).step_by(WIDEN_ROWS) {
-                let rows = WIDEN_ROWS.min(n - n0);
+            for n0 in (0..n).step_by(widen_rows(k)) {
+                let rows = widen_rows(k).min(n - n0);
                 widen_par(&wb[n0 * k..(n0 + rows) * k], &mut block);
                 let view = |x: &[f32], rs, cs| crate::sgemm::View { ptr: x.as_ptr(), rs, cs };
                 // SAFETY: C holds m rows of n values, of which this writes columns n0..n0+rows;
@@ -217,13 +234,16 @@ pub fn matmul_nt_w(x: &[f32], m: usize, k: usize, w: Weight, n: usize) -> Vec<f3
 /// dy[m, n] · W for W [n, k]: [m, k] (a frozen projection's input gradient).
 fn matmul_nn_w(dy: &[f32], m: usize, n: usize, w: Weight, k: usize) -> Vec<f32> {
     assert!(dy.len() == m * n && w.len() == n * k, "matmul_nn: dy or W does not fit {m}x{n} · {n}x{k}");
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * k];
+    }
     match w {
         Weight::F32(w) => gemm_f32(m, k, n, dy, (1, n), w, (1, k)),
         Weight::Bf16(wb) => {
             let mut c = vec![0f32; m * k];
             let mut block = Vec::new();
-            for n0 in (0..n).step_by(WIDEN_ROWS) {
-                let rows = WIDEN_ROWS.min(n - n0);
+            for n0 in (0..n).step_by(widen_rows(k)) {
+                let rows = widen_rows(k).min(n - n0);
                 widen_par(&wb[n0 * k..(n0 + rows) * k], &mut block);
                 // The block's rows n0.. of W meet columns n0.. of dy; the blocks' products add.
                 gemm_into(&mut c, m, k, rows, &dy[n0..], (1, n), &block, (1, k), 1.0, n0 > 0);
@@ -853,7 +873,7 @@ pub fn linear_heads(x: &Tensor, w: &Tensor, rope: Option<&RopeTable>, heads: usi
     if groups == 0 || !heads.is_multiple_of(groups) {
         bail!("linear_heads: {heads} heads do not split into {groups} groups");
     }
-    if fused(x) && cpu_weight(w) && (x.track_op() || w.track_op()) {
+    if fused(x) && trainable_or_frozen(w) && (x.track_op() || w.track_op()) {
         let op = |w: Option<Tensor>| LinearHeads { w, table: rope.cloned(), heads, groups };
         let x = x.contiguous()?;
         return if w.track_op() { x.apply_op2(&w.contiguous()?, op(None)) } else { x.apply_op1(op(Some(w.detach().contiguous()?))) };
@@ -1277,7 +1297,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// it is frozen (no gradient, no backward work for it).
 pub fn residual_linear(res: &Tensor, x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let graph = res.track_op() || x.track_op() || w.track_op();
-    if fused(x) && cpu_f32(res) && cpu_weight(w) && graph {
+    if fused(x) && cpu_f32(res) && trainable_or_frozen(w) && graph {
         let (res, x) = (res.contiguous()?, x.contiguous()?);
         return if w.track_op() {
             res.apply_op3(&x, &w.contiguous()?, ResidualLinear { w: None })
@@ -1550,7 +1570,7 @@ pub fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let y = with_f32(&x2, |xs| with_weight(w, |ws| matmul_nt_small_many(xs, rows, in_f, &[(ws, out_f)])))???.pop();
         return Tensor::from_vec(y.expect("one weight, one product"), dims, x.device());
     }
-    if fused(x) && cpu_weight(w) && (w.dtype() == DType::F32 || !x.track_op()) {
+    if fused(x) && cpu_weight(w) && (w.dtype() == DType::F32 || !(x.track_op() || w.track_op())) {
         let y = with_f32(&x2, |xs| with_weight(w, |ws| matmul_nt_w(xs, rows, in_f, ws, out_f)))??;
         return Tensor::from_vec(y, dims, x.device());
     }
@@ -1617,7 +1637,9 @@ fn small_products_t(a: &[f32], m: usize, k: usize, ws: &[(Weight, usize)], broad
             tasks.push((b.slice(blk * BLOCK * k..(blk * BLOCK + rows) * k), out));
         }
     }
-    let at = if broadcast { broadcast_operand(a, m, k) } else { None };
+    // The broadcast operand serves only the f32 weights' blocks.
+    let any_f32 = ws.iter().any(|(w, _)| matches!(w, Weight::F32(_)));
+    let at = if broadcast && any_f32 { broadcast_operand(a, m, k) } else { None };
     // A bf16 block is widened where it is used, into the task's own buffer (in cache).
     tasks.into_par_iter().for_each_init(Vec::new, |scratch, (w, out)| match w {
         Weight::F32(w) => small_block(a, m, k, w, out, at.as_deref()),
@@ -2255,19 +2277,31 @@ mod tests {
 
     /// A bf16 weight's products, widened a block of rows at a time, against the f32 products on
     /// the widened weight: the forward x·Wᵀ (written and accumulated) and the backward dy·W over
-    /// several blocks and a ragged last one, and the small-row products' blocks.
+    /// several blocks and a ragged last one, and the small-row products' blocks; no rows, one row
+    /// (decoding), and a count of rows in the broadcast kernel's range.
     #[test]
     fn bf16_weight_products_equal_the_f32_ones_on_its_values() {
         let val = |i: usize, s: usize| ((i * 37 + s * 101) % 97) as f32 / 48.0 - 1.0;
-        for (m, k, n) in [(3, 40, 2 * WIDEN_ROWS + 77), (9, 17, WIDEN_ROWS), (2, 5, 3)] {
+        let shapes = [
+            (3, 40, 2 * widen_rows(40) + 77),
+            (9, 17, widen_rows(17)),
+            (2, 5, 3),
+            (0, 40, 100),
+            (1, 576, 2 * widen_rows(576) + 5),
+            (13, 33, 70),
+        ];
+        for (m, k, n) in shapes {
             let wb: Vec<half::bf16> = (0..n * k).map(|i| half::bf16::from_f32(val(i, 1))).collect();
             let wf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
             let x: Vec<f32> = (0..m * k).map(|i| val(i, 2)).collect();
             let dy: Vec<f32> = (0..m * n).map(|i| val(i, 3)).collect();
             let close = |a: &[f32], b: &[f32], what: &str| {
                 assert_eq!(a.len(), b.len(), "{what}");
-                let d = a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(d < 1e-5, "{what} ({m}x{k}, {n} rows): differs by {d}");
+                // Relative to the largest value: dy·W over tens of thousands of rows sums the
+                // blocks' products in another order than one GEMM.
+                let scale = b.iter().fold(1f32, |s, v| s.max(v.abs()));
+                let d = a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+                assert!(d < 1e-5, "{what} ({m}x{k}, {n} rows): differs by {d} (relative)");
             };
             close(&matmul_nt_w(&x, m, k, Weight::Bf16(&wb), n), &matmul_nt(&x, m, k, &wf, n), "x·Wᵀ");
             let mut acc = dy.clone();

@@ -391,19 +391,22 @@ fn a_frozen_base_in_bf16_computes_as_f32_on_its_rounded_values() {
             let d = max_diff(&generic, &score(&reference, &p, 0, false).unwrap().token_logprobs);
             assert!(d < 1e-4, "{what}: generic ops differ by {d}");
 
-            // Sampling: a prefill of 2 × 24 rows (the large-row products), then decode steps of
-            // two rows (the fast decode step's block-widened dot products).
-            let prompts: Vec<Vec<u32>> = (0..2).map(|r| (0..24).map(|i| ((i * 7 + r * 5 + 1) % 64) as u32).collect()).collect();
-            let (mut c, mut l) = prefill(&m, &prompts, 0).unwrap();
-            let (mut rc, mut rl) = prefill(&reference, &prompts, 0).unwrap();
-            for step in 0..4 {
-                let d = max_diff(&l, &rl);
-                assert!(d < 1e-4, "{what}: step {step}: logits differ by {d}");
-                let next: Vec<Vec<u32>> = (0..2).map(|r| vec![((step * 3 + r) % 64) as u32]).collect();
-                let before = steps_on_this_thread();
-                l = extend(&m, &mut c, &next, 0).unwrap();
-                assert_eq!(steps_on_this_thread(), before + 1, "{what}: the bf16 base did not take the fast decode step");
-                rl = extend(&reference, &mut rc, &next, 0).unwrap();
+            // Sampling: a prefill of rows × 24 (the large-row products), then decode steps of
+            // one row (batch-1 decoding's dot kernels) and of two (the paired-row kernels), each
+            // the fast decode step on the bf16 weights.
+            for rows in [1, 2] {
+                let prompts: Vec<Vec<u32>> = (0..rows).map(|r| (0..24).map(|i| ((i * 7 + r * 5 + 1) % 64) as u32).collect()).collect();
+                let (mut c, mut l) = prefill(&m, &prompts, 0).unwrap();
+                let (mut rc, mut rl) = prefill(&reference, &prompts, 0).unwrap();
+                for step in 0..4 {
+                    let d = max_diff(&l, &rl);
+                    assert!(d < 1e-4, "{what}: {rows} row(s), step {step}: logits differ by {d}");
+                    let next: Vec<Vec<u32>> = (0..rows).map(|r| vec![((step * 3 + r) % 64) as u32]).collect();
+                    let before = steps_on_this_thread();
+                    l = extend(&m, &mut c, &next, 0).unwrap();
+                    assert_eq!(steps_on_this_thread(), before + 1, "{what}: the bf16 base did not take the fast decode step");
+                    rl = extend(&reference, &mut rc, &next, 0).unwrap();
+                }
             }
 
             // Merging (what the exports write) brings the base back to f32.

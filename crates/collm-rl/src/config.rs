@@ -238,9 +238,10 @@ impl ModelSpec {
         if self.dtype != collm_model::Precision::F32 {
             bail!("'{key}.frozen_dtype' = \"bf16\" is for an f32 model; with '{key}.dtype' = \"bf16\" every weight is bf16 already: drop the key");
         }
+        let cpu = |d: &String| matches!(collm_model::DeviceSpec::parse(d), Ok(collm_model::DeviceSpec::Cpu));
         let cpu_only = match &self.device {
-            Placement::One(d) => d == "cpu",
-            Placement::Each(ds) => ds.iter().all(|d| d == "cpu"),
+            Placement::One(d) => cpu(d),
+            Placement::Each(ds) => ds.iter().all(cpu),
         };
         if !cpu_only {
             bail!("'{key}.frozen_dtype' = \"bf16\" is read by the CPU kernels; on a GPU use '{key}.dtype' = \"bf16\" instead");
@@ -547,8 +548,10 @@ impl Config {
         if let Some(d) = self.critic.dtype {
             s.dtype = d;
         }
-        // A critic placed or held apart from the agents' bf16 base keeps its own in f32.
-        if s.check_frozen_dtype("critic").is_err() {
+        // A critic that takes the agents' spec but is placed or held apart from their bf16 base
+        // (critic.device, critic.dtype) keeps its own base in f32; a critic.model of its own is
+        // checked as it is (validate names its key).
+        if self.critic.model.is_none() && s.check_frozen_dtype("critic").is_err() {
             s.frozen_dtype = collm_model::Precision::F32;
         }
         s
@@ -627,6 +630,10 @@ impl Config {
             .chain(self.critic.model.iter().map(|s| ("critic.model".to_string(), s)))
         {
             spec.check_frozen_dtype(&k)?;
+        }
+        if self.critic.model.is_some() {
+            // critic.device and critic.dtype apply on top of critic.model.
+            self.critic_spec().check_frozen_dtype("critic.model")?;
         }
         if self.algo.is_actor_critic() && !(self.critic.lr > 0.0 && self.critic.lr.is_finite()) {
             bail!("'critic.lr' must be positive, got {}", self.critic.lr);

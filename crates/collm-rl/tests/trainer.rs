@@ -521,6 +521,11 @@ fn bad_configs_name_the_key() {
         ),
         ("[[agent]]\nlora_rank = 4\ndtype = \"bf16\"\nfrozen_dtype = \"bf16\"", "'agent[0].frozen_dtype' = \"bf16\" is for an f32 model"),
         ("[agents]\nfrozen_dtype = \"f16\"", "frozen_dtype"),
+        // critic.dtype applies on top of a critic model of its own, whose bf16 base it rules out.
+        (
+            "[critic]\ndtype = \"bf16\"\n[critic.model]\nlora_rank = 4\nfrozen_dtype = \"bf16\"",
+            "'critic.model.frozen_dtype' = \"bf16\" is for an f32 model",
+        ),
     ] {
         let r = Config::from_toml(text, "bad.toml", &[]).map(|c| collm_rl::trainer::make_env(&c).map(|_| ()));
         let err = match r {
