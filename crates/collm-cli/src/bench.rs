@@ -273,21 +273,24 @@ pub fn measure_peak(size: usize, copy_mib: usize, python: Option<String>) -> Res
         anyhow::bail!("--copy-mib {copy_mib}: give a buffer from 1 to 16384 MiB");
     }
     let data = |n: usize, seed: u64| -> Vec<f32> { (0..n as u64).map(|i| ((i * 7919 + seed) % 1000) as f32 / 1000.0 - 0.5).collect() };
-    // (name, m, k, n): C[m, n] = A[m, k] · B[n, k]^T, as a linear layer runs.
+    use collm_model::sgemm::{best_kernel, matmul_with, Kernel, Operands};
+    // (name, operands, m, k, n): C[m, n] of A and B laid out as a linear layer's GEMMs lie:
+    // forward x·Wᵀ (Nt), the input's gradient dy·W (Nn), the weight's gradient dyᵀ·x (Tn).
     let shapes = [
-        ("square", size, size, size),
-        ("q_or_up_proj_512x576x1536", 512, 576, 1536),
-        ("down_proj_512x1536x576", 512, 1536, 576),
-        ("lm_head_256x576x49152", 256, 576, 49152),
+        ("square", Operands::Nt, size, size, size),
+        ("q_or_up_proj_512x576x1536", Operands::Nt, 512, 576, 1536),
+        ("down_proj_512x1536x576", Operands::Nt, 512, 1536, 576),
+        ("up_proj_input_grad_512x1536x576", Operands::Nn, 512, 1536, 576),
+        ("up_proj_weight_grad_1536x512x576", Operands::Tn, 1536, 512, 576),
+        ("lm_head_256x576x49152", Operands::Nt, 256, 576, 49152),
     ];
-    use collm_model::sgemm::{best_kernel, matmul_nt_with, Kernel};
     let kernel = best_kernel();
     let mut rows = vec![];
-    for (name, m, k, n) in shapes {
+    for (name, ops, m, k, n) in shapes {
         let (a, b) = (data(m * k, 1), data(n * k, 2));
         let rate = |kernel: Kernel| -> Result<f64> {
             let s = best_of(3, || {
-                std::hint::black_box(matmul_nt_with(kernel, &a, m, k, &b, n));
+                std::hint::black_box(matmul_with(kernel, ops, &a, m, k, &b, n));
                 Ok(())
             })?;
             Ok(2.0 * (m * k * n) as f64 / s / 1e9)
@@ -296,7 +299,7 @@ pub fn measure_peak(size: usize, copy_mib: usize, python: Option<String>) -> Res
         let crate_gflops = rate(Kernel::GemmCrate)?;
         let avx512_gflops = if collm_model::sgemm::has_avx512() { Some(rate(Kernel::Avx512)?) } else { None };
         let gflops = if kernel == Kernel::Avx512 { avx512_gflops.unwrap_or(crate_gflops) } else { crate_gflops };
-        rows.push(serde_json::json!({"shape": name, "m": m, "k": k, "n": n, "gflops": gflops, "gemm_crate_gflops": crate_gflops, "avx512_gflops": avx512_gflops}));
+        rows.push(serde_json::json!({"shape": name, "operands": format!("{ops:?}"), "m": m, "k": k, "n": n, "gflops": gflops, "gemm_crate_gflops": crate_gflops, "avx512_gflops": avx512_gflops}));
     }
     let a = candle_core::Tensor::from_vec(data(size * size, 1), (size, size), &candle_core::Device::Cpu)?;
     let b = candle_core::Tensor::from_vec(data(size * size, 2), (size, size), &candle_core::Device::Cpu)?;
@@ -387,16 +390,16 @@ fn bench_peak(size: usize, copy_mib: usize, python: Option<String>, json: bool) 
                 (Some(c), Some(a)) => format!(" (gemm crate {c:.1}, collm AVX-512 {a:.1})"),
                 _ => String::new(),
             };
-            println!("  collm GEMM {:<28} {g:8.1} GFLOPS{both}", r["shape"].as_str().unwrap_or(""));
+            println!("  collm GEMM {:<33} {g:8.1} GFLOPS{both}", r["shape"].as_str().unwrap_or(""));
         }
-        println!("  candle matmul {size}³{:>20} {candle_gflops:8.1} GFLOPS", "");
+        println!("  candle matmul {size}³{:>25} {candle_gflops:8.1} GFLOPS", "");
         match (out["blas_square_gflops"].as_f64(), out["blas"].as_str()) {
-            (Some(g), Some(lib)) => println!("  BLAS {size}³{:>29} {g:8.1} GFLOPS ({lib})", ""),
+            (Some(g), Some(lib)) => println!("  BLAS {size}³{:>34} {g:8.1} GFLOPS ({lib})", ""),
             _ => println!("  BLAS: no figure ({} has no numpy; give --python)", out["python"].as_str().unwrap_or("?")),
         }
-        println!("  best GEMM{:>30} {best:8.1} GFLOPS", "");
-        println!("  stream copy ({copy_mib} MiB){:>19} {copy_gb_s:8.1} GB/s (read + write, one thread)", "");
-        println!("  stream read ({copy_mib} MiB){:>19} {:8.1} GB/s (all threads)", "", f("read_gb_s"));
+        println!("  best GEMM{:>35} {best:8.1} GFLOPS", "");
+        println!("  stream copy ({copy_mib} MiB){:>24} {copy_gb_s:8.1} GB/s (read + write, one thread)", "");
+        println!("  stream read ({copy_mib} MiB){:>24} {:8.1} GB/s (all threads)", "", f("read_gb_s"));
     }
     Ok(())
 }

@@ -279,8 +279,11 @@ fn bench_peak_reports_gemm_rates_and_bandwidth() {
     let text = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     let rows = v["collm_gemm"].as_array().unwrap();
-    assert_eq!(rows.len(), 4, "{text}");
+    assert_eq!(rows.len(), 6, "{text}");
     assert_eq!(rows[0]["m"], 128);
+    // A linear layer's three GEMMs: the forward and both gradients' layouts.
+    let ops: std::collections::BTreeSet<&str> = rows.iter().map(|r| r["operands"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["Nn", "Nt", "Tn"].into_iter().collect(), "{text}");
     for r in rows {
         assert!(r["gflops"].as_f64().unwrap() > 0.0 && r["gemm_crate_gflops"].as_f64().unwrap() > 0.0, "{text}");
     }

@@ -141,27 +141,37 @@ pub unsafe fn gemm_with(
     );
 }
 
+/// How the operands of a product lie in memory (row-major): the three GEMMs of a linear layer
+/// y = x Wᵀ, forward and backward.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Operands {
+    /// C[m, n] = A[m, k] · B[n, k]ᵀ: the forward, x · Wᵀ.
+    Nt,
+    /// C[m, n] = A[m, k] · B[k, n]: the input's gradient, dy · W.
+    Nn,
+    /// C[m, n] = A[k, m]ᵀ · B[k, n]: the weight's gradient, dyᵀ · x.
+    Tn,
+}
+
 /// C[m, n] = A[m, k] · B[n, k]^T on row-major slices through the kernel named (benchmarks
 /// compare the kernels with it).
 pub fn matmul_nt_with(kernel: Kernel, a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32> {
-    assert!(a.len() == m * k && b.len() == n * k, "matmul_nt_with: shapes do not match the data ({m}x{k} · {n}x{k})");
+    matmul_with(kernel, Operands::Nt, a, m, k, b, n)
+}
+
+/// The product C[m, n] of A and B laid out as `ops` says, through the kernel named.
+pub fn matmul_with(kernel: Kernel, ops: Operands, a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32> {
+    assert!(a.len() == m * k && b.len() == n * k, "matmul_with: shapes do not match the data ({m}x{k} · {k}x{n}, {ops:?})");
+    let (av, bv) = match ops {
+        Operands::Nt => (View { ptr: a.as_ptr(), rs: k, cs: 1 }, View { ptr: b.as_ptr(), rs: 1, cs: k }),
+        Operands::Nn => (View { ptr: a.as_ptr(), rs: k, cs: 1 }, View { ptr: b.as_ptr(), rs: n, cs: 1 }),
+        Operands::Tn => (View { ptr: a.as_ptr(), rs: 1, cs: m }, View { ptr: b.as_ptr(), rs: n, cs: 1 }),
+    };
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: the assert keeps every read inside A and B; every element of C is written before
-    // set_len exposes it.
+    // SAFETY: the assert keeps every read inside A and B (each layout's views name m·k and k·n
+    // elements); every element of C is written before set_len exposes it.
     unsafe {
-        gemm_with(
-            kernel,
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            n,
-            false,
-            View { ptr: a.as_ptr(), rs: k, cs: 1 },
-            View { ptr: b.as_ptr(), rs: 1, cs: k },
-            1.0,
-            true,
-        );
+        gemm_with(kernel, m, n, k, c.as_mut_ptr(), n, false, av, bv, 1.0, true);
         c.set_len(m * n);
     }
     c
@@ -612,6 +622,26 @@ mod tests {
     /// The vectorized packing writes the same panels as the scalar one, padding included, for
     /// both operands' panel widths, ragged extents and depths, and each kind of stride
     /// (contiguous along the panel, along the depth, and neither).
+    #[test]
+    fn each_layout_of_the_operands_is_the_product_it_names() {
+        let (m, k, n) = (37, 45, 53);
+        let (a, b) = (data(m * k, 1), data(n * k, 2));
+        // Element (i, j) of each operand as the layout lays it out.
+        let at = |ops: Operands, i: usize, kk: usize| if ops == Operands::Tn { a[kk * m + i] } else { a[i * k + kk] };
+        let bt = |ops: Operands, kk: usize, j: usize| if ops == Operands::Nt { b[j * k + kk] } else { b[kk * n + j] };
+        for ops in [Operands::Nt, Operands::Nn, Operands::Tn] {
+            for kernel in [Kernel::Avx512, Kernel::GemmCrate] {
+                let c = matmul_with(kernel, ops, &a, m, k, &b, n);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k).map(|kk| at(ops, i, kk) as f64 * bt(ops, kk, j) as f64).sum();
+                        assert!((c[i * n + j] as f64 - want).abs() < 1e-4, "{ops:?} {kernel:?} ({i}, {j}): {} vs {want}", c[i * n + j]);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_vectorized_packing_equals_the_scalar_one() {
         #[cfg(target_arch = "x86_64")]
