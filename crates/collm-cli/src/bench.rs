@@ -722,13 +722,17 @@ impl DecodeRun<'_> {
         let kv_bytes_per_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4) as u64;
         let prompts: Vec<Vec<u32>> = (0..batch).map(|i| tokens(self.prompt_tokens, i as u64, vocab)).collect();
         let (t0, f0) = (Instant::now(), m.flops.total());
-        let (mut cache, logits) = collm_model::generate::prefill(m, &prompts, self.pad)?;
+        // On a pool thread, as the trainer samples (`on_pool`): the thread takes its share of each
+        // product instead of handing every op to the pool and sleeping.
+        let pad = self.pad;
+        let (mut cache, logits) = collm_model::on_pool(|| collm_model::generate::prefill(m, &prompts, pad))?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let prefill_gflops = (m.flops.total() - f0) as f64 / prefill_s / 1e9;
         let mut rngs = collm_model::generate::row_rngs(7, batch);
         // No stop tokens: every row decodes exactly max_new_tokens tokens.
         let t1 = Instant::now();
-        let g = collm_model::generate::decode(m, &mut cache, logits, self.params, &[], &mut rngs, self.pad)?;
+        let params = self.params;
+        let g = collm_model::on_pool(|| collm_model::generate::decode(m, &mut cache, logits, params, &[], &mut rngs, pad))?;
         let decode_s = t1.elapsed().as_secs_f64();
         let n: usize = g.iter().map(|g| g.tokens.len()).sum();
         // The bandwidth limit: each step reads the weights once and every row's cache.
@@ -943,7 +947,8 @@ fn bench_serve(model: &str, clients: &[usize], requests: usize, max_tokens: usiz
         let t0 = Instant::now();
         let mut gen_tokens = 0usize;
         for _ in 0..requests {
-            let g = collm_model::generate(&model_arc, &ids, &params, &stops, 0, pad)?;
+            // As `collm generate` runs it: on a pool thread.
+            let g = collm_model::on_pool(|| collm_model::generate(&model_arc, &ids, &params, &stops, 0, pad))?;
             gen_tokens += g.iter().map(|g| g.tokens.len() - usize::from(g.stopped)).sum::<usize>();
         }
         let gen_s = t0.elapsed().as_secs_f64();

@@ -307,7 +307,9 @@ fn run(cli: Cli) -> Result<()> {
                 top_k: a.top_k,
                 greedy: a.greedy,
             };
-            let g = collm_model::generate(&lm.model, &[ids], &params, &lm.tokenizer.stop_ids, a.seed, lm.tokenizer.pad_id())?;
+            // On a pool thread, which then takes its share of every product (`on_pool`).
+            let (stops, pad) = (&lm.tokenizer.stop_ids, lm.tokenizer.pad_id());
+            let g = collm_model::on_pool(|| collm_model::generate(&lm.model, &[ids], &params, stops, a.seed, pad))?;
             let toks = &g[0].tokens;
             let shown: Vec<u32> = toks.iter().cloned().filter(|t| !(g[0].stopped && lm.tokenizer.stop_ids.contains(t))).collect();
             let text = lm.tokenizer.decode(&shown, false)?;

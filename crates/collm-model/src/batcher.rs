@@ -168,7 +168,7 @@ fn engine(model: &Transformer, pad: u32, max_batch: usize, rx: Receiver<Job>, st
             let id = next_id;
             next_id += 1;
             stats.lock().unwrap_or_else(|e| e.into_inner()).jobs += 1;
-            if let Err(e) = admit(model, pad, id, job, &mut jobs, &mut rows, &mut cache) {
+            if let Err(e) = crate::on_pool(|| admit(model, pad, id, job, &mut jobs, &mut rows, &mut cache)) {
                 if let Some(mut a) = jobs.remove(&id) {
                     (a.sink)(Event::Error(format!("{e:#}")));
                 }
@@ -179,7 +179,9 @@ fn engine(model: &Transformer, pad: u32, max_batch: usize, rx: Receiver<Job>, st
             cache = None;
             continue;
         }
-        if let Err(e) = step(model, &mut jobs, &mut rows, &mut cache, stats) {
+        // Each prefill and decode step runs on a pool thread (`on_pool`), which takes its share
+        // of every product, instead of this thread handing each op to the pool and sleeping.
+        if let Err(e) = crate::on_pool(|| step(model, &mut jobs, &mut rows, &mut cache, stats)) {
             for (_, mut a) in std::mem::take(&mut jobs) {
                 (a.sink)(Event::Error(format!("{e:#}")));
             }
