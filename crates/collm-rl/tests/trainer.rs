@@ -131,6 +131,17 @@ fn a_lora_team_holds_its_frozen_base_in_bf16_and_trains() {
         }
     }
     assert!(moved > 0, "no adapter moved");
+    // A checkpoint of such a run resumes into a bf16 base and goes on as the uninterrupted run.
+    let want: Vec<Value> = Trainer::new(cfg(&o), &tmp("bf16-base-full")).unwrap().run(false).unwrap().iter().map(strip_timing).collect();
+    let dir = tmp("bf16-base-resumed");
+    let mut k = Trainer::new(cfg(&o), &dir).unwrap();
+    k.train_step().unwrap();
+    save_checkpoint(&k.team, &k.cfg, 1, &dir).unwrap();
+    drop(k);
+    let mut r = Trainer::resume(&dir).unwrap();
+    assert!(r.team.agents.iter().all(|a| a.model.frozen_dtype() == Some(candle_core::DType::BF16)));
+    let got: Vec<Value> = r.run(false).unwrap().iter().map(strip_timing).collect();
+    assert_eq!(got, want[1..].to_vec());
 }
 
 #[test]
