@@ -236,22 +236,35 @@ pub(crate) fn step(m: &Transformer, ids: &[u32], cache: &mut KvCache, rope_t: &R
             let (ks, vs) = (strided(&kt)?, strided(&vt)?);
             let (kd, vd) = (ks.data()?, vs.data()?);
             let valid = &cache.valid;
-            o.par_chunks_mut(hd).enumerate().for_each(|(rh, out)| {
-                let (r, h) = (rh / nh, rh % nh);
-                let g = h / n_rep;
-                let qh = &q[(r * nh + h) * hd..(r * nh + h + 1) * hd];
+            // One task per row and key/value head: its n_rep query heads (contiguous in o) read
+            // each cached key and value once, while it is in cache, instead of once per head.
+            o.par_chunks_mut(n_rep * hd).enumerate().for_each(|(rg, out)| {
+                let (r, g) = (rg / nkv, rg % nkv);
                 let kbase = ks.offset + r * ks.stride[0] + g * ks.stride[1];
                 let vbase = vs.offset + r * vs.stride[0] + g * vs.stride[1];
                 // The new token (the last slot) sees every real key and itself.
                 let seen: Vec<usize> = (0..slots).filter(|&j| valid[r][j] || j + 1 == slots).collect();
-                let mut sc: Vec<f32> =
-                    seen.iter().map(|&j| ops::dot(qh, &kd[kbase + j * ks.stride[2]..kbase + j * ks.stride[2] + hd]) * scale).collect();
-                let max = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let inv = 1.0 / ops::exp_shift_sum(&mut sc, max);
-                for (&j, &pj) in seen.iter().zip(&sc) {
+                let n = seen.len();
+                let qs = &q[(r * nh + g * n_rep) * hd..(r * nh + (g + 1) * n_rep) * hd];
+                // Scores [n_rep, n]: head i's row against every seen key.
+                let mut sc = vec![0f32; n_rep * n];
+                for (c, &j) in seen.iter().enumerate() {
+                    let kj = &kd[kbase + j * ks.stride[2]..kbase + j * ks.stride[2] + hd];
+                    for (i, qh) in qs.chunks_exact(hd).enumerate() {
+                        sc[i * n + c] = ops::dot(qh, kj) * scale;
+                    }
+                }
+                let mut inv = vec![0f32; n_rep];
+                for (i, row) in sc.chunks_mut(n.max(1)).enumerate().take(n_rep) {
+                    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    inv[i] = 1.0 / ops::exp_shift_sum(row, max);
+                }
+                for (c, &j) in seen.iter().enumerate() {
                     let vj = &vd[vbase + j * vs.stride[2]..vbase + j * vs.stride[2] + hd];
-                    let w = pj * inv;
-                    out.iter_mut().zip(vj).for_each(|(o, v)| *o += w * v);
+                    for (i, oh) in out.chunks_exact_mut(hd).enumerate() {
+                        let w = sc[i * n + c] * inv[i];
+                        oh.iter_mut().zip(vj).for_each(|(o, v)| *o += w * v);
+                    }
                 }
             });
         }
