@@ -254,15 +254,16 @@ pub(crate) fn step(m: &Transformer, ids: &[u32], cache: &mut KvCache, rope_t: &R
                         sc[i * n + c] = ops::dot(qh, kj) * scale;
                     }
                 }
-                let mut inv = vec![0f32; n_rep];
-                for (i, row) in sc.chunks_mut(n.max(1)).enumerate().take(n_rep) {
+                // Each head's probabilities (seen holds at least the new slot: n ≥ 1).
+                for row in sc.chunks_mut(n) {
                     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                    inv[i] = 1.0 / ops::exp_shift_sum(row, max);
+                    let inv = 1.0 / ops::exp_shift_sum(row, max);
+                    row.iter_mut().for_each(|p| *p *= inv);
                 }
                 for (c, &j) in seen.iter().enumerate() {
                     let vj = &vd[vbase + j * vs.stride[2]..vbase + j * vs.stride[2] + hd];
                     for (i, oh) in out.chunks_exact_mut(hd).enumerate() {
-                        let w = sc[i * n + c] * inv[i];
+                        let w = sc[i * n + c];
                         oh.iter_mut().zip(vj).for_each(|(o, v)| *o += w * v);
                     }
                 }

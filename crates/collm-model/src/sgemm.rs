@@ -619,9 +619,7 @@ mod tests {
         }
     }
 
-    /// The vectorized packing writes the same panels as the scalar one, padding included, for
-    /// both operands' panel widths, ragged extents and depths, and each kind of stride
-    /// (contiguous along the panel, along the depth, and neither).
+    /// matmul_with on each layout of the operands against the naive product, on both kernels.
     #[test]
     fn each_layout_of_the_operands_is_the_product_it_names() {
         let (m, k, n) = (37, 45, 53);
@@ -642,6 +640,9 @@ mod tests {
         }
     }
 
+    /// The vectorized packing writes the same panels as the scalar one, padding included, for
+    /// both operands' panel widths, ragged extents and depths, and each kind of stride
+    /// (contiguous along the panel, along the depth, and neither).
     #[test]
     fn the_vectorized_packing_equals_the_scalar_one() {
         #[cfg(target_arch = "x86_64")]
