@@ -51,7 +51,7 @@ fn kernels(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("decode_step");
     g.sample_size(20).measurement_time(Duration::from_secs(8));
-    for b in [1usize, 8] {
+    for b in [1usize, 4, 8] {
         let prompts: Vec<Vec<u32>> = (0..b).map(|i| tokens(128, i as u64, vocab)).collect();
         let (cache, _) = prefill(&model, &prompts, 0).expect("prefill");
         let next: Vec<Vec<u32>> = (0..b).map(|i| vec![(i * 31 + 7) as u32]).collect();

@@ -1733,25 +1733,44 @@ fn small_block_bf16(a: &[f32], m: usize, k: usize, w: &[half::bf16], out: &mut [
     }
 }
 
-/// out[j, i] = A[i] · W[j] for the rows of W from `jj` on, four at a time with the AVX2 dot
-/// kernels (where the CPU has them); returns the first row left undone.
+/// out[j, i] = A[i] · W[j] for the rows of W from `jj` on, with the AVX2 dot kernels (where the
+/// CPU has them); returns the first row left undone. Each product sums in one order whatever the
+/// kernel: the pairs of rows of A one accumulator each, the odd last row two (see `dot_1x1_avx2`).
+///
+/// Up to [`ROW_ORDER_ROWS`] rows of A, the rows of W are taken one after another, each against
+/// every row of A, so a block of W streams from memory in address order: one stream that the
+/// prefetchers follow from row to row. From more rows of A on, four rows of W interleave against
+/// pairs of rows of A, which takes fewer loads per FMA where loads, not memory, are the bound.
 fn dot_rows<T: WElem>(a: &[f32], m: usize, k: usize, w: &[T], out: &mut [f32], mut jj: usize) -> usize {
     let rows = out.len() / m;
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        if m == 1 {
-            // Batch-1 decoding: the rows one after another, so the block streams from memory
-            // in address order (see `dot_1x1_avx2`).
-            for (j, o) in out.iter_mut().enumerate().skip(jj) {
-                // SAFETY: the CPU has AVX2 and FMA; A's row and W's row j hold k values.
-                *o = unsafe { dot_1x1_avx2(a, &w[j * k..(j + 1) * k], k) };
+        let even = m & !1;
+        if m <= ROW_ORDER_ROWS {
+            for (j, o) in out.chunks_mut(m).enumerate().skip(jj) {
+                let wr = &w[j * k..(j + 1) * k];
+                let i = if even == 4 {
+                    // SAFETY: the CPU has AVX2 and FMA; A's rows 0..4 and W's row j hold k values each.
+                    o[..4].copy_from_slice(&unsafe { dot_mx1_avx2::<T, 4>(&a[..4 * k], wr, k) });
+                    4
+                } else if even == 2 {
+                    // SAFETY: as above, rows 0..2 of A.
+                    o[..2].copy_from_slice(&unsafe { dot_mx1_avx2::<T, 2>(&a[..2 * k], wr, k) });
+                    2
+                } else {
+                    0
+                };
+                if i < m {
+                    // SAFETY: as above, the last row of A.
+                    o[i] = unsafe { dot_1x1_avx2(&a[i * k..(i + 1) * k], wr, k) };
+                }
             }
             return rows;
         }
         while jj + 4 <= rows {
             let w4 = &w[jj * k..(jj + 4) * k];
             let mut i = 0;
-            while i + 2 <= m {
+            while i < even {
                 // SAFETY: the CPU has AVX2 and FMA; the slices hold 2 and 4 rows of k values.
                 let r = unsafe { dot_2x4_avx2(&a[i * k..(i + 2) * k], w4, k, i == 0) };
                 for q in 0..4 {
@@ -1772,6 +1791,15 @@ fn dot_rows<T: WElem>(a: &[f32], m: usize, k: usize, w: &[T], out: &mut [f32], m
     }
     jj
 }
+
+/// Up to this many rows of A (decoding at batch 1 to 4; the trainer samples 4 rows per agent
+/// on a core of its own), the small-row products take the rows of W in address order. On the
+/// 2-core AMD EPYC (Zen 4, family 25 model 17), one thread, criterion `decode_step`: batch 1 66
+/// → 40 ms and batch 4 75–77 → 64 ms this way, batch 8 100–108 → 119–120 ms (slower: there the
+/// loads per FMA bound it). A C loop of these instructions over a 566 MB matrix of 576-wide rows
+/// read 20–22 GB/s with one row of A (the machine's plain streaming sum on one thread) and
+/// 12–15 GB/s with four, against 12–14 and 8.5–9.3 GB/s with four rows of W interleaved.
+const ROW_ORDER_ROWS: usize = 4;
 
 /// Σ a_i b_i, with AVX2/FMA when the CPU has them.
 #[inline]
@@ -1873,85 +1901,8 @@ unsafe fn dot_2x4_avx2<T: WElem>(a: &[f32], w: &[T], k: usize, prefetch: bool) -
     out
 }
 
-/// out[r, i] = W[r] · A[i] for 8 rows of W and up to 16 rows of A, given as Aᵀ padded to 16
-/// lanes (`at`, [k, 16]): each weight value is broadcast against the 16 rows' values at its depth,
-/// 8 weight rows at a time (one load of Aᵀ and 8 broadcasts per 8 FMAs, no reductions). Dotting
-/// rows instead costs three loads per two FMAs and a horizontal sum per output.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn bcast_8_avx512(at: &[f32], k: usize, w: &[f32], out: &mut [f32], m: usize) {
-    use std::arch::x86_64::*;
-    let wp: [*const f32; 8] = std::array::from_fn(|r| w.as_ptr().add(r * k));
-    // Sums of blocks of 64 depths added into the total, so no value passes through a chain of
-    // more than 64 + k/64 roundings (a dot product's eight lanes have k/8).
-    const BLOCK: usize = 64;
-    let mut total = [_mm512_setzero_ps(); 8];
-    let mut k0 = 0;
-    while k0 < k {
-        let mut acc = [_mm512_setzero_ps(); 8];
-        for kk in k0..(k0 + BLOCK).min(k) {
-            let x = _mm512_loadu_ps(at.as_ptr().add(kk * 16));
-            if kk % 16 == 0 {
-                for p in wp {
-                    // The same place eight rows on (the next group): a hint, never dereferenced.
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(8 * k + kk) as *const i8);
-                }
-            }
-            for r in 0..8 {
-                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*wp[r].add(kk)), x, acc[r]);
-            }
-        }
-        for (t, a) in total.iter_mut().zip(acc) {
-            *t = _mm512_add_ps(*t, a);
-        }
-        k0 += BLOCK;
-    }
-    let mask = ((1u32 << m) - 1) as __mmask16;
-    for (r, v) in total.into_iter().enumerate() {
-        _mm512_mask_storeu_ps(out.as_mut_ptr().add(r * m), mask, v);
-    }
-}
-
-/// The dot of one row of `a` with one row of `w` (k long), summed in the order of
-/// [`dot_1x4_avx2`]'s lanes, so each result is the same to the bit. Batch-1 decoding reads the
-/// rows of a block one after another with it: the loads run through memory in address order, one
-/// stream the prefetchers follow across rows, where the four interleaved rows of `dot_1x4_avx2`
-/// start four short streams every four rows. On the 2-core AMD EPYC (Zen 4, family 25 model 17),
-/// one thread dotting a 566 MB matrix of 576-wide rows (a C loop of the same instructions) read
-/// 20–22 GB/s this way, its plain streaming sum's rate, against 12–14 GB/s four rows at a time
-/// and 10–11 two at a time, with or without software prefetch.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_1x1_avx2<T: WElem>(a: &[f32], w: &[T], k: usize) -> f32 {
-    use std::arch::x86_64::*;
-    let (a0, w0) = (a.as_ptr(), w.as_ptr());
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut i = 0;
-    while i + 16 <= k {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(i)), load8!(T, w0.add(i)), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(i + 8)), load8!(T, w0.add(i + 8)), acc1);
-        i += 16;
-    }
-    if i + 8 <= k {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(i)), load8!(T, w0.add(i)), acc0);
-        i += 8;
-    }
-    let v = _mm256_add_ps(acc0, acc1);
-    let hi = _mm256_extractf128_ps(v, 1);
-    let s = _mm_add_ps(hi, _mm256_castps256_ps128(v));
-    let s = _mm_hadd_ps(s, s);
-    let s = _mm_hadd_ps(s, s);
-    let mut out = _mm_cvtss_f32(s);
-    while i < k {
-        out += *a0.add(i) * (*w0.add(i)).f32();
-        i += 1;
-    }
-    out
-}
-
-/// Dots of one row of `a` with 4 rows of `w` (each k long): the odd row of A left after the pairs
-/// of [`dot_2x4_avx2`]. The loads of the four rows interleave and the rows eight on are
-/// prefetched.
+/// Dots of one row of `a` with 4 rows of `w` (each k long), in [`dot_1x1_avx2`]'s order: the odd
+/// row of A after the pairs of [`dot_2x4_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_1x4_avx2<T: WElem>(a: &[f32], w: &[T], k: usize) -> [f32; 4] {
@@ -1991,6 +1942,113 @@ unsafe fn dot_1x4_avx2<T: WElem>(a: &[f32], w: &[T], k: usize) -> [f32; 4] {
         for q in 0..4 {
             out[q] += *a0.add(i) * (*wp[q].add(i)).f32();
         }
+        i += 1;
+    }
+    out
+}
+
+/// Dots of M rows of `a` (each k long) with one row of `w`, sharing each load of it: one
+/// accumulator of eight lanes per row of A, reduced as [`hsum8`] does, then the last k mod 8
+/// products added one by one.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_mx1_avx2<T: WElem, const M: usize>(a: &[f32], w: &[T], k: usize) -> [f32; M] {
+    use std::arch::x86_64::*;
+    let (a0, w0) = (a.as_ptr(), w.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); M];
+    let mut i = 0;
+    while i + 8 <= k {
+        let y = load8!(T, w0.add(i));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(r * k + i)), y, *acc);
+        }
+        i += 8;
+    }
+    let mut out = [0f32; M];
+    for (o, v) in out.iter_mut().zip(acc) {
+        *o = hsum8(v);
+    }
+    while i < k {
+        for (r, o) in out.iter_mut().enumerate() {
+            *o += *a0.add(r * k + i) * (*w0.add(i)).f32();
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The sum of eight lanes: upper half plus lower, then pairwise.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum8(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    let s = _mm_hadd_ps(s, s);
+    _mm_cvtss_f32(_mm_hadd_ps(s, s))
+}
+
+/// out[r, i] = W[r] · A[i] for 8 rows of W and up to 16 rows of A, given as Aᵀ padded to 16
+/// lanes (`at`, [k, 16]): each weight value is broadcast against the 16 rows' values at its depth,
+/// 8 weight rows at a time (one load of Aᵀ and 8 broadcasts per 8 FMAs, no reductions). Dotting
+/// rows instead costs three loads per two FMAs and a horizontal sum per output.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn bcast_8_avx512(at: &[f32], k: usize, w: &[f32], out: &mut [f32], m: usize) {
+    use std::arch::x86_64::*;
+    let wp: [*const f32; 8] = std::array::from_fn(|r| w.as_ptr().add(r * k));
+    // Sums of blocks of 64 depths added into the total, so no value passes through a chain of
+    // more than 64 + k/64 roundings (a dot product's eight lanes have k/8).
+    const BLOCK: usize = 64;
+    let mut total = [_mm512_setzero_ps(); 8];
+    let mut k0 = 0;
+    while k0 < k {
+        let mut acc = [_mm512_setzero_ps(); 8];
+        for kk in k0..(k0 + BLOCK).min(k) {
+            let x = _mm512_loadu_ps(at.as_ptr().add(kk * 16));
+            if kk % 16 == 0 {
+                for p in wp {
+                    // The same place eight rows on (the next group): a hint, never dereferenced.
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(8 * k + kk) as *const i8);
+                }
+            }
+            for r in 0..8 {
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*wp[r].add(kk)), x, acc[r]);
+            }
+        }
+        for (t, a) in total.iter_mut().zip(acc) {
+            *t = _mm512_add_ps(*t, a);
+        }
+        k0 += BLOCK;
+    }
+    let mask = ((1u32 << m) - 1) as __mmask16;
+    for (r, v) in total.into_iter().enumerate() {
+        _mm512_mask_storeu_ps(out.as_mut_ptr().add(r * m), mask, v);
+    }
+}
+
+/// The dot of one row of `a` with one row of `w` (k long): two accumulators of eight lanes (the
+/// even and odd steps of 16; a last step of 8 into the first), added and reduced as [`hsum8`]
+/// does, then the last k mod 8 products one by one. Two chains of FMAs keep one row's loads
+/// ahead of the memory it streams from (batch-1 decoding).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_1x1_avx2<T: WElem>(a: &[f32], w: &[T], k: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let (a0, w0) = (a.as_ptr(), w.as_ptr());
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= k {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(i)), load8!(T, w0.add(i)), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(i + 8)), load8!(T, w0.add(i + 8)), acc1);
+        i += 16;
+    }
+    if i + 8 <= k {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0.add(i)), load8!(T, w0.add(i)), acc0);
+        i += 8;
+    }
+    let mut out = hsum8(_mm256_add_ps(acc0, acc1));
+    while i < k {
+        out += *a0.add(i) * (*w0.add(i)).f32();
         i += 1;
     }
     out
@@ -2412,32 +2470,83 @@ mod tests {
         assert!(matmul_nt_thin(&[1.0; 6], 2, 3, &[1.0; 5], 2).is_err());
     }
 
-    /// Batch-1 decoding's one-row dot kernel sums in the four-row kernel's order: the same
-    /// results to the bit, f32 and bf16 weights, k around the 8- and 16-wide steps; so the
-    /// one-row products of `matmul_nt_small_many` are those the four-row kernel gave.
+    /// The dot kernels' summation order, in scalar code: eight lanes of fused multiply-adds in
+    /// steps of 8 (with `two`, the steps of 16 split over two accumulators, a last step of 8
+    /// into the first, then the two added), the lanes reduced as `hsum8` does (upper half plus
+    /// lower, then pairwise), the last k mod 8 products added one by one.
+    #[cfg(target_arch = "x86_64")]
+    fn dot_in_kernel_order<T: WElem>(a: &[f32], w: &[T], two: bool) -> f32 {
+        let k = a.len();
+        let (mut acc0, mut acc1) = ([0f32; 8], [0f32; 8]);
+        let mut i = 0;
+        while i + if two { 16 } else { 8 } <= k {
+            for l in 0..8 {
+                acc0[l] = a[i + l].mul_add(w[i + l].f32(), acc0[l]);
+            }
+            if two {
+                for l in 0..8 {
+                    acc1[l] = a[i + 8 + l].mul_add(w[i + 8 + l].f32(), acc1[l]);
+                }
+                i += 8;
+            }
+            i += 8;
+        }
+        if two && i + 8 <= k {
+            for l in 0..8 {
+                acc0[l] = a[i + l].mul_add(w[i + l].f32(), acc0[l]);
+            }
+            i += 8;
+        }
+        let v: Vec<f32> = (0..8).map(|l| if two { acc0[l] + acc1[l] } else { acc0[l] }).collect();
+        let h: Vec<f32> = (0..4).map(|j| v[j + 4] + v[j]).collect();
+        let mut out = (h[0] + h[1]) + (h[2] + h[3]);
+        for x in i..k {
+            out += a[x] * w[x].f32();
+        }
+        out
+    }
+
+    /// The small-row dot kernels (decoding's projections, the rows of W in address order) give
+    /// each product in the order `dot_in_kernel_order` spells out, to the bit: the pairs of rows
+    /// of A one accumulator each, the odd last row two; f32 and bf16 weights, 1 to 9 rows (both
+    /// the row-order kernels and the interleaved ones), k around the 8- and 16-wide steps, from a
+    /// first row of W past 0. The interleaved kernels are the ones decoding always had, so the
+    /// row-order kernels give the tokens it gave.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn the_one_row_dot_kernel_equals_the_four_row_kernel_to_the_bit() {
+    fn the_dot_kernels_sum_in_the_order_they_document() {
         if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
             return;
         }
         let val = |i: usize, s: usize| ((i * 37 + s * 101) % 97) as f32 / 48.0 - 1.0;
-        for k in [1, 7, 8, 15, 16, 17, 24, 33, 576, 1536] {
-            let a: Vec<f32> = (0..k).map(|i| val(i, 1)).collect();
-            let w: Vec<f32> = (0..4 * k).map(|i| val(i, 2) * 1.37).collect();
-            let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
-            // SAFETY: the CPU has AVX2 and FMA (checked above); a holds k values, w 4 rows of k.
-            let (four, four_b) = unsafe { (dot_1x4_avx2(&a, &w, k), dot_1x4_avx2(&a, &wb, k)) };
-            for q in 0..4 {
-                let (row, row_b) = (&w[q * k..(q + 1) * k], &wb[q * k..(q + 1) * k]);
-                // SAFETY: as above, one row of k values each.
-                let (one, one_b) = unsafe { (dot_1x1_avx2(&a, row, k), dot_1x1_avx2(&a, row_b, k)) };
-                assert_eq!(one.to_bits(), four[q].to_bits(), "f32, k {k}, row {q}: {one} vs {}", four[q]);
-                assert_eq!(one_b.to_bits(), four_b[q].to_bits(), "bf16, k {k}, row {q}: {one_b} vs {}", four_b[q]);
+        for m in 1..=9 {
+            for k in [1, 7, 8, 15, 16, 17, 24, 33, 576] {
+                // Rows 1..9 of W: two groups of four for the interleaved kernels.
+                let n = 9;
+                let a: Vec<f32> = (0..m * k).map(|i| val(i, 1)).collect();
+                let w: Vec<f32> = (0..n * k).map(|i| val(i, 2) * 1.37).collect();
+                let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                let want = |wr: &dyn Fn(usize) -> f32, j: usize, i: usize| {
+                    let two = m % 2 == 1 && i == m - 1;
+                    let row: Vec<f32> = (0..k).map(|x| wr(j * k + x)).collect();
+                    dot_in_kernel_order(&a[i * k..(i + 1) * k], &row, two)
+                };
+                let (mut got, mut got_b) = (vec![f32::NAN; n * m], vec![f32::NAN; n * m]);
+                assert_eq!(dot_rows(&a, m, k, &w, &mut got, 1), n);
+                assert_eq!(dot_rows(&a, m, k, &wb, &mut got_b, 1), n);
+                for j in 0..n {
+                    for i in 0..m {
+                        let (g, gb) = (got[j * m + i], got_b[j * m + i]);
+                        if j == 0 {
+                            assert!(g.is_nan() && gb.is_nan(), "row 0 of W was not asked for");
+                            continue;
+                        }
+                        let (x, xb) = (want(&|x| w[x], j, i), want(&|x| wb[x].to_f32(), j, i));
+                        assert_eq!(g.to_bits(), x.to_bits(), "f32, m {m} k {k}: out[{j}, {i}] {g} vs {x}");
+                        assert_eq!(gb.to_bits(), xb.to_bits(), "bf16, m {m} k {k}: out[{j}, {i}] {gb} vs {xb}");
+                    }
+                }
             }
-            let got = matmul_nt_small_many(&a, 1, k, &[(Weight::F32(&w), 4), (Weight::Bf16(&wb), 4)]).unwrap();
-            assert_eq!(got[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), four.map(f32::to_bits), "k {k}");
-            assert_eq!(got[1].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), four_b.map(f32::to_bits), "k {k}");
         }
     }
 
