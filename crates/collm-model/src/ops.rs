@@ -1794,9 +1794,9 @@ fn dot_rows<T: WElem>(a: &[f32], m: usize, k: usize, w: &[T], out: &mut [f32], m
 
 /// Up to this many rows of A (decoding at batch 1 to 4; the trainer samples 4 rows per agent
 /// on a core of its own), the small-row products take the rows of W in address order. On the
-/// 2-core AMD EPYC (Zen 4, family 25 model 17), one thread, criterion `decode_step`: batch 1 66
-/// → 40 ms and batch 4 75–77 → 64 ms this way, batch 8 100–108 → 119–120 ms (slower: there the
-/// loads per FMA bound it). A C loop of these instructions over a 566 MB matrix of 576-wide rows
+/// 2-core AMD EPYC (Zen 4, family 25 model 17), one thread, criterion `decode_step`: batch 1
+/// 66–69 → 40–50 ms and batch 4 75–88 → 64–74 ms this way, batch 8 100–108 → 119–120 ms (slower:
+/// there the loads per FMA bound it). A C loop of these instructions over a 566 MB matrix of 576-wide rows
 /// read 20–22 GB/s with one row of A (the machine's plain streaming sum on one thread) and
 /// 12–15 GB/s with four, against 12–14 and 8.5–9.3 GB/s with four rows of W interleaved.
 const ROW_ORDER_ROWS: usize = 4;
@@ -1885,11 +1885,7 @@ unsafe fn dot_2x4_avx2<T: WElem>(a: &[f32], w: &[T], k: usize, prefetch: bool) -
     }
     let mut out = [0f32; 8];
     for (o, v) in out.iter_mut().zip(acc) {
-        let hi = _mm256_extractf128_ps(v, 1);
-        let q = _mm_add_ps(hi, _mm256_castps256_ps128(v));
-        let q = _mm_hadd_ps(q, q);
-        let q = _mm_hadd_ps(q, q);
-        *o = _mm_cvtss_f32(q);
+        *o = hsum8(v);
     }
     while i < k {
         for q in 0..4 {
@@ -1931,12 +1927,7 @@ unsafe fn dot_1x4_avx2<T: WElem>(a: &[f32], w: &[T], k: usize) -> [f32; 4] {
     }
     let mut out = [0f32; 4];
     for q in 0..4 {
-        let v = _mm256_add_ps(acc[q], acc[4 + q]);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(hi, _mm256_castps256_ps128(v));
-        let s = _mm_hadd_ps(s, s);
-        let s = _mm_hadd_ps(s, s);
-        out[q] = _mm_cvtss_f32(s);
+        out[q] = hsum8(_mm256_add_ps(acc[q], acc[4 + q]));
     }
     while i < k {
         for q in 0..4 {
