@@ -1749,17 +1749,17 @@ fn dot_rows<T: WElem>(a: &[f32], m: usize, k: usize, w: &[T], out: &mut [f32], m
         if m <= ROW_ORDER_ROWS {
             for (j, o) in out.chunks_mut(m).enumerate().skip(jj) {
                 let wr = &w[j * k..(j + 1) * k];
-                let i = if even == 4 {
-                    // SAFETY: the CPU has AVX2 and FMA; A's rows 0..4 and W's row j hold k values each.
-                    o[..4].copy_from_slice(&unsafe { dot_mx1_avx2::<T, 4>(&a[..4 * k], wr, k) });
-                    4
-                } else if even == 2 {
-                    // SAFETY: as above, rows 0..2 of A.
-                    o[..2].copy_from_slice(&unsafe { dot_mx1_avx2::<T, 2>(&a[..2 * k], wr, k) });
-                    2
-                } else {
-                    0
-                };
+                let mut i = 0;
+                while i + 4 <= even {
+                    // SAFETY: the CPU has AVX2 and FMA; A's rows i..i+4 and W's row j hold k values each.
+                    o[i..i + 4].copy_from_slice(&unsafe { dot_mx1_avx2::<T, 4>(&a[i * k..(i + 4) * k], wr, k) });
+                    i += 4;
+                }
+                if i < even {
+                    // SAFETY: as above, rows i..i+2 of A.
+                    o[i..i + 2].copy_from_slice(&unsafe { dot_mx1_avx2::<T, 2>(&a[i * k..(i + 2) * k], wr, k) });
+                    i += 2;
+                }
                 if i < m {
                     // SAFETY: as above, the last row of A.
                     o[i] = unsafe { dot_1x1_avx2(&a[i * k..(i + 1) * k], wr, k) };
@@ -1780,10 +1780,10 @@ fn dot_rows<T: WElem>(a: &[f32], m: usize, k: usize, w: &[T], out: &mut [f32], m
                 i += 2;
             }
             if i < m {
-                // SAFETY: as above; the row of A holds k values.
-                let r = unsafe { dot_1x4_avx2(&a[i * k..(i + 1) * k], w4, k) };
+                // The odd row of A against the four rows of W, in cache after the pairs.
                 for q in 0..4 {
-                    out[(jj + q) * m + i] = r[q];
+                    // SAFETY: as above; the rows of A and W hold k values.
+                    out[(jj + q) * m + i] = unsafe { dot_1x1_avx2(&a[i * k..(i + 1) * k], &w4[q * k..(q + 1) * k], k) };
                 }
             }
             jj += 4;
@@ -1795,10 +1795,11 @@ fn dot_rows<T: WElem>(a: &[f32], m: usize, k: usize, w: &[T], out: &mut [f32], m
 /// Up to this many rows of A (decoding at batch 1 to 4; the trainer samples 4 rows per agent
 /// on a core of its own), the small-row products take the rows of W in address order. On the
 /// 2-core AMD EPYC (Zen 4, family 25 model 17), one thread, criterion `decode_step`: batch 1
-/// 66–69 → 40–50 ms and batch 4 75–88 → 64–74 ms this way, batch 8 100–108 → 119–120 ms (slower:
-/// there the loads per FMA bound it). A C loop of these instructions over a 566 MB matrix of 576-wide rows
-/// read 20–22 GB/s with one row of A (the machine's plain streaming sum on one thread) and
-/// 12–15 GB/s with four, against 12–14 and 8.5–9.3 GB/s with four rows of W interleaved.
+/// 66–69 → 40–50 ms and batch 4 75–88 → 64–74 ms this way, batch 8 100–108 → 119–120 ms
+/// (slower: there the loads per FMA bound it). A C loop of these instructions over a 566 MB
+/// matrix of 576-wide rows read 20–22 GB/s with one row of A (the machine's plain streaming sum
+/// on one thread) and 12–15 GB/s with four, against 12–14 and 8.5–9.3 GB/s with four rows of W
+/// interleaved.
 const ROW_ORDER_ROWS: usize = 4;
 
 /// Σ a_i b_i, with AVX2/FMA when the CPU has them.
@@ -1891,47 +1892,6 @@ unsafe fn dot_2x4_avx2<T: WElem>(a: &[f32], w: &[T], k: usize, prefetch: bool) -
         for q in 0..4 {
             out[q] += *a0.add(i) * (*wp[q].add(i)).f32();
             out[4 + q] += *a1.add(i) * (*wp[q].add(i)).f32();
-        }
-        i += 1;
-    }
-    out
-}
-
-/// Dots of one row of `a` with 4 rows of `w` (each k long), in [`dot_1x1_avx2`]'s order: the odd
-/// row of A after the pairs of [`dot_2x4_avx2`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_1x4_avx2<T: WElem>(a: &[f32], w: &[T], k: usize) -> [f32; 4] {
-    use std::arch::x86_64::*;
-    let a0 = a.as_ptr();
-    let wp = [w.as_ptr(), w.as_ptr().add(k), w.as_ptr().add(2 * k), w.as_ptr().add(3 * k)];
-    let mut acc = [_mm256_setzero_ps(); 8];
-    let mut i = 0;
-    while i + 16 <= k {
-        let x0 = _mm256_loadu_ps(a0.add(i));
-        let x1 = _mm256_loadu_ps(a0.add(i + 8));
-        for q in 0..4 {
-            // The same place eight rows on: a read hint, never dereferenced.
-            _mm_prefetch::<_MM_HINT_T0>(wp[q].wrapping_add(8 * k + i) as *const i8);
-            acc[q] = _mm256_fmadd_ps(x0, load8!(T, wp[q].add(i)), acc[q]);
-            acc[4 + q] = _mm256_fmadd_ps(x1, load8!(T, wp[q].add(i + 8)), acc[4 + q]);
-        }
-        i += 16;
-    }
-    while i + 8 <= k {
-        let x0 = _mm256_loadu_ps(a0.add(i));
-        for q in 0..4 {
-            acc[q] = _mm256_fmadd_ps(x0, load8!(T, wp[q].add(i)), acc[q]);
-        }
-        i += 8;
-    }
-    let mut out = [0f32; 4];
-    for q in 0..4 {
-        out[q] = hsum8(_mm256_add_ps(acc[q], acc[4 + q]));
-    }
-    while i < k {
-        for q in 0..4 {
-            out[q] += *a0.add(i) * (*wp[q].add(i)).f32();
         }
         i += 1;
     }
