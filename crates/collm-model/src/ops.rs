@@ -1739,8 +1739,9 @@ fn small_block_bf16(a: &[f32], m: usize, k: usize, w: &[half::bf16], out: &mut [
 ///
 /// Up to [`ROW_ORDER_ROWS`] rows of A, the rows of W are taken one after another, each against
 /// every row of A, so a block of W streams from memory in address order: one stream that the
-/// prefetchers follow from row to row (and the kernels prefetch [`ROW_PREFETCH`] ahead of). From more rows of A on, four rows of W interleave against
-/// pairs of rows of A, which takes fewer loads per FMA where loads, not memory, are the bound.
+/// prefetchers follow from row to row, and that the kernels prefetch [`ROW_PREFETCH`] elements
+/// ahead of. From more rows of A on, four rows of W interleave against pairs of rows of A, which
+/// takes fewer loads per FMA where loads, not memory, are the bound.
 fn dot_rows<T: WElem>(a: &[f32], m: usize, k: usize, w: &[T], out: &mut [f32], mut jj: usize) -> usize {
     let rows = out.len() / m;
     #[cfg(target_arch = "x86_64")]
