@@ -148,11 +148,7 @@ fn faults_and_rss() -> (u64, u64) {
             0
         }
     };
-    let rss = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
-        .map_or(0, |kb| kb * 1024);
-    (faults, rss)
+    (faults, collm_model::devcheck::rss_bytes())
 }
 
 /// Deterministic pseudo-text token ids (skipping the first 100 ids, where special tokens live).
