@@ -2044,13 +2044,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
         i += 8;
     }
-    let s = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
-    let hi = _mm256_extractf128_ps(s, 1);
-    let lo = _mm256_castps256_ps128(s);
-    let q = _mm_add_ps(hi, lo);
-    let q = _mm_hadd_ps(q, q);
-    let q = _mm_hadd_ps(q, q);
-    let mut total = _mm_cvtss_f32(q);
+    let mut total = hsum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
     while i < n {
         total += *pa.add(i) * *pb.add(i);
         i += 1;
