@@ -622,6 +622,7 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, de
     // Small copy buffers, freed before the model loads, keep it out of the peak RSS.
     let peak = if device == "cpu" { Some(measure_peak(2048, 128, None)?) } else { None };
     let best_gflops = peak.as_ref().and_then(|p| p["best_gemm_gflops"].as_f64()).unwrap_or(f64::NAN);
+    let bandwidth_gb_s = peak.as_ref().and_then(|p| p["bandwidth_gb_s"].as_f64()).unwrap_or(f64::NAN);
     let watch = collm_model::devcheck::MemoryWatch::start(&collm_model::DeviceSpec::parse(device)?.open()?)?;
     let t_load = Instant::now();
     let mut t = collm_rl::Trainer::new(cfg, &out)?;
@@ -629,7 +630,7 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, de
     let load_s = t_load.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let (mut gen_s, mut update_s, mut tokens, mut rewards) = (0.0, 0.0, 0usize, vec![]);
-    let (mut gen_gflop, mut update_gflop) = (0.0, 0.0);
+    let (mut gen_gflop, mut update_gflop, mut gen_weight_gb) = (0.0, 0.0, 0.0);
     // Each step's update alone: the first touches the heap's high-water mark (the optimizer's
     // moments, the passes' buffers) for the first time, the later ones reuse it.
     let mut update_steps = vec![];
@@ -642,6 +643,7 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, de
         gen_s += line["gen_s"].as_f64().unwrap_or(0.0);
         update_s += us;
         gen_gflop += line["gen_gflop"].as_f64().unwrap_or(0.0);
+        gen_weight_gb += line["gen_weight_gb"].as_f64().unwrap_or(0.0);
         update_gflop += ug;
         // The step's page faults and the memory it added to the process (its generation's
         // included): what the first touch of new memory cost it.
@@ -671,6 +673,11 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, de
     // The update once the heap has its high-water mark: every step after the first.
     let later = |k: &str| update_steps.iter().skip(1).map(|u| u[k].as_f64().unwrap_or(0.0)).sum::<f64>();
     let after_first = if update_steps.len() > 1 { Some(later("gflop") / later("s").max(1e-9) / best_gflops) } else { None };
+    // This machine's floor for the same work: the update's arithmetic at the best GEMM, and
+    // generation at the larger of its arithmetic at the best GEMM and its weight reads at the
+    // memory bandwidth. No run can go below it; the first touch of new memory is left out.
+    let (gen_floor_s, update_floor_s) = ((gen_gflop / best_gflops).max(gen_weight_gb / bandwidth_gb_s), update_gflop / best_gflops);
+    let floor_s_per_prompt = (gen_floor_s + update_floor_s) / prompts as f64;
     let out_json = serde_json::json!({
         "workload": path, "algo": algo, "turns": turns, "model": model, "device": device, "dtype": dtype, "prompts": prompts, "wall_s": wall, "load_s": load_s,
         "s_per_prompt": wall / prompts as f64, "gen_s": gen_s, "update_s": update_s,
@@ -685,6 +692,9 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, de
         "gen_peak_fraction": gen_gflop / gen_s.max(1e-9) / best_gflops,
         "update_steps": update_steps,
         "update_peak_fraction_after_first_step": after_first,
+        "gen_weight_gb": gen_weight_gb,
+        "gen_floor_s": gen_floor_s, "update_floor_s": update_floor_s,
+        "floor_s_per_prompt": floor_s_per_prompt,
         "peak": peak,
     });
     let _ = std::fs::remove_dir_all(&out);
@@ -727,6 +737,10 @@ fn bench_train(path: &std::path::Path, algo: &str, turns: usize, model: &str, de
                     100.0 * a
                 );
             }
+            println!(
+                "this machine's floor for this work: {floor_s_per_prompt:.2} s per prompt (generation {gen_floor_s:.1} s: {gen_gflop:.0} GFLOP at the best GEMM or {gen_weight_gb:.0} GB of weight reads at {bandwidth_gb_s:.1} GB/s; update {update_floor_s:.1} s at the best GEMM); this run took {:.2}x the floor",
+                wall / prompts as f64 / floor_s_per_prompt
+            );
         }
     }
     Ok(())

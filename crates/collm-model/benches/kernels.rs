@@ -191,7 +191,7 @@ fn kernels(c: &mut Criterion) {
     // AVX-512 both rows run the gemm crate).
     let mut g = c.benchmark_group("gemm");
     g.sample_size(20).measurement_time(Duration::from_secs(8));
-    for (m, k, n) in [(512usize, 576usize, 1536usize), (256, 576, 49152)] {
+    for (m, k, n) in [(512usize, 576usize, 1536usize), (880, 576, 576), (256, 576, 49152)] {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 97) as f32 / 97.0 - 0.5).collect();
         let b: Vec<f32> = (0..n * k).map(|i| (i % 89) as f32 / 89.0 - 0.5).collect();
         for (name, kernel) in [("avx512", sgemm::Kernel::Avx512), ("gemm_crate", sgemm::Kernel::GemmCrate)] {

@@ -27,6 +27,9 @@ impl FlopCounter {
     }
 }
 
+/// Bytes counted so far (a model's weight reads): the same shared count.
+pub type ByteCounter = FlopCounter;
+
 /// The FLOPs of a linear map with `weights` weights over `tokens` real tokens: forward, plus
 /// the backward's when `grad` (the weight's own gradient only when `trainable`).
 pub fn linear(weights: u64, tokens: u64, grad: bool, trainable: bool) -> u64 {

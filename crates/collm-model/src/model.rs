@@ -51,6 +51,15 @@ pub struct Transformer {
     pub device: Device,
     /// The arithmetic this model's passes have done ([`crate::flops`]).
     pub flops: crate::flops::FlopCounter,
+    /// The weight bytes this model's passes without a graph (sampling's prefill and decode
+    /// steps, scoring) must read at the least: every layer weight once a pass, the output head
+    /// once a call of [`Transformer::logits`]. A decode step is bound by these reads.
+    pub weight_reads: crate::flops::ByteCounter,
+}
+
+/// The bytes a parameter's values take in memory.
+fn param_bytes(p: &Param) -> u64 {
+    (p.var.elem_count() * p.var.dtype().size_in_bytes()) as u64
 }
 
 /// Keys and values of the tokens seen so far, per layer, for a batch of sequences.
@@ -224,7 +233,7 @@ impl Transformer {
             let t = t.to_dtype(DType::F32)?;
             params.insert(name, Param { var: Var::from_tensor(&t)?, trainable: true });
         }
-        Ok(Self { cfg, params, lora: None, device, flops: Default::default() })
+        Ok(Self { cfg, params, lora: None, device, flops: Default::default(), weight_reads: Default::default() })
     }
 
     /// A randomly initialised model: N(0, 0.02) matrices, unit norms, zero biases. A config whose
@@ -477,6 +486,9 @@ impl Transformer {
             cache.valid[r].extend_from_slice(&valid[r]);
         }
         self.flops.add(self.pass_flops(valid, &positions, grad));
+        if !grad {
+            self.weight_reads.add(self.params.iter().filter(|(n, _)| n.starts_with("model.layers.")).map(|(_, p)| param_bytes(p)).sum());
+        }
         let rope = RopeTable::new(&positions, cfg.head_dim, cfg.rope_theta);
         if crate::decode_cpu::applies(self, b, t, grad) {
             return crate::decode_cpu::step(self, &flat, cache, &rope);
@@ -558,6 +570,9 @@ impl Transformer {
         let p = &self.params[name];
         let rows = (hidden.elem_count() / self.cfg.hidden_size.max(1)) as u64;
         self.flops.add(crate::flops::linear(p.var.elem_count() as u64, rows, grad, p.trainable));
+        if !grad {
+            self.weight_reads.add(param_bytes(p));
+        }
         let l = if grad && p.trainable {
             ops::linear_nt(hidden, p.var.as_tensor())?
         } else if grad {
@@ -583,7 +598,14 @@ impl Transformer {
         for (n, p) in &self.params {
             params.insert(n.clone(), Param { var: Var::from_tensor(&p.var.as_detached_tensor().copy()?)?, trainable: p.trainable });
         }
-        Ok(Self { cfg: self.cfg.clone(), params, lora: self.lora.clone(), device: self.device.clone(), flops: Default::default() })
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            params,
+            lora: self.lora.clone(),
+            device: self.device.clone(),
+            flops: Default::default(),
+            weight_reads: Default::default(),
+        })
     }
 }
 

@@ -846,12 +846,12 @@ fn shared_prefixes_give_the_unshared_log_probs_hidden_states_and_gradients() {
     }
 }
 
-/// The FLOP count of a pass (collm_model::flops), hand-worked for the tiny Llama (hidden 32,
+/// The FLOP count of a pass (collm_model::flops) and the weight bytes it reads, hand-worked for the tiny Llama (hidden 32,
 /// intermediate 64, 2 layers, 4 heads of 8 over 2 key-value heads: 9216 projection weights per
 /// layer). Two rows of 3 slots, the second ending in padding: 5 real tokens, which see 6 + 3 = 9
 /// keys in all.
 #[test]
-fn a_pass_counts_its_flops_over_real_tokens() {
+fn a_pass_counts_its_flops_over_real_tokens_and_its_weight_reads() {
     let mut m = tiny(Arch::Llama, 64, 1);
     let tokens = vec![vec![5, 9, 17], vec![7, 1, 0]];
     let valid = vec![vec![true; 3], vec![true, true, false]];
@@ -859,16 +859,24 @@ fn a_pass_counts_its_flops_over_real_tokens() {
     // 2 FLOPs per weight per token, and 4·heads·head_dim per key seen, in each of 2 layers.
     let layers = 2 * (2 * 9216 * 5 + 4 * 4 * 8 * 9);
     assert_eq!(m.flops.total(), layers);
+    // The pass read each layer's weights once, whatever the rows: 9216 projection weights and two
+    // norms of 32 per layer, in f32.
+    let layer_bytes = 2 * (9216 + 2 * 32) * 4;
+    assert_eq!(m.weight_reads.total(), layer_bytes);
     m.logits(&h.flatten_to(1).unwrap(), false).unwrap();
     assert_eq!(m.flops.total(), layers + 2 * 64 * 32 * 6, "the tied output head over 6 rows");
+    assert_eq!(m.weight_reads.total(), layer_bytes + 64 * 32 * 4, "the tied output head, read once for its 6 rows");
     // A training pass with LoRA (rank 2) on q_proj: the frozen weights cost 2 + 2 per token, the
     // adapters (128 weights per layer) 2 + 4, attention three times its forward.
     m.add_lora(LoraConfig { rank: 2, alpha: 4.0, targets: vec!["q_proj".into()] }, 0).unwrap();
     let before = m.flops.total();
     m.forward(&tokens, &valid, &mut KvCache::new(2, 2), true).unwrap();
     assert_eq!(m.flops.total() - before, 2 * (9216 * 4 + 128 * 6) * 5 + 3 * 2 * (4 * 4 * 8 * 9));
+    // A training pass is bound by its arithmetic: it adds no weight reads to the count.
+    assert_eq!(m.weight_reads.total(), layer_bytes + 64 * 32 * 4);
     // A copy counts on its own.
     assert_eq!(m.deep_clone().unwrap().flops.total(), 0);
+    assert_eq!(m.deep_clone().unwrap().weight_reads.total(), 0);
 }
 
 /// Building a model tells candle's worker pool not to spin between ops (its threads would share a

@@ -531,13 +531,20 @@ impl Trainer {
         team.chain(self.references.iter()).map(|m| m.flops.total()).sum()
     }
 
+    /// The weight bytes the team's models' passes without a graph have read so far
+    /// (`Transformer::weight_reads`).
+    fn model_weight_reads(&self) -> u64 {
+        let team = self.team.agents.iter().map(|a| &a.model).chain(self.team.critics.iter().map(|c| &c.model));
+        team.chain(self.references.iter()).map(|m| m.weight_reads.total()).sum()
+    }
+
     /// One training step; returns its metrics line.
     pub fn train_step(&mut self) -> Result<Value> {
         let t0 = Instant::now();
         let step = self.step;
-        let f0 = self.model_flops();
+        let (f0, b0) = (self.model_flops(), self.model_weight_reads());
         let r = self.rollout_for_step(step)?;
-        let gen_flops = self.model_flops() - f0;
+        let (gen_flops, gen_reads) = (self.model_flops() - f0, self.model_weight_reads() - b0);
         self.log_sample(step + 1, &r)?;
         let kl = if !self.cfg.log_kl {
             None
@@ -575,6 +582,8 @@ impl Trainer {
             // The model arithmetic of each phase (collm_model::flops: real tokens, no padding).
             "gen_gflop": gen_flops as f64 / 1e9,
             "update_gflop": update_flops as f64 / 1e9,
+            // The weight bytes generation's passes read at the least (decode is bound by them).
+            "gen_weight_gb": gen_reads as f64 / 1e9,
         }))
     }
 

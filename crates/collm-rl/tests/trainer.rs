@@ -666,13 +666,18 @@ fn init_starts_from_a_trained_team_and_the_critic_warm_up_freezes_the_actors() {
         (w.team.critics[0].model.flops.total() as f64 / 1e9, w.team.agents.iter().map(|a| a.model.flops.total() as f64 / 1e9).sum::<f64>())
     };
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1e-9);
+    // Generation's weight reads (GB) are the agents' own count: the critic reads weights only in
+    // the update.
+    let reads = |w: &Trainer| w.team.agents.iter().map(|a| a.model.weight_reads.total() as f64 / 1e9).sum::<f64>();
     for _ in 0..2 {
-        let (c0, a0) = counts(&w);
+        let ((c0, a0), r0) = (counts(&w), reads(&w));
         let line = w.train_step().unwrap();
         assert!(line["value_loss"].as_f64().is_some());
-        let (c1, a1) = counts(&w);
+        let ((c1, a1), r1) = (counts(&w), reads(&w));
         let (gen, update) = (line["gen_gflop"].as_f64().unwrap(), line["update_gflop"].as_f64().unwrap());
         assert!(gen > 0.0 && close(update, c1 - c0) && close(gen, a1 - a0), "{line}: critic {}, agents {}", c1 - c0, a1 - a0);
+        let gen_reads = line["gen_weight_gb"].as_f64().unwrap();
+        assert!(gen_reads > 0.0 && close(gen_reads, r1 - r0), "{line}: the agents read {} GB", r1 - r0);
     }
     for (p, tw) in w.team.agents.iter().zip(&trained) {
         assert_eq!(&weights(&p.model), tw, "an actor moved during the critic warm-up");
