@@ -197,6 +197,10 @@ fn kernels(c: &mut Criterion) {
         for (name, kernel) in [("avx512", sgemm::Kernel::Avx512), ("gemm_crate", sgemm::Kernel::GemmCrate)] {
             g.bench_function(format!("{name}_{m}x{k}x{n}"), |bench| bench.iter(|| sgemm::matmul_nt_with(kernel, &a, m, k, &b, n)));
         }
+        // The same product on AMX tiles in bf16 (where the CPU has them).
+        if collm_model::amx::available() {
+            g.bench_function(format!("amx_bf16_{m}x{k}x{n}"), |bench| bench.iter(|| collm_model::amx::matmul_nt_bf16(&a, m, k, &b, n)));
+        }
     }
     // A weight's gradient dyᵀ·x [1536, 576] over 1024 rows: both operands are packed from
     // rows that are contiguous along the panels.

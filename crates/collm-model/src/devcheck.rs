@@ -351,8 +351,35 @@ pub fn rss_bytes() -> u64 {
 
 /// A size in kB that /proc/self/status gives under `field`, in bytes; 0 where the OS does not say.
 fn status_bytes(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
-        .map_or(0, |kb| kb * 1024)
+    kb_field("/proc/self/status", field).unwrap_or(0)
+}
+
+/// The size that a `/proc` file of `Field:  N kB` lines (status, meminfo) gives under `field`,
+/// in bytes (None where the file or the field cannot be read).
+pub(crate) fn kb_field(path: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `Field: N kB` line is read as N·1024 bytes; a field or a file that is not there is None,
+    /// never 0 (the memory budget tells "unknown" from "none left" by it).
+    #[test]
+    fn kb_fields_are_read_in_bytes_and_a_missing_one_is_none() {
+        let dir = std::env::temp_dir().join(format!("collm-kb-field-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("status");
+        std::fs::write(&f, "Name:\tcollm\nVmSize:\t  123456 kB\nVmRSS:\t 2048 kB\n").unwrap();
+        let path = f.to_str().unwrap();
+        assert_eq!(kb_field(path, "VmSize:"), Some(123456 * 1024));
+        assert_eq!(kb_field(path, "VmRSS:"), Some(2048 * 1024));
+        assert_eq!(kb_field(path, "VmHWM:"), None);
+        assert_eq!(kb_field(path, "Name:"), None, "a field without a number");
+        assert_eq!(kb_field(dir.join("absent").to_str().unwrap(), "VmSize:"), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

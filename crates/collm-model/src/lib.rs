@@ -1,6 +1,7 @@
 //! collm-model: causal language models on candle that can both act (fast batched sampling with a
 //! KV cache) and learn (teacher-forced log-probs whose gradients reach every trainable weight).
 
+pub mod amx;
 pub mod batcher;
 pub mod checkpoint;
 pub mod config;

@@ -152,16 +152,11 @@ impl KvCache {
 /// The memory this process may still allocate: the machine's available memory, or less under an
 /// address-space limit (None where neither can be read).
 pub fn available_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
-        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
-    });
+    let meminfo = crate::devcheck::kb_field("/proc/meminfo", "MemAvailable:");
     let limit = std::fs::read_to_string("/proc/self/limits").ok().and_then(|l| {
         let line = l.lines().find(|l| l.starts_with("Max address space"))?;
         let cap = line.split_whitespace().nth(3)?.parse::<u64>().ok()?;
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let used = status.lines().find(|l| l.starts_with("VmSize:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
-        Some(cap.saturating_sub(used))
+        Some(cap.saturating_sub(crate::devcheck::kb_field("/proc/self/status", "VmSize:")?))
     });
     match (meminfo, limit) {
         (Some(a), Some(b)) => Some(a.min(b)),

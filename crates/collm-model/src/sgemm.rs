@@ -234,6 +234,10 @@ unsafe fn pack(dst: &mut [f32], v: View, r0: usize, rows: usize, c0: usize, cols
     }
 }
 
+/// The 16×16 transpose of 32-bit lanes in registers (the packing's), for the AMX packing too.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::transpose16;
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::*;
@@ -416,7 +420,7 @@ mod avx512 {
     /// block transposed), then twice by 128-bit lanes.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
+    pub(crate) unsafe fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
         let mut t = [_mm512_setzero_ps(); 16];
         for i in 0..8 {
             t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
