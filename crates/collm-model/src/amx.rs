@@ -63,7 +63,18 @@ unsafe impl<T> Sync for Shared<T> {}
 /// # Safety
 /// Every element of A, B and C that the views and sizes name must be valid (C for writing).
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_bf16(m: usize, n: usize, k: usize, c: *mut f32, c_rs: usize, accumulate: bool, a: View, b: View, alpha: f32, parallel: bool) -> bool {
+pub unsafe fn gemm_bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    c_rs: usize,
+    accumulate: bool,
+    a: View,
+    b: View,
+    alpha: f32,
+    parallel: bool,
+) -> bool {
     if !available() {
         return false;
     }
@@ -220,7 +231,11 @@ mod tiles {
                 }
                 for kk in (0..k).step_by(2) {
                     let r0 = _mm512_maskz_loadu_ps(lanes(live), b.ptr.add(kk * b.rs + c0 + 16 * h));
-                    let r1 = if kk + 1 < k { _mm512_maskz_loadu_ps(lanes(live), b.ptr.add((kk + 1) * b.rs + c0 + 16 * h)) } else { _mm512_setzero_ps() };
+                    let r1 = if kk + 1 < k {
+                        _mm512_maskz_loadu_ps(lanes(live), b.ptr.add((kk + 1) * b.rs + c0 + 16 * h))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
                     let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(r1, r0));
                     let (s, p) = (kk / 32, (kk % 32) / 2);
                     _mm512_storeu_si512(dst.as_mut_ptr().add(at(s, h, p)) as *mut __m512i, _mm512_permutexvar_epi16(idx, v));
@@ -362,7 +377,9 @@ mod tests {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         for &(m, n, k) in &[(1, 1, 1), (31, 33, 17), (32, 32, 32), (33, 65, 70), (100, 300, 530), (700, 90, 300), (5, 40, 0)] {
             // (A row-major or transposed, B: 0 row-major, 1 transposed, 2 strided).
-            for (ta, tb, acc, alpha) in [(false, 0, false, 1.0f32), (true, 1, true, 0.5), (false, 1, false, -2.0), (true, 2, true, 1.0), (false, 2, false, 1.0)] {
+            for (ta, tb, acc, alpha) in
+                [(false, 0, false, 1.0f32), (true, 1, true, 0.5), (false, 1, false, -2.0), (true, 2, true, 1.0), (false, 2, false, 1.0)]
+            {
                 let a = data(m * k, 1);
                 let b = data(2 * (k * n + n + k) + 1, 2);
                 let a_st = if ta { (1, m) } else { (k, 1) };

@@ -1574,9 +1574,93 @@ pub fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let y = with_f32(&x2, |xs| with_weight(w, |ws| matmul_nt_w(xs, rows, in_f, ws, out_f)))??;
         return Tensor::from_vec(y, dims, x.device());
     }
+    // A bf16 model's product over many rows, on AMX tiles where the CPU has them: candle's bf16
+    // matmul widens both operands to f32 and sums the (exact) products in f32, as the tiles do, in
+    // another order.
+    if x.dtype() == DType::BF16 && w.dtype() == DType::BF16 && x.device().is_cpu() && w.device().is_cpu() {
+        if rows >= AMX_MIN_ROWS && fused_ops_on() && crate::amx::available() {
+            return x2.contiguous()?.apply_op2(&w.contiguous()?, LinearBf16)?.reshape(dims);
+        }
+    }
     // A weight held in another dtype than the activations (a frozen bf16 base) is widened.
     let y = x2.matmul(&w.to_dtype(x2.dtype())?.t()?)?;
     y.reshape(dims)
+}
+
+/// From this many rows a bf16 model's `linear_nt` runs on AMX tiles (one block of A is 32 rows).
+pub const AMX_MIN_ROWS: usize = 32;
+
+/// x Wᵀ of a bf16 model, x [rows, in] and W [out, in] both bf16, on AMX tiles ([`crate::amx`]):
+/// the operands widened to f32 (exact), multiplied in bf16 with f32 sums, the result rounded to
+/// bf16; the backward's dx = dy W and dW = dyᵀ x the same way, each only for an input that
+/// tracks a graph.
+struct LinearBf16;
+
+/// The f32 values of a contiguous bf16 CPU storage.
+fn bf16_values(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+    let data = s.as_slice::<half::bf16>()?;
+    let Some((a, b)) = l.contiguous_offsets() else { bail!("collm op: expected a contiguous bf16 tensor") };
+    let mut out = Vec::new();
+    widen_par(&data[a..b], &mut out);
+    Ok(out)
+}
+
+/// C[m, n] = A·B on AMX tiles for f32 operands read through (row, column) strides, rounded to bf16.
+fn amx_product(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+) -> Result<Vec<half::bf16>> {
+    let last =
+        |rows: usize, cols: usize, rs: usize, cs: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 };
+    if a.len() < last(m, k, a_rs, a_cs) || b.len() < last(k, n, b_rs, b_cs) {
+        bail!("amx product: {m}x{k} and {k}x{n} operands do not fit {} and {} values", a.len(), b.len());
+    }
+    let mut c = vec![0f32; m * n];
+    let view = |v: &[f32], rs: usize, cs: usize| crate::sgemm::View { ptr: v.as_ptr(), rs, cs };
+    // SAFETY: the views stay inside a and b (checked above); C is m × n.
+    if !unsafe { crate::amx::gemm_bf16(m, n, k, c.as_mut_ptr(), n, false, view(a, a_rs, a_cs), view(b, b_rs, b_cs), 1.0, true) } {
+        bail!("amx product: this CPU has no AMX tiles");
+    }
+    Ok(c.par_iter().map(|&v| half::bf16::from_f32(v)).collect())
+}
+
+impl CustomOp2 for LinearBf16 {
+    fn name(&self) -> &'static str {
+        "collm-linear-bf16"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (out_f, in_f) = wl.shape().dims2()?;
+        let (x, w) = (bf16_values(xs, xl)?, bf16_values(ws, wl)?);
+        let y = amx_product(x.len() / in_f.max(1), out_f, in_f, &x, (in_f, 1), &w, (1, in_f))?;
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().unwrap() = out_f;
+        Ok((CpuStorage::BF16(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (out_f, in_f) = w.dims2()?;
+        let rows = grad.elem_count() / out_f.max(1);
+        let dy = with_f32(grad, |g| g.to_vec())?;
+        let dx = if x.track_op() {
+            let wv = with_f32(w, |v| v.to_vec())?;
+            Some(Tensor::from_vec(amx_product(rows, in_f, out_f, &dy, (out_f, 1), &wv, (in_f, 1))?, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let xv = with_f32(x, |v| v.to_vec())?;
+            Some(Tensor::from_vec(amx_product(out_f, in_f, rows, &dy, (1, out_f), &xv, (in_f, 1))?, (out_f, in_f), w.device())?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
 }
 
 /// Up to this many rows, `linear_nt` without a graph uses [`matmul_nt_small`].
@@ -2340,6 +2424,45 @@ pub fn attention_unfused(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttnMask, sc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bf16 model's projection on AMX tiles (from AMX_MIN_ROWS rows) against candle's bf16
+    /// matmul (the generic path): the output and both gradients agree to bf16's rounding (both
+    /// sum exact products in f32, in different orders, then round to bf16), and an input that
+    /// tracks no graph gets no gradient.
+    #[test]
+    fn a_bf16_projection_on_amx_tiles_equals_candles_bf16_matmul() {
+        if !crate::amx::available() {
+            eprintln!("this CPU or OS has no AMX bf16 tiles: a bf16 model's projections take candle's matmul here");
+            return;
+        }
+        let dev = candle_core::Device::Cpu;
+        let val = |i: usize, s: usize| (((i * 7919 + s * 104729) % 2003) as f32 / 1001.0) - 1.0;
+        let (rows, in_f, out_f) = (70, 96, 40);
+        let x = candle_core::Var::from_vec((0..rows * in_f).map(|i| half::bf16::from_f32(val(i, 1))).collect(), (2, rows / 2, in_f), &dev)
+            .unwrap();
+        let w = candle_core::Var::from_vec((0..out_f * in_f).map(|i| half::bf16::from_f32(val(i, 2) * 0.1)).collect(), (out_f, in_f), &dev)
+            .unwrap();
+        let r = Tensor::from_vec((0..rows * out_f).map(|i| half::bf16::from_f32(val(i, 3))).collect(), (2, rows / 2, out_f), &dev).unwrap();
+        let run = || {
+            let y = linear_nt(x.as_tensor(), w.as_tensor()).unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (f(&y), f(g.get(x.as_tensor()).unwrap()), f(g.get(w.as_tensor()).unwrap()))
+        };
+        let (y, dx, dw) = run();
+        let (y0, dx0, dw0) = with_generic_ops(run);
+        for (what, got, want) in [("y", &y, &y0), ("dx", &dx, &dx0), ("dw", &dw, &dw0)] {
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (g, e)) in got.iter().zip(want.iter()).enumerate() {
+                assert!((g - e).abs() <= 2f32.powi(-7) * e.abs() + 1e-3 * scale, "{what}[{i}]: {g} vs {e}");
+            }
+        }
+        // A frozen weight (no graph) gets no gradient; x still does.
+        let wf = w.as_tensor().detach();
+        let y = linear_nt(x.as_tensor(), &wf).unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(x.as_tensor()).is_some() && g.get(&wf).is_none());
+    }
 
     /// A bf16 weight's products, widened a block of rows at a time, against the f32 products on
     /// the widened weight: the forward x·Wᵀ (written and accumulated) and the backward dy·W over
