@@ -313,8 +313,14 @@ pub fn measure_peak(size: usize, copy_mib: usize, python: Option<String>) -> Res
         // Both kernels where the CPU has AVX-512; "gflops" is the one collm runs.
         let crate_gflops = rate(Kernel::GemmCrate)?;
         let avx512_gflops = if collm_model::sgemm::has_avx512() { Some(rate(Kernel::Avx512)?) } else { None };
-        let gflops = if kernel == Kernel::Avx512 { avx512_gflops.unwrap_or(crate_gflops) } else { crate_gflops };
-        rows.push(serde_json::json!({"shape": name, "operands": format!("{ops:?}"), "m": m, "k": k, "n": n, "gflops": gflops, "gemm_crate_gflops": crate_gflops, "avx512_gflops": avx512_gflops}));
+        // AMX tiles in bf16 (a lower precision, so never the f32 peak's figure).
+        let amx_gflops = if collm_model::amx::available() { Some(rate(Kernel::AmxBf16)?) } else { None };
+        let gflops = match kernel {
+            Kernel::Avx512 => avx512_gflops.unwrap_or(crate_gflops),
+            Kernel::AmxBf16 => amx_gflops.unwrap_or(crate_gflops),
+            Kernel::GemmCrate => crate_gflops,
+        };
+        rows.push(serde_json::json!({"shape": name, "operands": format!("{ops:?}"), "m": m, "k": k, "n": n, "gflops": gflops, "gemm_crate_gflops": crate_gflops, "avx512_gflops": avx512_gflops, "amx_bf16_gflops": amx_gflops}));
     }
     let a = candle_core::Tensor::from_vec(data(size * size, 1), (size, size), &candle_core::Device::Cpu)?;
     let b = candle_core::Tensor::from_vec(data(size * size, 2), (size, size), &candle_core::Device::Cpu)?;
@@ -401,10 +407,13 @@ fn bench_peak(size: usize, copy_mib: usize, python: Option<String>, json: bool) 
         println!("{} ({} threads, AVX-512F {avx512}, collm GEMM kernel {kernel})", out["cpu"].as_str().unwrap_or(""), out["threads"]);
         for r in &rows {
             let g = r["gflops"].as_f64().unwrap_or(0.0);
-            let both = match (r["gemm_crate_gflops"].as_f64(), r["avx512_gflops"].as_f64()) {
+            let mut both = match (r["gemm_crate_gflops"].as_f64(), r["avx512_gflops"].as_f64()) {
                 (Some(c), Some(a)) => format!(" (gemm crate {c:.1}, collm AVX-512 {a:.1})"),
                 _ => String::new(),
             };
+            if let Some(x) = r["amx_bf16_gflops"].as_f64() {
+                both += &format!(" [AMX tiles in bf16: {x:.1}]");
+            }
             println!("  collm GEMM {:<33} {g:8.1} GFLOPS{both}", r["shape"].as_str().unwrap_or(""));
         }
         println!("  candle matmul {size}³{:>25} {candle_gflops:8.1} GFLOPS", "");

@@ -26,6 +26,10 @@ pub enum Kernel {
     Avx512,
     /// The `gemm` crate (AVX2/FMA or scalar, detected by it at run time).
     GemmCrate,
+    /// AMX tiles in bf16 with f32 sums ([`crate::amx`]): each operand rounded to bf16, a lower
+    /// precision than f32 (as a GPU's bf16 matmuls), so never chosen unless asked for
+    /// (`COLLM_GEMM=amx`); on a CPU without AMX the f32 kernel runs.
+    AmxBf16,
 }
 
 /// The kernel this CPU gets: collm's AVX-512 kernel where the CPU has `avx512f` and executes
@@ -33,15 +37,23 @@ pub enum Kernel {
 /// FMA into two 256-bit halves, so AVX-512 has no more FLOPs per cycle there than AVX2; measured
 /// on a 2-core EPYC of that family (`collm bench peak`, 2026-12-06) the gemm crate's AVX2 kernels
 /// ran SmolLM2's projection shapes at about 213 GFLOPS against about 198 for this one, so such a
-/// CPU keeps the gemm crate. `COLLM_GEMM=gemm` or `COLLM_GEMM=avx512` overrides the choice.
+/// CPU keeps the gemm crate. `COLLM_GEMM=gemm` or `COLLM_GEMM=avx512` overrides the choice;
+/// `COLLM_GEMM=amx` runs every product on AMX tiles in bf16 ([`Kernel::AmxBf16`]).
 pub fn best_kernel() -> Kernel {
     use std::sync::OnceLock;
     static BEST: OnceLock<Kernel> = OnceLock::new();
-    *BEST.get_or_init(|| match std::env::var("COLLM_GEMM").ok().as_deref() {
-        Some("gemm") => Kernel::GemmCrate,
-        Some("avx512") if has_avx512() => Kernel::Avx512,
-        _ if has_avx512() && !half_width_avx512() => Kernel::Avx512,
-        _ => Kernel::GemmCrate,
+    *BEST.get_or_init(|| {
+        let f32_kernel = if has_avx512() && !half_width_avx512() { Kernel::Avx512 } else { Kernel::GemmCrate };
+        match std::env::var("COLLM_GEMM").ok().as_deref() {
+            Some("gemm") => Kernel::GemmCrate,
+            Some("avx512") if has_avx512() => Kernel::Avx512,
+            Some("amx") if crate::amx::available() => Kernel::AmxBf16,
+            Some("amx") => {
+                eprintln!("COLLM_GEMM=amx: this CPU or OS has no AMX bf16 tiles, so the products stay in f32 ({f32_kernel:?})");
+                f32_kernel
+            }
+            _ => f32_kernel,
+        }
     })
 }
 
@@ -113,8 +125,11 @@ pub unsafe fn gemm_with(
         }
         return;
     }
+    if kernel == Kernel::AmxBf16 && crate::amx::gemm_bf16(m, n, k, c, c_rs, accumulate, a, b, alpha, parallel) {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx512 && has_avx512() {
+    if matches!(kernel, Kernel::Avx512 | Kernel::AmxBf16) && has_avx512() {
         return avx512::gemm(m, n, k, c, c_rs, accumulate, a, b, alpha, parallel);
     }
     let threads = rayon::current_num_threads();
@@ -691,6 +706,30 @@ mod tests {
             let want = if has_avx512() && !zen4 { Kernel::Avx512 } else { Kernel::GemmCrate };
             assert_eq!(best_kernel(), want);
         }
+    }
+
+    /// [`Kernel::AmxBf16`] is the AMX tile product where the CPU has the tiles (the same bits as
+    /// `amx::gemm_bf16`, which differ from the f32 product's), and the f32 product where it has
+    /// not.
+    #[test]
+    fn the_amx_kernel_runs_the_tile_product_or_the_f32_one_without_tiles() {
+        let (m, n, k) = (70, 90, 300);
+        let (a, b) = (data(m * k, 1), data(k * n, 2));
+        let mut got = vec![0f32; m * n];
+        run(Kernel::AmxBf16, (m, n, k), &mut got, n, false, &a, (k, 1), &b, (1, k), 1.0, true);
+        let mut want = vec![0f32; m * n];
+        let (av, bv) = (View { ptr: a.as_ptr(), rs: k, cs: 1 }, View { ptr: b.as_ptr(), rs: 1, cs: k });
+        // SAFETY: the views cover a and b; want is m × n.
+        let tiles = unsafe { crate::amx::gemm_bf16(m, n, k, want.as_mut_ptr(), n, false, av, bv, 1.0, true) };
+        let mut f32_product = vec![0f32; m * n];
+        run(Kernel::Avx512, (m, n, k), &mut f32_product, n, false, &a, (k, 1), &b, (1, k), 1.0, true);
+        if !tiles {
+            want = f32_product;
+        } else {
+            assert_ne!(want, f32_product, "the bf16 tile product should round differently from the f32 one");
+        }
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "tiles available: {tiles}");
     }
 
     /// Without accumulation C is written without being read: NaN in it must not leak through,
