@@ -169,6 +169,35 @@ mod tiles {
     unsafe fn pack_a(dst: &mut [u16], a: View, r0: usize, rows: usize, k: usize) {
         let steps = k.div_ceil(32);
         dst[..steps * 1024].fill(0);
+        if a.rs == 1 && a.cs != 1 {
+            // Contiguous along the rows (A = dyᵀ in a weight's gradient): 16×16 blocks of
+            // (depth, row) read a depth at a time, transposed in registers, two depth blocks
+            // converted together into a row's 32 bf16.
+            for s in 0..steps {
+                let k0 = s * 32;
+                for h in 0..2 {
+                    let live = rows.saturating_sub(16 * h).min(16);
+                    if live == 0 {
+                        continue;
+                    }
+                    let mut t = [[_mm512_setzero_ps(); 16]; 2];
+                    for (half, th) in t.iter_mut().enumerate() {
+                        let d0 = k0 + 16 * half;
+                        let depth = k.saturating_sub(d0).min(16);
+                        let mut r = [_mm512_setzero_ps(); 16];
+                        for (d, rd) in r.iter_mut().enumerate().take(depth) {
+                            *rd = _mm512_maskz_loadu_ps(lanes(live), a.ptr.add((d0 + d) * a.cs + r0 + 16 * h));
+                        }
+                        *th = crate::sgemm::transpose16(&r);
+                    }
+                    for i in 0..live {
+                        let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(t[1][i], t[0][i]));
+                        _mm512_storeu_si512(dst.as_mut_ptr().add(s * 1024 + (16 * h + i) * 32) as *mut __m512i, v);
+                    }
+                }
+            }
+            return;
+        }
         for i in 0..rows {
             let row = a.ptr.add((r0 + i) * a.rs);
             for s in 0..steps {
