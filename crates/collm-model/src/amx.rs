@@ -50,12 +50,6 @@ thread_local! {
     static PACK_B: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Shares a raw pointer with rayon's workers (each writes a disjoint part of C).
-#[derive(Clone, Copy)]
-struct Shared<T>(T);
-unsafe impl<T> Send for Shared<T> {}
-unsafe impl<T> Sync for Shared<T> {}
-
 /// C[m, n] = α·bf16(A)[m, k]·bf16(B)[k, n] (+ C when `accumulate`), sums in f32; C row-major with
 /// row stride `c_rs`; `parallel` spreads the work over the rayon threads. Without `accumulate` C
 /// is only written. Returns false, touching nothing, where [`available`] is false.
@@ -89,29 +83,9 @@ pub unsafe fn gemm_bf16(
             return true;
         }
         // Slabs of C across its longer side, each packed and multiplied by one thread.
-        let (cs, av, bv) = (Shared(c), Shared(a), Shared(b));
-        let slab = move |t: usize| {
-            let (c, a, b) = (cs, av, bv);
-            if n >= m {
-                let w = n.div_ceil(threads).next_multiple_of(32);
-                let j0 = (t * w).min(n);
-                let cols = w.min(n - j0);
-                if cols > 0 {
-                    let b = View { ptr: b.0.ptr.add(j0 * b.0.cs), ..b.0 };
-                    tiles::serial(m, cols, k, c.0.add(j0), c_rs, accumulate, a.0, b, alpha);
-                }
-            } else {
-                let h = m.div_ceil(threads).next_multiple_of(32);
-                let i0 = (t * h).min(m);
-                let rows = h.min(m - i0);
-                if rows > 0 {
-                    let a = View { ptr: a.0.ptr.add(i0 * a.0.rs), ..a.0 };
-                    tiles::serial(rows, n, k, c.0.add(i0 * c_rs), c_rs, accumulate, a, b.0, alpha);
-                }
-            }
-        };
-        use rayon::prelude::*;
-        (0..threads).into_par_iter().for_each(slab);
+        crate::sgemm::over_slabs(m, n, c, c_rs, a, b, threads, (32, 32), |rows, cols, c, a, b| {
+            tiles::serial(rows, cols, k, c, c_rs, accumulate, a, b, alpha)
+        });
     }
     true
 }
@@ -424,7 +398,7 @@ mod tests {
                 // SAFETY: the views stay inside a and b (b is sized for the strided layout), C holds m rows of c_rs.
                 unsafe {
                     assert!(gemm_bf16(m, n, k, one.as_mut_ptr(), c_rs, acc, av, bv, alpha, false));
-                    let (c, a, b) = (Shared(many.as_mut_ptr()), Shared(av), Shared(bv));
+                    let (c, a, b) = (crate::sgemm::Shared(many.as_mut_ptr()), crate::sgemm::Shared(av), crate::sgemm::Shared(bv));
                     pool.install(move || {
                         let (c, a, b) = (c, a, b);
                         assert!(gemm_bf16(m, n, k, c.0, c_rs, acc, a.0, b.0, alpha, true))

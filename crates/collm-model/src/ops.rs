@@ -1266,6 +1266,27 @@ unsafe fn gemm_checked(
     n: usize,
     k: usize,
     a: &[f32],
+    a_st: (usize, usize),
+    b: &[f32],
+    b_st: (usize, usize),
+    alpha: f32,
+    accumulate: bool,
+) {
+    gemm_checked_with(crate::sgemm::best_kernel(), c, m, n, k, a, a_st, b, b_st, alpha, accumulate)
+}
+
+/// [`gemm_checked`] through the kernel named.
+///
+/// # Safety
+/// As for [`gemm_checked`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_checked_with(
+    kernel: crate::sgemm::Kernel,
+    c: *mut f32,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
     (a_cs, a_rs): (usize, usize),
     b: &[f32],
     (b_cs, b_rs): (usize, usize),
@@ -1278,7 +1299,7 @@ unsafe fn gemm_checked(
     let last = |rows: usize, cols: usize, cs: usize, rs: usize| (rows - 1) * rs + (cols - 1) * cs;
     assert!(k == 0 || (last(m, k, a_cs, a_rs) < a.len() && last(k, n, b_cs, b_rs) < b.len()), "gemm: the strides reach past the data");
     let view = |x: &[f32], rs, cs| crate::sgemm::View { ptr: x.as_ptr(), rs, cs };
-    crate::sgemm::gemm(m, n, k, c, n, accumulate, view(a, a_rs, a_cs), view(b, b_rs, b_cs), alpha, true)
+    crate::sgemm::gemm_with(kernel, m, n, k, c, n, accumulate, view(a, a_rs, a_cs), view(b, b_rs, b_cs), alpha, true)
 }
 
 /// y = x W^T where W receives no gradient (and costs no backward work); x keeps its gradient.
@@ -1615,17 +1636,12 @@ fn amx_product(
     b: &[f32],
     (b_rs, b_cs): (usize, usize),
 ) -> Result<Vec<half::bf16>> {
-    let last =
-        |rows: usize, cols: usize, rs: usize, cs: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 };
-    if a.len() < last(m, k, a_rs, a_cs) || b.len() < last(k, n, b_rs, b_cs) {
-        bail!("amx product: {m}x{k} and {k}x{n} operands do not fit {} and {} values", a.len(), b.len());
-    }
-    let mut c = vec![0f32; m * n];
-    let view = |v: &[f32], rs: usize, cs: usize| crate::sgemm::View { ptr: v.as_ptr(), rs, cs };
-    // SAFETY: the views stay inside a and b (checked above); C is m × n.
-    if !unsafe { crate::amx::gemm_bf16(m, n, k, c.as_mut_ptr(), n, false, view(a, a_rs, a_cs), view(b, b_rs, b_cs), 1.0, true) } {
+    if !crate::amx::available() {
         bail!("amx product: this CPU has no AMX tiles");
     }
+    let mut c = vec![0f32; m * n];
+    // SAFETY: C holds m × n values; gemm_checked_with checks the strides against a and b.
+    unsafe { gemm_checked_with(crate::sgemm::Kernel::AmxBf16, c.as_mut_ptr(), m, n, k, a, (a_cs, a_rs), b, (b_cs, b_rs), 1.0, false) };
     Ok(c.par_iter().map(|&v| half::bf16::from_f32(v)).collect())
 }
 

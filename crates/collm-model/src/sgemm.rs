@@ -212,9 +212,51 @@ thread_local! {
 
 /// Shares a raw pointer with rayon's workers (each writes a disjoint part).
 #[derive(Clone, Copy)]
-struct Shared<T>(T);
+pub(crate) struct Shared<T>(pub(crate) T);
 unsafe impl<T> Send for Shared<T> {}
 unsafe impl<T> Sync for Shared<T> {}
+
+/// Runs `serial(rows, cols, c, a, b)` on each of `threads` disjoint slabs of C [m, n] at once,
+/// with the views moved to the slab: one fork-join per call. The slabs cut across the longer
+/// side of C (columns in multiples of `col_block`, rows in multiples of `row_block`), so the
+/// operand every thread packs again is the smaller one.
+///
+/// # Safety
+/// As for [`gemm`]; `serial` must touch only the slab of C it is given.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn over_slabs(
+    m: usize,
+    n: usize,
+    c: *mut f32,
+    c_rs: usize,
+    a: View,
+    b: View,
+    threads: usize,
+    (row_block, col_block): (usize, usize),
+    serial: impl Fn(usize, usize, *mut f32, View, View) + Sync,
+) {
+    let (c, a, b) = (Shared(c), Shared(a), Shared(b));
+    let slab = |t: usize| {
+        let (c, a, b) = (c, a, b);
+        if n >= m {
+            let w = n.div_ceil(threads).next_multiple_of(col_block);
+            let j0 = (t * w).min(n);
+            let cols = w.min(n - j0);
+            if cols > 0 {
+                serial(m, cols, c.0.add(j0), a.0, View { ptr: b.0.ptr.add(j0 * b.0.cs), ..b.0 });
+            }
+        } else {
+            let h = m.div_ceil(threads).next_multiple_of(row_block);
+            let i0 = (t * h).min(m);
+            let rows = h.min(m - i0);
+            if rows > 0 {
+                serial(rows, n, c.0.add(i0 * c_rs), View { ptr: a.0.ptr.add(i0 * a.0.rs), ..a.0 }, b.0);
+            }
+        }
+    };
+    use rayon::prelude::*;
+    (0..threads).into_par_iter().for_each(slab);
+}
 
 /// Packs rows `r0..r0+rows` × columns `c0..c0+cols` of a view into panels of `w` along the
 /// panel dimension. `by_rows`: panels of w rows (A), each stored column by column (w values per
@@ -277,32 +319,8 @@ mod avx512 {
         if threads <= 1 {
             return serial(m, n, k, c, c_rs, accumulate, a, b, alpha);
         }
-        // Each thread takes a disjoint slab of C and runs the whole blocked product on it with
-        // its own packing: one fork-join per call. The slabs cut across the longer side of C, so
-        // the operand every thread packs again is the smaller one.
-        let (c, a, b) = (Shared(c), Shared(a), Shared(b));
-        let slab = move |t: usize, parts: usize| {
-            let (c, a, b) = (c, a, b);
-            if n >= m {
-                let w = n.div_ceil(parts).next_multiple_of(NR);
-                let j0 = (t * w).min(n);
-                let cols = w.min(n - j0);
-                if cols > 0 {
-                    let b = View { ptr: b.0.ptr.add(j0 * b.0.cs), ..b.0 };
-                    serial(m, cols, k, c.0.add(j0), c_rs, accumulate, a.0, b, alpha);
-                }
-            } else {
-                let h = m.div_ceil(parts).next_multiple_of(MR);
-                let i0 = (t * h).min(m);
-                let rows = h.min(m - i0);
-                if rows > 0 {
-                    let a = View { ptr: a.0.ptr.add(i0 * a.0.rs), ..a.0 };
-                    serial(rows, n, k, c.0.add(i0 * c_rs), c_rs, accumulate, a, b.0, alpha);
-                }
-            }
-        };
-        use rayon::prelude::*;
-        (0..threads).into_par_iter().for_each(|t| slab(t, threads));
+        // Each thread runs the whole blocked product on its slab of C with its own packing.
+        over_slabs(m, n, c, c_rs, a, b, threads, (MR, NR), |rows, cols, c, a, b| serial(rows, cols, k, c, c_rs, accumulate, a, b, alpha));
     }
 
     /// The blocked product on one thread: K in blocks of KC, B in blocks of NC columns packed

@@ -525,17 +525,21 @@ impl Trainer {
             .collect()
     }
 
-    /// The FLOPs the team's models (agents, critics and reference policies) have done so far.
-    fn model_flops(&self) -> u64 {
+    /// The team's models: agents, critics and reference policies.
+    fn models(&self) -> impl Iterator<Item = &collm_model::Transformer> {
         let team = self.team.agents.iter().map(|a| &a.model).chain(self.team.critics.iter().map(|c| &c.model));
-        team.chain(self.references.iter()).map(|m| m.flops.total()).sum()
+        team.chain(self.references.iter())
+    }
+
+    /// The FLOPs the team's models have done so far.
+    fn model_flops(&self) -> u64 {
+        self.models().map(|m| m.flops.total()).sum()
     }
 
     /// The weight bytes the team's models' passes without a graph have read so far
     /// (`Transformer::weight_reads`).
     fn model_weight_reads(&self) -> u64 {
-        let team = self.team.agents.iter().map(|a| &a.model).chain(self.team.critics.iter().map(|c| &c.model));
-        team.chain(self.references.iter()).map(|m| m.weight_reads.total()).sum()
+        self.models().map(|m| m.weight_reads.total()).sum()
     }
 
     /// One training step; returns its metrics line.
