@@ -14,6 +14,7 @@ pub mod fetch;
 pub mod flops;
 pub mod generate;
 pub mod gguf;
+pub mod hugepages;
 pub mod loader;
 pub mod model;
 pub mod ops;

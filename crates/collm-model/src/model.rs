@@ -228,7 +228,9 @@ impl Transformer {
             let t = t.to_dtype(DType::F32)?;
             params.insert(name, Param { var: Var::from_tensor(&t)?, trainable: true });
         }
-        Ok(Self { cfg, params, lora: None, device, flops: Default::default(), weight_reads: Default::default() })
+        let model = Self { cfg, params, lora: None, device, flops: Default::default(), weight_reads: Default::default() };
+        model.back_with_huge_pages();
+        Ok(model)
     }
 
     /// A randomly initialised model: N(0, 0.02) matrices, unit norms, zero biases. A config whose
@@ -354,6 +356,7 @@ impl Transformer {
             let t = p.var.as_detached_tensor().to_dtype(dtype).with_context(|| format!("holding '{name}' in {dtype:?}"))?;
             p.var = Var::from_tensor(&t)?;
         }
+        self.back_with_huge_pages();
         Ok(())
     }
 
@@ -378,6 +381,7 @@ impl Transformer {
             p.var = Var::from_tensor(&t)?;
         }
         self.device = device.clone();
+        self.back_with_huge_pages();
         Ok(())
     }
 
@@ -587,20 +591,42 @@ impl Transformer {
             .collect()
     }
 
+    /// Puts this model's host weights on 2 MiB pages where the kernel allows
+    /// ([`crate::hugepages`]); returns the bytes moved. The values stay as they are. Every
+    /// constructor and every change of the weights' storage calls it.
+    pub fn back_with_huge_pages(&self) -> u64 {
+        use candle_core::{CpuStorage, Storage};
+        let buffers: Vec<(usize, usize)> = self
+            .params
+            .values()
+            .filter_map(|p| {
+                let (s, _) = p.var.as_tensor().storage_and_layout();
+                match &*s {
+                    Storage::Cpu(CpuStorage::F32(v)) => Some((v.as_ptr() as usize, std::mem::size_of_val(v.as_slice()))),
+                    Storage::Cpu(CpuStorage::BF16(v)) => Some((v.as_ptr() as usize, std::mem::size_of_val(v.as_slice()))),
+                    _ => None,
+                }
+            })
+            .collect();
+        crate::hugepages::back_with_huge_pages(buffers)
+    }
+
     /// A deep copy (own storage) of this model, e.g. to keep a reference policy.
     pub fn deep_clone(&self) -> Result<Self> {
         let mut params = BTreeMap::new();
         for (n, p) in &self.params {
             params.insert(n.clone(), Param { var: Var::from_tensor(&p.var.as_detached_tensor().copy()?)?, trainable: p.trainable });
         }
-        Ok(Self {
+        let model = Self {
             cfg: self.cfg.clone(),
             params,
             lora: self.lora.clone(),
             device: self.device.clone(),
             flops: Default::default(),
             weight_reads: Default::default(),
-        })
+        };
+        model.back_with_huge_pages();
+        Ok(model)
     }
 }
 

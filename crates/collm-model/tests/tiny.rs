@@ -887,3 +887,23 @@ fn building_a_model_keeps_candles_pool_from_spinning() {
     let v = std::env::var("CANDLE_BARRIER_POOL_SPIN_LIMIT").expect("the spin limit is set once a model is built");
     assert_eq!(v, collm_model::model::BARRIER_POOL_SPIN_LIMIT.to_string(), "(run the tests without CANDLE_BARRIER_POOL_SPIN_LIMIT set)");
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_models_weights_lie_on_huge_pages_where_the_kernel_allows() {
+    use candle_core::{CpuStorage, Storage};
+    // An 8 MiB embedding (65,536 × 32 in f32): whole 2 MiB pages lie inside it wherever it starts.
+    let m = Transformer::random(ModelConfig::tiny(Arch::Llama, 1 << 16), 3).unwrap();
+    let copy = m.deep_clone().unwrap();
+    for (which, model) in [("built", &m), ("deep copy", &copy)] {
+        let (s, _) = model.params["model.embed_tokens.weight"].var.as_tensor().storage_and_layout();
+        let Storage::Cpu(CpuStorage::F32(v)) = &*s else { panic!("an f32 host weight expected") };
+        let huge = collm_model::hugepages::huge_bytes_in(v.as_ptr() as usize, v.len() * 4).unwrap();
+        if collm_model::hugepages::can_collapse() {
+            assert!(huge >= 6 << 20, "{which}: {huge} bytes of the 8 MiB embedding on huge pages");
+        } else {
+            eprintln!("this kernel cannot move memory onto huge pages (THP off or Linux before 6.1)");
+        }
+    }
+    assert_eq!(max_diff(&full_logits(&m, &[1, 2, 3]), &full_logits(&copy, &[1, 2, 3])), 0.0);
+}
