@@ -185,6 +185,53 @@ impl Strided<'_> {
     }
 }
 
+/// Rows of a cached key or value head: row j at `base + j·stride`, head_dim values each.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    data: &'a [f32],
+    base: usize,
+    stride: usize,
+}
+
+impl Rows<'_> {
+    fn row(&self, j: usize, hd: usize) -> &[f32] {
+        &self.data[self.base + j * self.stride..self.base + j * self.stride + hd]
+    }
+}
+
+/// One row's query heads of one key/value group ([n_rep, hd] in `qs`) against the cached slots
+/// in `seen`: `out` [n_rep, hd] gets each head's softmax-weighted sum of the values. Each cached
+/// key and value is read once for all the group's heads, while it is in cache. In AVX2 registers
+/// where the CPU has them (the same operations in the same order as the baseline build).
+fn attend(out: &mut [f32], qs: &[f32], keys: Rows, values: Rows, seen: &[usize], hd: usize, scale: f32) {
+    #[inline(always)]
+    fn body(out: &mut [f32], qs: &[f32], keys: Rows, values: Rows, seen: &[usize], hd: usize, scale: f32) {
+        let (n_rep, n) = (qs.len() / hd, seen.len());
+        // Scores [n_rep, n]: head i's row against every seen key.
+        let mut sc = vec![0f32; n_rep * n];
+        for (c, &j) in seen.iter().enumerate() {
+            let kj = keys.row(j, hd);
+            for (i, qh) in qs.chunks_exact(hd).enumerate() {
+                sc[i * n + c] = ops::dot(qh, kj) * scale;
+            }
+        }
+        // Each head's probabilities (seen holds at least the new slot: n ≥ 1).
+        for row in sc.chunks_mut(n) {
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let inv = 1.0 / ops::exp_shift_sum(row, max);
+            row.iter_mut().for_each(|p| *p *= inv);
+        }
+        for (c, &j) in seen.iter().enumerate() {
+            let vj = values.row(j, hd);
+            for (i, oh) in out.chunks_exact_mut(hd).enumerate() {
+                let w = sc[i * n + c];
+                oh.iter_mut().zip(vj).for_each(|(o, v)| *o += w * v);
+            }
+        }
+    }
+    ops::avx2_fma!(body(out: &mut [f32], qs: &[f32], keys: Rows, values: Rows, seen: &[usize], hd: usize, scale: f32) -> ())
+}
+
 /// One decode step of `ids` (one token per row) after what `cache` holds, whose `valid` and
 /// `next_pos` the caller has already advanced; `rope` has one row per row. Returns the hidden
 /// states after the final norm, [batch, 1, hidden].
@@ -244,29 +291,10 @@ pub(crate) fn step(m: &Transformer, ids: &[u32], cache: &mut KvCache, rope_t: &R
                 let vbase = vs.offset + r * vs.stride[0] + g * vs.stride[1];
                 // The new token (the last slot) sees every real key and itself.
                 let seen: Vec<usize> = (0..slots).filter(|&j| valid[r][j] || j + 1 == slots).collect();
-                let n = seen.len();
                 let qs = &q[(r * nh + g * n_rep) * hd..(r * nh + (g + 1) * n_rep) * hd];
-                // Scores [n_rep, n]: head i's row against every seen key.
-                let mut sc = vec![0f32; n_rep * n];
-                for (c, &j) in seen.iter().enumerate() {
-                    let kj = &kd[kbase + j * ks.stride[2]..kbase + j * ks.stride[2] + hd];
-                    for (i, qh) in qs.chunks_exact(hd).enumerate() {
-                        sc[i * n + c] = ops::dot(qh, kj) * scale;
-                    }
-                }
-                // Each head's probabilities (seen holds at least the new slot: n ≥ 1).
-                for row in sc.chunks_mut(n) {
-                    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                    let inv = 1.0 / ops::exp_shift_sum(row, max);
-                    row.iter_mut().for_each(|p| *p *= inv);
-                }
-                for (c, &j) in seen.iter().enumerate() {
-                    let vj = &vd[vbase + j * vs.stride[2]..vbase + j * vs.stride[2] + hd];
-                    for (i, oh) in out.chunks_exact_mut(hd).enumerate() {
-                        let w = sc[i * n + c];
-                        oh.iter_mut().zip(vj).for_each(|(o, v)| *o += w * v);
-                    }
-                }
+                let keys = Rows { data: kd, base: kbase, stride: ks.stride[2] };
+                let values = Rows { data: vd, base: vbase, stride: vs.stride[2] };
+                attend(out, qs, keys, values, &seen, hd, scale);
             });
         }
         let po = proj(m, &format!("{p}.self_attn.o_proj"), hs)?;

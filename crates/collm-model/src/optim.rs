@@ -380,22 +380,36 @@ impl InplaceOp2 for AdamWUpdate<'_> {
         let mut m = self.m.borrow_mut();
         let mut v = self.v.borrow_mut();
         use rayon::prelude::*;
-        let (b1, b2, eps, lr, decay, bc1, bc2, gscale) = (self.b1, self.b2, self.eps, self.lr, self.decay, self.bc1, self.bc2, self.gscale);
+        let k = [self.b1, self.b2, self.eps, self.lr, self.decay, self.bc1, self.bc2, self.gscale];
         const CHUNK: usize = 1 << 14;
-        p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK))).for_each(
-            |((p, g), (m, v))| {
-                for i in 0..p.len() {
-                    let gi = g[i] * gscale;
-                    m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                    v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                    let mh = m[i] / bc1;
-                    let vh = v[i] / bc2;
-                    p[i] = p[i] * decay - lr * mh / (vh.sqrt() + eps);
-                }
-            },
-        );
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((p, g), (m, v))| adamw_chunk(p, g, m, v, k));
         Ok(())
     }
+}
+
+/// AdamW on one chunk, k = [β1, β2, ε, lr, 1 − lr·decay, 1 − β1ᵗ, 1 − β2ᵗ, gradient scale]; in
+/// AVX2 registers where the CPU has them (the same IEEE operations in the same order, so the
+/// same bits: Rust never fuses a multiply and an add on its own). Compiled for the baseline
+/// x86-64 it ran four lanes at a time, 3% of a cc update step in `perf` on the Xeon.
+fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: [f32; 8]) {
+    #[inline(always)]
+    fn body(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: [f32; 8]) {
+        let [b1, b2, eps, lr, decay, bc1, bc2, gscale] = k;
+        let n = p.len().min(g.len()).min(m.len()).min(v.len());
+        let (p, g, m, v) = (&mut p[..n], &g[..n], &mut m[..n], &mut v[..n]);
+        for i in 0..n {
+            let gi = g[i] * gscale;
+            m[i] = b1 * m[i] + (1.0 - b1) * gi;
+            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+            let mh = m[i] / bc1;
+            let vh = v[i] / bc2;
+            p[i] = p[i] * decay - lr * mh / (vh.sqrt() + eps);
+        }
+    }
+    crate::ops::avx2_fma!(body(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: [f32; 8]) -> ())
 }
 
 impl AdamW {
@@ -587,6 +601,32 @@ mod tests {
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn the_vectorized_adamw_chunk_gives_the_scalar_formulas_bits() {
+        // Lengths around the vector widths, values across magnitudes, a zero moment.
+        let k = [0.9f32, 0.999, 1e-8, 5e-6, 1.0 - 5e-6 * 0.01, 1.0 - 0.9f32.powi(3), 1.0 - 0.999f32.powi(3), 0.37];
+        for n in [1usize, 7, 8, 9, 31, 64, 1000] {
+            let val = |i: usize, s: u64| ((i as u64 * 7919 + s * 104_729) % 997) as f32 / 997.0 - 0.5;
+            let g: Vec<f32> = (0..n).map(|i| val(i, 1) * 10f32.powi(i as i32 % 7 - 3)).collect();
+            let (mut p, mut m, mut v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+                (0..n).map(|i| val(i, 2)).collect(),
+                (0..n).map(|i| val(i, 3) * 1e-3).collect(),
+                (0..n).map(|i| if i % 5 == 0 { 0.0 } else { val(i, 4).abs() * 1e-4 }).collect(),
+            );
+            let (mut pr, mut mr, mut vr) = (p.clone(), m.clone(), v.clone());
+            let [b1, b2, eps, lr, decay, bc1, bc2, gscale] = k;
+            for i in 0..n {
+                let gi = g[i] * gscale;
+                mr[i] = b1 * mr[i] + (1.0 - b1) * gi;
+                vr[i] = b2 * vr[i] + (1.0 - b2) * gi * gi;
+                pr[i] = pr[i] * decay - lr * (mr[i] / bc1) / ((vr[i] / bc2).sqrt() + eps);
+            }
+            adamw_chunk(&mut p, &g, &mut m, &mut v, k);
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!((bits(&p), bits(&m), bits(&v)), (bits(&pr), bits(&mr), bits(&vr)), "n = {n}");
+        }
     }
 
     #[test]
