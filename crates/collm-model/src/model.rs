@@ -55,6 +55,28 @@ pub struct Transformer {
     /// steps, scoring) must read at the least: every layer weight once a pass, the output head
     /// once a call of [`Transformer::logits`]. A decode step is bound by these reads.
     pub weight_reads: crate::flops::ByteCounter,
+    /// The part of [`Self::flops`] and [`Self::weight_reads`] from passes without a graph over
+    /// at most [`crate::ops::SMALL_ROWS`] rows (decode steps, the output head over the rows that
+    /// sample): the small-row kernels stream each weight once for them, so they are bound by the
+    /// memory's bandwidth, where larger passes (prefill) are bound by the arithmetic.
+    pub small_passes: SmallPasses,
+}
+
+/// [`Transformer::small_passes`]: their FLOPs and weight bytes.
+#[derive(Clone, Default, Debug)]
+pub struct SmallPasses {
+    pub flops: crate::flops::FlopCounter,
+    pub weight_reads: crate::flops::ByteCounter,
+}
+
+impl SmallPasses {
+    /// Counts a pass without a graph of `rows` rows (a small one only).
+    fn add(&self, rows: usize, flops: u64, bytes: u64) {
+        if rows <= crate::ops::SMALL_ROWS {
+            self.flops.add(flops);
+            self.weight_reads.add(bytes);
+        }
+    }
 }
 
 /// The bytes a parameter's values take in memory.
@@ -228,7 +250,15 @@ impl Transformer {
             let t = t.to_dtype(DType::F32)?;
             params.insert(name, Param { var: Var::from_tensor(&t)?, trainable: true });
         }
-        let model = Self { cfg, params, lora: None, device, flops: Default::default(), weight_reads: Default::default() };
+        let model = Self {
+            cfg,
+            params,
+            lora: None,
+            device,
+            flops: Default::default(),
+            weight_reads: Default::default(),
+            small_passes: Default::default(),
+        };
         model.back_with_huge_pages();
         Ok(model)
     }
@@ -484,9 +514,12 @@ impl Transformer {
             }
             cache.valid[r].extend_from_slice(&valid[r]);
         }
-        self.flops.add(self.pass_flops(valid, &positions, grad));
+        let flops = self.pass_flops(valid, &positions, grad);
+        self.flops.add(flops);
         if !grad {
-            self.weight_reads.add(self.params.iter().filter(|(n, _)| n.starts_with("model.layers.")).map(|(_, p)| param_bytes(p)).sum());
+            let bytes = self.params.iter().filter(|(n, _)| n.starts_with("model.layers.")).map(|(_, p)| param_bytes(p)).sum();
+            self.weight_reads.add(bytes);
+            self.small_passes.add(b * t, flops, bytes);
         }
         let rope = RopeTable::new(&positions, cfg.head_dim, cfg.rope_theta);
         if crate::decode_cpu::applies(self, b, t, grad) {
@@ -568,9 +601,11 @@ impl Transformer {
         let name = if self.cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
         let p = &self.params[name];
         let rows = (hidden.elem_count() / self.cfg.hidden_size.max(1)) as u64;
-        self.flops.add(crate::flops::linear(p.var.elem_count() as u64, rows, grad, p.trainable));
+        let flops = crate::flops::linear(p.var.elem_count() as u64, rows, grad, p.trainable);
+        self.flops.add(flops);
         if !grad {
             self.weight_reads.add(param_bytes(p));
+            self.small_passes.add(rows as usize, flops, param_bytes(p));
         }
         let l = if grad && p.trainable {
             ops::linear_nt(hidden, p.var.as_tensor())?
@@ -624,6 +659,7 @@ impl Transformer {
             device: self.device.clone(),
             flops: Default::default(),
             weight_reads: Default::default(),
+            small_passes: Default::default(),
         };
         model.back_with_huge_pages();
         Ok(model)

@@ -866,14 +866,22 @@ fn a_pass_counts_its_flops_over_real_tokens_and_its_weight_reads() {
     m.logits(&h.flatten_to(1).unwrap(), false).unwrap();
     assert_eq!(m.flops.total(), layers + 2 * 64 * 32 * 6, "the tied output head over 6 rows");
     assert_eq!(m.weight_reads.total(), layer_bytes + 64 * 32 * 4, "the tied output head, read once for its 6 rows");
+    // Both were passes of 6 rows, which stream the weights: small passes.
+    assert_eq!((m.small_passes.flops.total(), m.small_passes.weight_reads.total()), (m.flops.total(), m.weight_reads.total()));
+    // A pass over 17 rows (more than SMALL_ROWS = 16) is bound by its arithmetic: not a small one.
+    let (f0, b0) = (m.flops.total(), m.weight_reads.total());
+    let long = m.forward(&[(0..17).collect()], &[vec![true; 17]], &mut KvCache::new(1, 2), false).unwrap();
+    m.logits(&long.flatten_to(1).unwrap(), false).unwrap();
+    assert!(m.flops.total() > f0 && m.weight_reads.total() > b0);
+    assert_eq!((m.small_passes.flops.total(), m.small_passes.weight_reads.total()), (f0, b0));
     // A training pass with LoRA (rank 2) on q_proj: the frozen weights cost 2 + 2 per token, the
     // adapters (128 weights per layer) 2 + 4, attention three times its forward.
     m.add_lora(LoraConfig { rank: 2, alpha: 4.0, targets: vec!["q_proj".into()] }, 0).unwrap();
-    let before = m.flops.total();
+    let (before, reads) = (m.flops.total(), m.weight_reads.total());
     m.forward(&tokens, &valid, &mut KvCache::new(2, 2), true).unwrap();
     assert_eq!(m.flops.total() - before, 2 * (9216 * 4 + 128 * 6) * 5 + 3 * 2 * (4 * 4 * 8 * 9));
     // A training pass is bound by its arithmetic: it adds no weight reads to the count.
-    assert_eq!(m.weight_reads.total(), layer_bytes + 64 * 32 * 4);
+    assert_eq!(m.weight_reads.total(), reads);
     // A copy counts on its own.
     assert_eq!(m.deep_clone().unwrap().flops.total(), 0);
     assert_eq!(m.deep_clone().unwrap().weight_reads.total(), 0);

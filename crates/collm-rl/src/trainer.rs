@@ -542,13 +542,21 @@ impl Trainer {
         self.models().map(|m| m.weight_reads.total()).sum()
     }
 
+    /// The FLOPs and weight bytes of the team's models' small passes so far
+    /// (`Transformer::small_passes`).
+    fn model_small_passes(&self) -> (u64, u64) {
+        self.models().fold((0, 0), |(f, b), m| (f + m.small_passes.flops.total(), b + m.small_passes.weight_reads.total()))
+    }
+
     /// One training step; returns its metrics line.
     pub fn train_step(&mut self) -> Result<Value> {
         let t0 = Instant::now();
         let step = self.step;
-        let (f0, b0) = (self.model_flops(), self.model_weight_reads());
+        let (f0, b0, s0) = (self.model_flops(), self.model_weight_reads(), self.model_small_passes());
         let r = self.rollout_for_step(step)?;
         let (gen_flops, gen_reads) = (self.model_flops() - f0, self.model_weight_reads() - b0);
+        let s1 = self.model_small_passes();
+        let (gen_small_flops, gen_small_reads) = (s1.0 - s0.0, s1.1 - s0.1);
         self.log_sample(step + 1, &r)?;
         let kl = if !self.cfg.log_kl {
             None
@@ -588,6 +596,10 @@ impl Trainer {
             "update_gflop": update_flops as f64 / 1e9,
             // The weight bytes generation's passes read at the least (decode is bound by them).
             "gen_weight_gb": gen_reads as f64 / 1e9,
+            // Their part from small passes (decode steps: bound by the weight reads), the rest
+            // from larger ones (prefill: bound by the arithmetic).
+            "gen_small_pass_gflop": gen_small_flops as f64 / 1e9,
+            "gen_small_pass_weight_gb": gen_small_reads as f64 / 1e9,
         }))
     }
 

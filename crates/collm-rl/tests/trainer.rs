@@ -678,6 +678,9 @@ fn init_starts_from_a_trained_team_and_the_critic_warm_up_freezes_the_actors() {
         assert!(gen > 0.0 && close(update, c1 - c0) && close(gen, a1 - a0), "{line}: critic {}, agents {}", c1 - c0, a1 - a0);
         let gen_reads = line["gen_weight_gb"].as_f64().unwrap();
         assert!(gen_reads > 0.0 && close(gen_reads, r1 - r0), "{line}: the agents read {} GB", r1 - r0);
+        // Decoding's small passes are part of generation, never all of it (prefill is not small).
+        let (small_gflop, small_gb) = (line["gen_small_pass_gflop"].as_f64().unwrap(), line["gen_small_pass_weight_gb"].as_f64().unwrap());
+        assert!(small_gflop > 0.0 && small_gflop < gen && small_gb > 0.0 && small_gb < gen_reads, "{line}");
     }
     for (p, tw) in w.team.agents.iter().zip(&trained) {
         assert_eq!(&weights(&p.model), tw, "an actor moved during the critic warm-up");
