@@ -145,6 +145,7 @@ mod tests {
         }
         // All but the pages at the ends lie inside the buffer: at least 20 MiB of it is huge.
         assert!(moved >= (20 * M) as u64, "moved {moved} bytes of {n}");
-        assert!(after >= (20 * M) as u64 && after > before, "smaps shows {before} -> {after} huge bytes in the buffer");
+        // (Under THP's `always` mode the buffer may have been on huge pages before.)
+        assert!(after >= (20 * M) as u64, "smaps shows {before} -> {after} huge bytes in the buffer");
     }
 }
