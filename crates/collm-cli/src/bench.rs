@@ -331,11 +331,10 @@ pub fn measure_peak(size: usize, copy_mib: usize, python: Option<String>) -> Res
     let candle_gflops = 2.0 * (size as f64).powi(3) / s / 1e9;
     // On huge pages where the kernel allows, as the models' weights are: the bound a decode
     // step meets reading them (collm_model::hugepages).
-    let on_huge_pages = |xs: &[u8]| collm_model::hugepages::back_with_huge_pages([(xs.as_ptr() as usize, xs.len())]);
+    use collm_model::hugepages::{back_with_huge_pages, span};
     let src = vec![1u8; copy_mib << 20];
     let mut dst = vec![2u8; copy_mib << 20];
-    on_huge_pages(&src);
-    on_huge_pages(&dst);
+    back_with_huge_pages([span(&src), span(&dst)]);
     let s = best_of(5, || {
         dst.copy_from_slice(std::hint::black_box(&src));
         Ok(())
@@ -344,8 +343,7 @@ pub fn measure_peak(size: usize, copy_mib: usize, python: Option<String>) -> Res
     let copy_gb_s = 2.0 * (copy_mib << 20) as f64 / s / 1e9;
     // A read on every thread (a sum, in 16 lanes so it vectorizes): what decoding does to weights.
     let floats = vec![1f32; copy_mib << 18];
-    // SAFETY: the bytes of a live Vec<f32>, read only.
-    on_huge_pages(unsafe { std::slice::from_raw_parts(floats.as_ptr().cast::<u8>(), floats.len() * 4) });
+    back_with_huge_pages([span(&floats)]);
     let s = best_of(5, || {
         use rayon::prelude::*;
         let sum: f32 = floats

@@ -358,7 +358,11 @@ fn status_bytes(field: &str) -> u64 {
 /// in bytes (None where the file or the field cannot be read).
 pub(crate) fn kb_field(path: &str, field: &str) -> Option<u64> {
     let text = std::fs::read_to_string(path).ok()?;
-    let line = text.lines().find(|l| l.starts_with(field))?;
+    kb_line(text.lines().find(|l| l.starts_with(field))?)
+}
+
+/// The size on one `Field:  N kB` line, in bytes (None where it is not a number).
+pub(crate) fn kb_line(line: &str) -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 

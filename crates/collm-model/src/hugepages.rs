@@ -40,6 +40,11 @@ fn huge_pages_inside((s, e): (usize, usize)) -> Option<(usize, usize)> {
     (r.1 > r.0).then_some(r)
 }
 
+/// A slice as the (address, length in bytes) that [`back_with_huge_pages`] takes.
+pub fn span<T>(xs: &[T]) -> (usize, usize) {
+    (xs.as_ptr() as usize, std::mem::size_of_val(xs))
+}
+
 /// Asks the kernel to hold the buffers, (address, length in bytes) of live host memory, on 2 MiB
 /// pages; returns the bytes it moved. Runs of buffers shorter than a huge page are left alone
 /// (a small model fits the TLB anyway). The pages around the buffers go too: a huge page holding
@@ -102,8 +107,8 @@ pub fn huge_bytes_in(start: usize, len: usize) -> std::io::Result<u64> {
                 continue;
             }
         }
-        if let (true, Some(kb)) = (inside, line.strip_prefix("AnonHugePages:")) {
-            total += kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) << 10;
+        if inside && line.starts_with("AnonHugePages:") {
+            total += crate::devcheck::kb_line(line).unwrap_or(0);
         }
     }
     Ok(total)

@@ -382,11 +382,15 @@ impl Transformer {
                 bail!("this model has no frozen weight matrix to hold in bf16 (add LoRA adapters first)");
             }
         }
+        let mut changed = false;
         for (name, p) in self.params.iter_mut().filter(|(_, p)| !p.trainable && p.var.rank() == 2 && p.var.dtype() != dtype) {
             let t = p.var.as_detached_tensor().to_dtype(dtype).with_context(|| format!("holding '{name}' in {dtype:?}"))?;
             p.var = Var::from_tensor(&t)?;
+            changed = true;
         }
-        self.back_with_huge_pages();
+        if changed {
+            self.back_with_huge_pages();
+        }
         Ok(())
     }
 
@@ -637,8 +641,8 @@ impl Transformer {
             .filter_map(|p| {
                 let (s, _) = p.var.as_tensor().storage_and_layout();
                 match &*s {
-                    Storage::Cpu(CpuStorage::F32(v)) => Some((v.as_ptr() as usize, std::mem::size_of_val(v.as_slice()))),
-                    Storage::Cpu(CpuStorage::BF16(v)) => Some((v.as_ptr() as usize, std::mem::size_of_val(v.as_slice()))),
+                    Storage::Cpu(CpuStorage::F32(v)) => Some(crate::hugepages::span(v)),
+                    Storage::Cpu(CpuStorage::BF16(v)) => Some(crate::hugepages::span(v)),
                     _ => None,
                 }
             })
